@@ -1,0 +1,137 @@
+"""Versioned, immutable per-user adapter store on a local filesystem.
+
+Layout: `<root>/<user_id>/v<N>/` holding PEFT's `adapter_config.json` and
+`adapter_model.safetensors`, plus `learner_state.json` (the learner's per-user state that
+belongs with that version). A version is written into a temporary sibling directory,
+fsynced, then renamed into place, so readers see a whole version or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.user_ids import check_user_id
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+LEARNER_STATE = "learner_state.json"
+_VERSION_DIR = re.compile(r"v(\d+)")
+
+
+class AdapterStoreError(RuntimeError):
+    """A version is missing, incomplete or fails its checksum."""
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    user_id: str
+    version: int
+    path: Path
+    checksum: str
+
+    @property
+    def uri(self) -> str:
+        return self.path.resolve().as_uri()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AdapterStore:
+    """Immutable versioned adapter directories under one root."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def user_dir(self, user_id: str) -> Path:
+        return self.root / check_user_id(user_id)
+
+    def version_dir(self, user_id: str, version: int) -> Path:
+        if version < 1:
+            raise ValueError(f"adapter versions start at 1, got {version}")
+        return self.user_dir(user_id) / f"v{version}"
+
+    def versions(self, user_id: str) -> list[int]:
+        """Complete versions of a user, oldest first (temp dirs are never listed)."""
+        udir = self.user_dir(user_id)
+        if not udir.is_dir():
+            return []
+        found = (_VERSION_DIR.fullmatch(p.name) for p in udir.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def latest(self, user_id: str) -> StoredVersion | None:
+        versions = self.versions(user_id)
+        return self.get(user_id, versions[-1]) if versions else None
+
+    def get(self, user_id: str, version: int) -> StoredVersion:
+        path = self.version_dir(user_id, version)
+        weights = path / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise AdapterStoreError(f"{user_id} v{version}: no {ADAPTER_WEIGHTS} in {path}")
+        return StoredVersion(user_id, version, path, sha256_file(weights))
+
+    def write(
+        self,
+        user_id: str,
+        version: int,
+        files: dict[str, bytes],
+        learner_state: dict[str, Any] | None = None,
+    ) -> StoredVersion:
+        """Atomically create `v<version>` from file contents; refuses to overwrite."""
+        final = self.version_dir(user_id, version)
+        if final.exists():
+            raise AdapterStoreError(f"{user_id} v{version} already exists: versions are immutable")
+        if ADAPTER_WEIGHTS not in files:
+            raise ValueError(f"an adapter version needs {ADAPTER_WEIGHTS}")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".v{version}.", dir=final.parent))
+        try:
+            contents = dict(files)
+            if learner_state is not None:
+                contents[LEARNER_STATE] = json.dumps(learner_state, sort_keys=True).encode()
+            for name, data in contents.items():
+                with (tmp / name).open("wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return StoredVersion(user_id, version, final, sha256_file(final / ADAPTER_WEIGHTS))
+
+    def learner_state(self, user_id: str, version: int) -> dict[str, Any]:
+        path = self.version_dir(user_id, version) / LEARNER_STATE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def delete_user(self, user_id: str) -> bool:
+        """Remove every version of a user; True when something was removed."""
+        udir = self.user_dir(user_id)
+        if not udir.exists():
+            return False
+        shutil.rmtree(udir)
+        return True

@@ -1,0 +1,86 @@
+from core.gen.loraloop.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Interaction(_message.Message):
+    __slots__ = ("request_id", "user_id", "timestamp_ms", "prompt", "prompt_token_ids", "response_token_ids", "behaviour_logprobs", "response_text", "adapter_version", "arm", "arm_propensity", "sampling", "model_id", "finish_reason")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    BEHAVIOUR_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    ARM_PROPENSITY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    user_id: str
+    timestamp_ms: int
+    prompt: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    response_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    behaviour_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    response_text: str
+    adapter_version: int
+    arm: str
+    arm_propensity: float
+    sampling: _common_pb2.SamplingParams
+    model_id: str
+    finish_reason: str
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., response_text: _Optional[str] = ..., adapter_version: _Optional[int] = ..., arm: _Optional[str] = ..., arm_propensity: _Optional[float] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., model_id: _Optional[str] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+
+class FeedbackEvent(_message.Message):
+    __slots__ = ("request_id", "user_id", "timestamp_ms", "signals")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    user_id: str
+    timestamp_ms: int
+    signals: _common_pb2.FeedbackSignals
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., signals: _Optional[_Union[_common_pb2.FeedbackSignals, _Mapping]] = ...) -> None: ...
+
+class AdapterUpdated(_message.Message):
+    __slots__ = ("user_id", "version", "uri", "checksum", "base_model_id", "timestamp_ms", "metrics")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    version: int
+    uri: str
+    checksum: str
+    base_model_id: str
+    timestamp_ms: int
+    metrics: UpdateMetrics
+    def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ..., uri: _Optional[str] = ..., checksum: _Optional[str] = ..., base_model_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., metrics: _Optional[_Union[UpdateMetrics, _Mapping]] = ...) -> None: ...
+
+class UpdateMetrics(_message.Message):
+    __slots__ = ("samples", "mean_reward", "mean_advantage", "loss", "grad_norm", "baseline")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_REWARD_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ADVANTAGE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    mean_reward: float
+    mean_advantage: float
+    loss: float
+    grad_norm: float
+    baseline: float
+    def __init__(self, samples: _Optional[int] = ..., mean_reward: _Optional[float] = ..., mean_advantage: _Optional[float] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., baseline: _Optional[float] = ...) -> None: ...

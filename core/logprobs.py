@@ -1,0 +1,43 @@
+"""Per-token log-probabilities of responses under a model with per-row adapters.
+
+The learner's policy gradient and the tests that check what an update did both use this,
+so "the log-probability of a response" means one thing everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from core.multi_lora import LoRABank
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    bank: LoRABank,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    slots: list[int],
+    pad_id: int = 0,
+) -> list[torch.Tensor]:
+    """log p(response_t | prompt, response_<t) for every row, each row through its own slot.
+
+    Rows are right-padded into one batch: one forward (and, under autograd, one backward)
+    for all rows, whatever adapters they use.
+    """
+    if not (len(prompts) == len(responses) == len(slots)):
+        raise ValueError("prompts, responses and slots must have the same length")
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    width = max(lengths)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        ids[i, : lengths[i]] = torch.tensor(p + r, dtype=torch.long)
+        mask[i, : lengths[i]] = 1
+    with bank.rows(slots):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    logp = logits[:, :-1].float().log_softmax(-1)
+    token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    out = []
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        out.append(token_logp[i, len(p) - 1 : len(p) - 1 + len(r)])
+    return out

@@ -1,0 +1,89 @@
+"""Settings shared by the server and the learner: one class, `LORALOOP_` env prefix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def cache_dir() -> Path:
+    """Where built artefacts (Kafka jars, the tiny model) are cached between runs."""
+    root = os.environ.get("LORALOOP_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "loraloop"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Settings(BaseSettings):
+    """Configuration of one loraloop process (server or learner).
+
+    Every field can be set from the environment as `LORALOOP_<FIELD>` or from a `.env` file.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LORALOOP_", env_file=".env", extra="ignore")
+
+    # --- model -----------------------------------------------------------------------------
+    model: str = Field(
+        "tiny",
+        description="Base model: a local Hugging Face model directory, a hub name available "
+        "offline, or 'tiny' for the locally built tiny Llama.",
+    )
+    model_id: str = Field("", description="Id recorded in events; defaults to the model path.")
+    dtype: str = Field("float32", description="torch dtype of the base model (float32/bfloat16).")
+    lora_rank: int = Field(8, ge=1, le=256, description="Rank of every per-user LoRA adapter.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; scaling is alpha / rank.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Names of the Linear modules that carry LoRA weights.",
+    )
+
+    # --- Kafka -----------------------------------------------------------------------------
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
+    topic_interactions: str = Field("interactions", description="Topic of Interaction events.")
+    topic_feedback: str = Field("feedback", description="Topic of Feedback events.")
+    topic_adapter_updates: str = Field(
+        "adapter-updates", description="Compacted topic of AdapterUpdated events (key=user_id)."
+    )
+    topic_partitions: int = Field(4, ge=1, description="Partitions of each topic when created.")
+
+    # --- adapter store ---------------------------------------------------------------------
+    adapter_store: Path = Field(
+        Path("./out/adapters"), description="Root of the versioned adapter store."
+    )
+
+    # --- server ----------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    engine: str = Field("hf", description="Engine backend: 'hf' (transformers) or 'vllm'.")
+    max_batch_size: int = Field(16, ge=1, description="Most requests decoded in one batch.")
+    max_prompt_tokens: int = Field(512, ge=1, description="Longest prompt accepted, in tokens.")
+    max_new_tokens: int = Field(256, ge=1, description="Upper bound on a request's max_tokens.")
+    adapter_slots: int = Field(
+        64, ge=1, description="Adapters resident in the engine at once (LRU beyond that)."
+    )
+    request_id_secret: str = Field(
+        "loraloop-dev-secret",
+        description="HMAC key binding request ids to users; set a real secret in production.",
+    )
+    event_queue_size: int = Field(
+        10_000, ge=1, description="Events buffered for Kafka before new ones are dropped."
+    )
+    grace_seconds: float = Field(5.0, ge=0, description="Drain time on shutdown.")
+
+    # --- learner ---------------------------------------------------------------------------
+    group_id: str = Field("loraloop-learner", description="Learner consumer group.")
+    learning_rate: float = Field(5e-3, gt=0, description="Adam step size of the LoRA update.")
+    min_batch: int = Field(1, ge=1, description="Joined samples a user needs before an update.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-user gradient-norm clip.")
+    baseline_decay: float = Field(
+        0.9, ge=0, lt=1, description="Decay of the per-user running-mean reward baseline."
+    )
+    reward_wait_seconds: float = Field(
+        600.0, gt=0, description="How long an interaction waits for its feedback."
+    )
+    seed: int = Field(0, description="Seed of the learner's adapter initialisation.")

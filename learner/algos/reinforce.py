@@ -1,0 +1,130 @@
+"""REINFORCE with a per-user running-mean baseline, many users in one backward pass.
+
+For user u with samples i (prompt x_i, response y_i, reward r_i) and baseline b_u:
+
+    A_i  = r_i - b_u
+    loss = sum_u  (1/n_u) sum_i  -A_i * mean_t log pi_u(y_i,t | x_i, y_i,<t)
+
+Users' adapters are disjoint parameters, so the summed loss gives each user exactly the
+gradient of their own loss. Each user's gradient is clipped to `max_grad_norm`, then an
+Adam step (state kept per user) moves that user's adapter. After the step the baseline
+moves toward the new rewards: b_u <- d * b_u + (1 - d) * mean_i r_i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from core.logprobs import response_logprobs
+from core.model_loading import LoadedModel
+from core.multi_lora import LoRAWeights
+
+
+@dataclass
+class ReinforceConfig:
+    learning_rate: float = 5e-3
+    max_grad_norm: float = 1.0
+    baseline_decay: float = 0.9
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+
+
+@dataclass
+class AdamState:
+    step: int = 0
+    m: dict[str, torch.Tensor] = field(default_factory=dict)
+    v: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class UserBatch:
+    """One user's part of a step: current adapter, optimiser state and samples."""
+
+    weights: LoRAWeights
+    adam: AdamState
+    baseline: float
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    rewards: list[float]
+
+
+@dataclass
+class UserUpdate:
+    weights: LoRAWeights
+    baseline: float
+    loss: float
+    grad_norm: float
+    mean_reward: float
+    mean_advantage: float
+
+
+def _adam(param: torch.Tensor, grad: torch.Tensor, state: AdamState, key: str,
+          cfg: ReinforceConfig) -> torch.Tensor:
+    b1, b2 = cfg.adam_betas
+    m = state.m.get(key, torch.zeros_like(param)).mul_(b1).add_(grad, alpha=1 - b1)
+    v = state.v.get(key, torch.zeros_like(param)).mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    state.m[key], state.v[key] = m, v
+    m_hat = m / (1 - b1**state.step)
+    v_hat = v / (1 - b2**state.step)
+    return param - cfg.learning_rate * m_hat / (v_hat.sqrt() + cfg.adam_eps)
+
+
+def reinforce_step(lm: LoadedModel, users: list[UserBatch], cfg: ReinforceConfig) -> list[UserUpdate]:
+    """One batched policy-gradient step for `users` (at most bank.slots - 1 of them)."""
+    bank = lm.bank
+    if len(users) >= bank.slots:
+        raise ValueError(f"{len(users)} users exceed the learner's {bank.slots - 1} slots")
+    prompts, responses, slots, advantages, owners = [], [], [], [], []
+    for k, user in enumerate(users):
+        bank.load(k + 1, user.weights)
+        for p, r, rew in zip(user.prompts, user.responses, user.rewards, strict=True):
+            prompts.append(p)
+            responses.append(r)
+            slots.append(k + 1)
+            advantages.append(rew - user.baseline)
+            owners.append(k)
+    params = bank.parameters()
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        with torch.enable_grad():
+            token_logps = response_logprobs(
+                lm.model, bank, prompts, responses, slots, lm.tokenizer.pad_token_id or 0
+            )
+            per_user_loss = [torch.zeros(()) for _ in users]
+            for logp, adv, k in zip(token_logps, advantages, owners, strict=True):
+                per_user_loss[k] = per_user_loss[k] - adv * logp.mean() / len(users[k].rewards)
+            torch.stack(per_user_loss).sum().backward()
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+
+    updates = []
+    with torch.no_grad():
+        for k, user in enumerate(users):
+            slot = k + 1
+            grads = {name: (layer.lora_A.grad[slot], layer.lora_B.grad[slot])
+                     for name, layer in bank.layers.items()}
+            norm = torch.sqrt(sum((ga.square().sum() + gb.square().sum()) for ga, gb in grads.values()))
+            clip = min(1.0, cfg.max_grad_norm / (float(norm) + 1e-12))
+            user.adam.step += 1
+            current = bank.read(slot)
+            new = LoRAWeights(bank.rank, bank.alpha)
+            for name, (ga, gb) in grads.items():
+                new.a[name] = _adam(current.a[name], ga * clip, user.adam, f"{name}.A", cfg)
+                new.b[name] = _adam(current.b[name], gb * clip, user.adam, f"{name}.B", cfg)
+            mean_reward = sum(user.rewards) / len(user.rewards)
+            updates.append(UserUpdate(
+                weights=new,
+                baseline=cfg.baseline_decay * user.baseline + (1 - cfg.baseline_decay) * mean_reward,
+                loss=float(per_user_loss[k]),
+                grad_norm=float(norm),
+                mean_reward=mean_reward,
+                mean_advantage=mean_reward - user.baseline,
+            ))
+    for p in params:
+        p.grad = None
+    return updates

@@ -1,0 +1,215 @@
+"""A small typed client for the loraloop gRPC API.
+
+    with LoraLoopClient("127.0.0.1:50051") as client:
+        reply = client.generate("alice", "How do I boil an egg?")
+        client.feedback(reply.request_id, "alice", thumbs=+1)
+
+Every call has a deadline; calls that fail with UNAVAILABLE (server restarting, not yet
+up) are retried with exponential backoff by gRPC's own retry policy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2
+
+
+def _service_config(retries: int) -> str:
+    policy = {
+        "maxAttempts": max(2, retries + 1),
+        "initialBackoff": "0.1s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    return json.dumps(
+        {"methodConfig": [{"name": [{"service": "loraloop.v1.LoraLoop"}], "retryPolicy": policy}]}
+    )
+
+
+@dataclass(frozen=True)
+class Reply:
+    request_id: str
+    text: str
+    adapter_version: int
+    arm: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+    @classmethod
+    def from_proto(cls, msg: api_pb2.GenerateResponse) -> Reply:
+        return cls(
+            msg.request_id, msg.text, msg.adapter_version, msg.arm,
+            msg.usage.prompt_tokens, msg.usage.completion_tokens, msg.finish_reason,
+        )
+
+
+@dataclass(frozen=True)
+class UserStateView:
+    user_id: str
+    adapter_version: int
+    updates: int
+    recent_reward: float
+
+
+class LoraLoopClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 30.0,
+        retries: int = 4,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        options = [("grpc.service_config", _service_config(retries)), ("grpc.enable_retries", 1)]
+        self._channel = (
+            grpc.secure_channel(target, credentials, options)
+            if credentials
+            else grpc.insecure_channel(target, options)
+        )
+        self._stub = api_pb2_grpc.LoraLoopStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.timeout = timeout
+        self._metadata = (("x-api-key", api_key),) if api_key else None
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the server's health check says SERVING."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        status = self._health.Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout
+        ).status
+        if status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError(f"server health is {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> LoraLoopClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- calls --------------------------------------------------------------------------
+    @staticmethod
+    def _request(
+        user_id: str,
+        prompt: str | None,
+        messages: list[tuple[str, str]] | None,
+        max_tokens: int,
+        temperature: float | None,
+        top_p: float | None,
+        seed: int | None,
+    ) -> api_pb2.GenerateRequest:
+        sampling: dict[str, Any] = {"max_tokens": max_tokens}
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
+            if value is not None:
+                sampling[name] = value
+        request = api_pb2.GenerateRequest(
+            user_id=user_id, sampling=common_pb2.SamplingParams(**sampling)
+        )
+        if messages is not None:
+            request.messages.messages.extend(
+                common_pb2.ChatMessage(role=r, content=c) for r, c in messages
+            )
+        else:
+            request.prompt = prompt or ""
+        return request
+
+    def generate(
+        self,
+        user_id: str,
+        prompt: str | None = None,
+        *,
+        messages: list[tuple[str, str]] | None = None,
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        timeout: float | None = None,
+    ) -> Reply:
+        request = self._request(user_id, prompt, messages, max_tokens, temperature, top_p, seed)
+        response = self._stub.Generate(
+            request, timeout=timeout or self.timeout, metadata=self._metadata
+        )
+        return Reply.from_proto(response)
+
+    def stream(
+        self,
+        user_id: str,
+        prompt: str | None = None,
+        *,
+        messages: list[tuple[str, str]] | None = None,
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[str | Reply]:
+        """Yield text deltas as they arrive, then the final Reply."""
+        request = self._request(user_id, prompt, messages, max_tokens, temperature, top_p, seed)
+        for msg in self._stub.GenerateStream(
+            request, timeout=timeout or self.timeout, metadata=self._metadata
+        ):
+            if msg.HasField("final"):
+                yield Reply.from_proto(msg.final)
+            elif msg.delta:
+                yield msg.delta
+
+    def feedback(
+        self,
+        request_id: str,
+        user_id: str,
+        *,
+        thumbs: int | None = None,
+        rating: float | None = None,
+        accepted: bool | None = None,
+        copied: bool | None = None,
+        regenerated: bool | None = None,
+        edited: bool | None = None,
+        follow_up: bool | None = None,
+        dwell_ms: int | None = None,
+        timeout: float | None = None,
+    ) -> bool:
+        given = {
+            "thumbs": thumbs, "rating": rating, "accepted": accepted, "copied": copied,
+            "regenerated": regenerated, "edited": edited, "follow_up": follow_up,
+            "dwell_ms": dwell_ms,
+        }
+        signals = common_pb2.FeedbackSignals(**{k: v for k, v in given.items() if v is not None})
+        response = self._stub.Feedback(
+            api_pb2.FeedbackRequest(request_id=request_id, user_id=user_id, signals=signals),
+            timeout=timeout or self.timeout,
+            metadata=self._metadata,
+        )
+        return response.accepted
+
+    def user_state(self, user_id: str, timeout: float | None = None) -> UserStateView:
+        msg = self._stub.GetUserState(
+            api_pb2.GetUserStateRequest(user_id=user_id),
+            timeout=timeout or self.timeout,
+            metadata=self._metadata,
+        )
+        return UserStateView(msg.user_id, msg.adapter_version, msg.updates, msg.recent_reward)
+
+    def delete_user(self, user_id: str, timeout: float | None = None) -> bool:
+        msg = self._stub.DeleteUser(
+            api_pb2.DeleteUserRequest(user_id=user_id),
+            timeout=timeout or self.timeout,
+            metadata=self._metadata,
+        )
+        return msg.deleted

@@ -1,0 +1,154 @@
+"""The newest adapter version of every user, as this server knows it.
+
+A background thread reads the compacted `adapter-updates` topic from the beginning (so a
+restarted server rebuilds its view) and then follows it; a user the topic has not told
+us about is looked up once in the adapter store. Versions only ever go up: a stale or
+replayed event never makes a user's responses older. A tombstone forgets the user.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
+from core.adapter_store import AdapterStore
+from core.gen.loraloop.v1 import events_pb2
+from service.engines.base import AdapterRef
+
+log = logging.getLogger(__name__)
+
+
+def path_from_uri(uri: str) -> Path:
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        raise ValueError(f"unsupported adapter URI {uri!r}: only file:// is served")
+    return Path(url2pathname(parsed.path))
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        store: AdapterStore,
+        bootstrap: str,
+        topic: str,
+        on_delete: Callable[[str], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._on_delete = on_delete
+        self._lock = threading.Lock()
+        self._latest: dict[str, AdapterRef | None] = {}
+        self._published_at: dict[tuple[str, int], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="adapter-updates", daemon=True)
+        self.caught_up = threading.Event()
+        self.updates_seen = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def resolve(self, user_id: str) -> AdapterRef | None:
+        """The version to serve `user_id` with (None: the base model)."""
+        with self._lock:
+            if user_id in self._latest:
+                return self._latest[user_id]
+        latest = self._store.latest(user_id)
+        ref = AdapterRef(user_id, latest.version, latest.path) if latest else None
+        with self._lock:
+            current = self._latest.get(user_id)
+            if current is None or (ref is not None and ref.version > current.version):
+                self._latest[user_id] = ref
+            return self._latest[user_id]
+
+    def apply(self, user_id: str, event: events_pb2.AdapterUpdated | None) -> bool:
+        """Apply one update (None = tombstone); True when it changed the served version."""
+        if event is None:
+            self.forget(user_id)
+            if self._on_delete:
+                self._on_delete(user_id)
+            return True
+        ref = AdapterRef(user_id, event.version, path_from_uri(event.uri))
+        with self._lock:
+            current = self._latest.get(user_id)
+            if current is not None and current.version >= ref.version:
+                return False
+            self._latest[user_id] = ref
+            self._published_at[(user_id, ref.version)] = event.timestamp_ms / 1000
+            return True
+
+    def forget(self, user_id: str) -> None:
+        """Serve the base model to a deleted user, without consulting the store (the
+        learner may not have removed the old versions yet); a new version re-enters."""
+        with self._lock:
+            self._latest[user_id] = None
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            try:
+                consumer = KafkaConsumer(
+                    bootstrap_servers=self._bootstrap,
+                    enable_auto_commit=False,
+                    group_id=None,
+                    client_id="loraloop-server-adapters",
+                    consumer_timeout_ms=-1,
+                )
+                partitions = consumer.partitions_for_topic(self._topic) or set()
+                if not partitions:
+                    raise KafkaError(f"topic {self._topic} has no partitions (yet)")
+                tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
+                consumer.assign(tps)
+                consumer.seek_to_beginning(*tps)
+                ends = consumer.end_offsets(tps)
+                self._consume(consumer, ends)
+                consumer.close()
+            except KafkaError as exc:
+                log.warning("adapter-updates unavailable (%s); retrying", exc)
+                self._stop.wait(2.0)
+
+    def _consume(self, consumer: KafkaConsumer, ends: dict[TopicPartition, int]) -> None:
+        while not self._stop.is_set():
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                for record in records:
+                    self._apply_record(record.key, record.value)
+                    self.updates_seen += 1
+            if not self.caught_up.is_set() and all(
+                consumer.position(tp) >= end for tp, end in ends.items()
+            ):
+                self.caught_up.set()
+                log.info("adapter view rebuilt from %s: %d users", self._topic, len(self._latest))
+
+    def _apply_record(self, key: bytes | None, value: bytes | None) -> None:
+        if key is None:
+            log.warning("adapter update without a key skipped")
+            return
+        user_id = key.decode(errors="replace")
+        if value is None:
+            self.apply(user_id, None)
+            return
+        try:
+            event = events_pb2.AdapterUpdated.FromString(value)
+        except Exception:  # protobuf raises DecodeError, but be safe against any garbage
+            log.warning("malformed adapter update for %s skipped", user_id)
+            return
+        try:
+            self.apply(user_id, event)
+        except ValueError as exc:
+            log.warning("adapter update for %s skipped: %s", user_id, exc)
+
+    def swap_delay(self, user_id: str, version: int) -> float | None:
+        """Seconds from publication to now for a version (hot-swap latency), if known."""
+        published = self._published_at.pop((user_id, version), None)
+        return None if published is None else time.time() - published

@@ -1,0 +1,103 @@
+"""The engine protocol serving depends on; backends are chosen by name and imported lazily."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.settings import Settings
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One immutable adapter version of one user."""
+
+    user_id: str
+    version: int
+    path: Path
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    adapter: AdapterRef | None  # None: the base model (no adapter yet)
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class TokenChunk:
+    """Tokens produced since the previous chunk of a request, with their text."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+    prompt_tokens: int = 0
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter version could not be loaded (missing, corrupt, incompatible)."""
+
+
+class Engine(abc.ABC):
+    """Generates with a base model plus per-request adapters, batching across users."""
+
+    model_id: str
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model and start the scheduler."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Finish running requests, then release the model."""
+
+    @abc.abstractmethod
+    def encode(self, prompt: str | None, messages: list[tuple[str, str]] | None) -> list[int]:
+        """Token ids of a plain prompt or of chat messages (via the chat template)."""
+
+    @abc.abstractmethod
+    def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        """Yield chunks as tokens are produced; raises AdapterLoadError before the first."""
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Run a request to completion."""
+        result = GenerationResult(prompt_tokens=len(request.prompt_token_ids))
+        async for chunk in self.stream(request):
+            result.token_ids += chunk.token_ids
+            result.logprobs += chunk.logprobs
+            result.text += chunk.text
+        result.finish_reason = self.finish_reason(result.token_ids, request.max_tokens)
+        return result
+
+    @abc.abstractmethod
+    def drop_user(self, user_id: str) -> None:
+        """Forget a deleted user's resident adapters."""
+
+    @abc.abstractmethod
+    def finish_reason(self, token_ids: list[int], max_tokens: int) -> str:
+        """'stop' when generation ended on end-of-sequence, else 'length'."""
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The engine named by `settings.engine`; its heavy imports happen only here."""
+    if settings.engine == "hf":
+        from service.engines.hf import HFEngine
+
+        return HFEngine(settings)
+    if settings.engine == "vllm":
+        raise ValueError("engine 'vllm' is not available in this build yet: use engine=hf")
+    raise ValueError(f"unknown engine {settings.engine!r}: use 'hf' or 'vllm'")

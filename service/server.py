@@ -1,0 +1,271 @@
+"""The gRPC server: Generate/GenerateStream/Feedback/GetUserState/DeleteUser,
+standard health and reflection, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from core.adapter_store import AdapterStore
+from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
+from core.settings import Settings
+from service.adapter_registry import AdapterRegistry
+from service.engines.base import AdapterLoadError, Engine, GenerationRequest, build_engine
+from service.event_log import EventLog
+from service.request_ids import RequestIds
+from service.validation import (
+    RequestError,
+    check_input,
+    check_sampling,
+    check_signals,
+    check_user,
+    invalid,
+)
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = api_pb2.DESCRIPTOR.services_by_name["LoraLoop"].full_name
+DEFAULT_ARM = "default"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        registry: AdapterRegistry,
+        events: EventLog,
+        store: AdapterStore,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.registry = registry
+        self.events = events
+        self.store = store
+        self.request_ids = RequestIds(settings.request_id_secret)
+
+    # --- Generate -----------------------------------------------------------------------
+    def _prepare(self, request: api_pb2.GenerateRequest) -> GenerationRequest:
+        user_id = check_user(request.user_id)
+        prompt, messages = check_input(request)
+        decoding = check_sampling(request.sampling, self.settings)
+        token_ids = self.engine.encode(prompt, messages)
+        if len(token_ids) > self.settings.max_prompt_tokens:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"prompt is {len(token_ids)} tokens: the limit is "
+                f"{self.settings.max_prompt_tokens}; shorten it",
+            )
+        if not token_ids:
+            raise invalid("prompt encodes to no tokens: send some text")
+        return GenerationRequest(
+            request_id=self.request_ids.issue(user_id),
+            prompt_token_ids=token_ids,
+            adapter=self.registry.resolve(user_id),
+            max_tokens=decoding.max_tokens,
+            temperature=decoding.temperature,
+            top_p=decoding.top_p,
+            seed=decoding.seed,
+        )
+
+    def _response(
+        self, request: api_pb2.GenerateRequest, gen: GenerationRequest, text: str,
+        token_ids: list[int], logprobs: list[float],
+    ) -> api_pb2.GenerateResponse:
+        version = gen.adapter.version if gen.adapter else 0
+        finish = self.engine.finish_reason(token_ids, gen.max_tokens)
+        prompt_text = request.prompt if request.HasField("prompt") else "\n".join(
+            f"{m.role}: {m.content}" for m in request.messages.messages
+        )
+        event = events_pb2.Interaction(
+            request_id=gen.request_id,
+            user_id=request.user_id,
+            timestamp_ms=_now_ms(),
+            prompt=prompt_text,
+            prompt_token_ids=gen.prompt_token_ids,
+            response_token_ids=token_ids,
+            behaviour_logprobs=logprobs,
+            response_text=text,
+            adapter_version=version,
+            arm=DEFAULT_ARM,
+            arm_propensity=1.0,
+            sampling=common_pb2.SamplingParams(
+                max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                **({"seed": gen.seed} if gen.seed is not None else {}),
+            ),
+            model_id=self.engine.model_id,
+            finish_reason=finish,
+        )
+        self.events.publish(
+            self.settings.topic_interactions, request.user_id, event.SerializeToString()
+        )
+        return api_pb2.GenerateResponse(
+            request_id=gen.request_id,
+            text=text,
+            adapter_version=version,
+            arm=DEFAULT_ARM,
+            usage=api_pb2.Usage(
+                prompt_tokens=len(gen.prompt_token_ids), completion_tokens=len(token_ids)
+            ),
+            finish_reason=finish,
+        )
+
+    async def Generate(self, request, context):  # noqa: N802 - gRPC method name
+        try:
+            gen = self._prepare(request)
+            result = await self.engine.generate(gen)
+        except RequestError as err:
+            await context.abort(err.code, err.message)
+        except AdapterLoadError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        return self._response(request, gen, result.text, result.token_ids, result.logprobs)
+
+    async def GenerateStream(  # noqa: N802
+        self, request, context
+    ) -> AsyncIterator[api_pb2.GenerateStreamResponse]:
+        try:
+            gen = self._prepare(request)
+        except RequestError as err:
+            await context.abort(err.code, err.message)
+        token_ids: list[int] = []
+        logprobs: list[float] = []
+        text = ""
+        try:
+            async for chunk in self.engine.stream(gen):
+                token_ids += chunk.token_ids
+                logprobs += chunk.logprobs
+                text += chunk.text
+                if chunk.text:
+                    yield api_pb2.GenerateStreamResponse(delta=chunk.text)
+        except AdapterLoadError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        final = self._response(request, gen, text, token_ids, logprobs)
+        yield api_pb2.GenerateStreamResponse(final=final)
+
+    # --- Feedback -----------------------------------------------------------------------
+    async def Feedback(self, request, context):  # noqa: N802
+        try:
+            user_id = check_user(request.user_id)
+            if not self.request_ids.well_formed(request.request_id):
+                raise RequestError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"request_id {request.request_id[:64]!r} is unknown: pass the request_id"
+                    " that Generate returned",
+                )
+            if not self.request_ids.belongs_to(request.request_id, user_id):
+                raise RequestError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "request_id was not issued to this user_id: feedback must come from the"
+                    " user the response was served to",
+                )
+            check_signals(request.signals)
+        except RequestError as err:
+            await context.abort(err.code, err.message)
+        event = events_pb2.FeedbackEvent(
+            request_id=request.request_id,
+            user_id=user_id,
+            timestamp_ms=_now_ms(),
+            signals=request.signals,
+        )
+        accepted = self.events.publish(
+            self.settings.topic_feedback, user_id, event.SerializeToString()
+        )
+        if not accepted:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "event queue is full: retry with backoff"
+            )
+        return api_pb2.FeedbackResponse(accepted=True)
+
+    # --- user state ---------------------------------------------------------------------
+    async def GetUserState(self, request, context):  # noqa: N802
+        try:
+            user_id = check_user(request.user_id)
+        except RequestError as err:
+            await context.abort(err.code, err.message)
+        ref = self.registry.resolve(user_id)
+        state = self.store.learner_state(user_id, ref.version) if ref else {}
+        return api_pb2.UserState(
+            user_id=user_id,
+            adapter_version=ref.version if ref else 0,
+            updates=int(state.get("updates", 0)),
+            recent_reward=float(state.get("baseline", 0.0)),
+        )
+
+    async def DeleteUser(self, request, context):  # noqa: N802
+        try:
+            user_id = check_user(request.user_id)
+        except RequestError as err:
+            await context.abort(err.code, err.message)
+        # The tombstone tells every replica and the learner (which owns the store) to forget.
+        self.registry.forget(user_id)
+        self.engine.drop_user(user_id)
+        self.events.publish(self.settings.topic_adapter_updates, user_id, None)
+        return api_pb2.DeleteUserResponse(deleted=True)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    service: LoraLoopService
+    health: health.HealthServicer
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, drain in-flight calls for `grace` seconds, flush events."""
+        svc = self.service
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(svc.settings.grace_seconds if grace is None else grace)
+        await svc.engine.stop()
+        svc.registry.stop()
+        await asyncio.to_thread(svc.events.stop)
+
+
+async def create_server(settings: Settings, engine: Engine | None = None) -> RunningServer:
+    """Start the engine, Kafka follower and event log, then serve on settings.host:port."""
+    engine = engine or build_engine(settings)
+    await engine.start()
+    store = AdapterStore(settings.adapter_store)
+    registry = AdapterRegistry(
+        store, settings.kafka_bootstrap, settings.topic_adapter_updates, engine.drop_user
+    )
+    registry.start()
+    events = EventLog(settings.kafka_bootstrap, settings.event_queue_size)
+    events.start()
+    service = LoraLoopService(settings, engine, registry, events, store)
+    server = grpc.aio.server()
+    api_pb2_grpc.add_LoraLoopServicer_to_server(service, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s:%d", engine.model_id, settings.host, port)
+    return RunningServer(server, port, service, health_servicer)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    running = await create_server(settings)
+    print(f"loraloop server listening on {settings.host}:{running.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop()
