@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     topic_adapter_updates: str = Field(
         "adapter-updates", description="Compacted topic of AdapterUpdated events (key=user_id)."
     )
+    kafka_connect_timeout: float = Field(
+        10.0, gt=0, description="Seconds to wait for Kafka when connecting at start-up."
+    )
     topic_partitions: int = Field(4, ge=1, description="Partitions of each topic when created.")
 
     # --- adapter store ---------------------------------------------------------------------

@@ -16,10 +16,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.errors import KafkaError, NoBrokersAvailable
+from kafka.errors import KafkaError
 
 from core.adapter_store import AdapterStore
 from core.gen.loraloop.v1 import events_pb2
+from core.kafka.broker import ensure_loraloop_topics
 from core.model_loading import LoadedModel, load_model
 from core.settings import Settings
 from learner.algos.reinforce import ReinforceConfig, UserBatch, reinforce_step
@@ -58,6 +59,7 @@ class Learner:
     def connect(self) -> None:
         s = self.settings
         try:
+            ensure_loraloop_topics(s)
             self.consumer = KafkaConsumer(
                 s.topic_interactions, s.topic_feedback, s.topic_adapter_updates,
                 bootstrap_servers=s.kafka_bootstrap,
@@ -65,12 +67,14 @@ class Learner:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 client_id="loraloop-learner",
+                bootstrap_timeout_ms=int(s.kafka_connect_timeout * 1000),
             )
             self.producer = KafkaProducer(
                 bootstrap_servers=s.kafka_bootstrap, acks="all", enable_idempotence=True,
                 client_id="loraloop-learner",
+                bootstrap_timeout_ms=int(s.kafka_connect_timeout * 1000),
             )
-        except NoBrokersAvailable as exc:
+        except KafkaError as exc:
             raise KafkaUnavailableError(
                 f"no Kafka broker answers at {s.kafka_bootstrap}: start one with "
                 "`loraloop kafka` or set LORALOOP_KAFKA_BOOTSTRAP"

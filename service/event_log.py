@@ -60,6 +60,7 @@ class EventLog:
                     linger_ms=5,
                     retries=2**31 - 1,
                     max_block_ms=2000,
+                    bootstrap_timeout_ms=2000,
                 )
                 self.connected.set()
                 return producer

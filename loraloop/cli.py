@@ -1,0 +1,105 @@
+"""`loraloop` command line: serve, learn, kafka, demo, build-model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from core.settings import Settings
+    from service.server import serve
+
+    settings = Settings(**({"port": ns.port} if ns.port is not None else {}))
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _learn(ns: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from core.settings import Settings
+    from learner.loop import KafkaUnavailableError, Learner
+
+    learner = Learner(Settings())
+    try:
+        learner.connect()
+    except KafkaUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print("loraloop learner consuming", flush=True)
+    try:
+        learner.run(stop)
+    finally:
+        learner.close()
+    return 0
+
+
+def _kafka(ns: argparse.Namespace) -> int:
+    from loraloop.kafka_cmd import run_kafka
+
+    return run_kafka(ns.port, ns.data_dir)
+
+
+def _demo(ns: argparse.Namespace) -> int:
+    from loraloop.demo import run_demo
+
+    return run_demo(users=ns.users, rounds=ns.rounds, out_dir=ns.out)
+
+
+def _build_model(ns: argparse.Namespace) -> int:
+    from core.tiny_model import ensure_tiny_model
+
+    print(ensure_tiny_model())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = argparse.ArgumentParser(prog="loraloop", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gRPC inference server (settings: LORALOOP_*)")
+    p.add_argument("--port", type=int, default=None, help="override LORALOOP_PORT (0 = free)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("learn", help="run the online learner (settings: LORALOOP_*)")
+    p.set_defaults(func=_learn)
+
+    p = sub.add_parser("kafka", help="run a local single-node Kafka broker (KRaft)")
+    p.add_argument("--port", type=int, default=9092, help="listener port (0 = free)")
+    p.add_argument("--data-dir", default=None, help="log directory (default: a temp dir)")
+    p.set_defaults(func=_kafka)
+
+    p = sub.add_parser("demo", help="Kafka + server + learner + simulated users, end to end")
+    p.add_argument("--users", type=int, default=4, help="simulated users")
+    p.add_argument("--rounds", type=int, default=30, help="interactions per user")
+    p.add_argument("--out", default="out/demo", help="where the plot and logs go")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("build-model", help="build (once) and print the tiny local model")
+    p.set_defaults(func=_build_model)
+
+    ns = parser.parse_args(argv)
+    _logging(ns.verbose)
+    return int(ns.func(ns))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

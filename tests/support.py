@@ -1,0 +1,143 @@
+"""Helpers that run the real server and learner for integration and end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def isolated_settings(bootstrap: str, tmp: Path, **overrides: Any) -> Settings:
+    """Settings with topics, consumer group and store of their own, on the session broker."""
+    tag = uuid.uuid4().hex[:8]
+    values: dict[str, Any] = {
+        "kafka_bootstrap": bootstrap,
+        "topic_interactions": f"interactions-{tag}",
+        "topic_feedback": f"feedback-{tag}",
+        "topic_adapter_updates": f"adapter-updates-{tag}",
+        "topic_partitions": 2,
+        "group_id": f"learner-{tag}",
+        "adapter_store": tmp / "adapters",
+        "port": 0,
+        "kafka_connect_timeout": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process these settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        env[f"LORALOOP_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class InProcessServer:
+    """The real gRPC server on its own event loop thread (for fast integration tests)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from service.server import create_server
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.running = asyncio.run_coroutine_threadsafe(
+            create_server(settings), self.loop
+        ).result(timeout=120)
+        self.port = self.running.port
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float = 1.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.running.stop(grace), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+class Process:
+    """A `loraloop` CLI process whose output is collected (and shown when a test fails)."""
+
+    def __init__(self, args: list[str], settings: Settings, ready: str, timeout: float = 120):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loraloop.cli", *args],
+            env=settings_env(settings), cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._pattern = re.compile(ready)
+        self.match: re.Match[str] | None = None
+        threading.Thread(target=self._pump, daemon=True).start()
+        if not self._ready.wait(timeout):
+            self.kill()
+            raise RuntimeError(f"{args[0]} not ready in {timeout}s:\n{self.output}")
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if not self._ready.is_set() and (m := self._pattern.search(line)):
+                self.match = m
+                self._ready.set()
+        self._ready.set()  # the process ended: let the waiter see it
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines[-80:])
+
+    def stop(self, timeout: float = 30) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -9
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 20.0) -> list[Any]:
+    """Every record currently in `topic`, read with a plain consumer (no group)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        ends = consumer.end_offsets(parts)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {topic} to its end")
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
