@@ -59,7 +59,7 @@ class Learner:
     def connect(self) -> None:
         s = self.settings
         try:
-            ensure_loraloop_topics(s)
+            ensure_loraloop_topics(s, timeout=s.kafka_connect_timeout)
             self.consumer = KafkaConsumer(
                 s.topic_interactions, s.topic_feedback, s.topic_adapter_updates,
                 bootstrap_servers=s.kafka_bootstrap,

@@ -290,7 +290,9 @@ def topic_configs(bootstrap: str, topic: str, timeout: float = 10.0) -> dict[str
     return {name: str(entry.get("value")) for name, entry in entries.items()}
 
 
-def ensure_loraloop_topics(settings: Settings, bootstrap: str | None = None) -> list[str]:
+def ensure_loraloop_topics(
+    settings: Settings, bootstrap: str | None = None, timeout: float = 30.0
+) -> list[str]:
     """Create loraloop's three topics (idempotent); returns the names newly created.
 
     Interactions and feedback use the delete policy; adapter-updates is compacted (key =
@@ -304,6 +306,7 @@ def ensure_loraloop_topics(settings: Settings, bootstrap: str | None = None) -> 
             settings.topic_adapter_updates: {"cleanup.policy": "compact"},
         },
         partitions=settings.topic_partitions,
+        timeout=timeout,
     )
 
 
