@@ -1,0 +1,185 @@
+"""Joiner: interactions meet their feedback by request_id; commit offsets never skip
+anything still held in memory."""
+
+from __future__ import annotations
+
+import time
+
+from core.gen.loraloop.v1 import common_pb2, events_pb2
+from learner.joiner import Joiner
+
+I_TOPIC, F_TOPIC = "interactions", "feedback"
+
+
+def interaction(rid: str, user: str = "alice") -> events_pb2.Interaction:
+    return events_pb2.Interaction(
+        request_id=rid, user_id=user, prompt_token_ids=[1, 2], response_token_ids=[3]
+    )
+
+
+def feedback(rid: str, user: str = "alice", thumbs: int = 1) -> events_pb2.FeedbackEvent:
+    return events_pb2.FeedbackEvent(
+        request_id=rid, user_id=user, signals=common_pb2.FeedbackSignals(thumbs=thumbs)
+    )
+
+
+def ipos(offset: int, part: int = 0) -> tuple[str, int, int]:
+    return (I_TOPIC, part, offset)
+
+
+def fpos(offset: int, part: int = 0) -> tuple[str, int, int]:
+    return (F_TOPIC, part, offset)
+
+
+def test_interaction_then_feedback_joins() -> None:
+    j = Joiner(wait_seconds=60)
+    assert j.add_interaction(interaction("r1"), ipos(0)) is None
+    assert j.pending == 1
+    sample = j.add_feedback(feedback("r1", thumbs=-1), fpos(5))
+    assert sample is not None
+    assert sample.request_id == "r1" and sample.user_id == "alice"
+    assert sample.interaction.response_token_ids == [3]
+    assert sample.feedback.signals.thumbs == -1
+    assert sample.positions == (ipos(0), fpos(5))
+    assert j.pending == 0
+
+
+def test_feedback_then_interaction_joins_with_same_shape() -> None:
+    j = Joiner(wait_seconds=60)
+    assert j.add_feedback(feedback("r1"), fpos(2)) is None
+    assert j.pending == 1
+    sample = j.add_interaction(interaction("r1"), ipos(7))
+    assert sample is not None
+    # positions are always (interaction, feedback), whichever came first
+    assert sample.positions == (ipos(7), fpos(2))
+    assert isinstance(sample.interaction, events_pb2.Interaction)
+    assert isinstance(sample.feedback, events_pb2.FeedbackEvent)
+    assert j.pending == 0
+
+
+def test_unrelated_request_ids_do_not_join() -> None:
+    j = Joiner(wait_seconds=60)
+    assert j.add_interaction(interaction("r1"), ipos(0)) is None
+    assert j.add_feedback(feedback("r2"), fpos(0)) is None
+    assert j.pending == 2
+
+
+def test_duplicates_are_counted_and_ignored() -> None:
+    j = Joiner(wait_seconds=60)
+    assert j.add_interaction(interaction("r1"), ipos(0)) is None
+    assert j.add_interaction(interaction("r1"), ipos(1)) is None  # redelivery
+    assert j.duplicates == 1
+    assert j.pending == 1
+    # the duplicate's offset is not held: only offset 0 blocks the commit
+    assert j.commit_offsets()[(I_TOPIC, 0)] == 0
+    sample = j.add_feedback(feedback("r1"), fpos(0))
+    assert sample is not None
+    assert sample.positions[0] == ipos(0)  # the first delivery is kept
+    j.add_feedback(feedback("r9"), fpos(1))
+    j.add_feedback(feedback("r9"), fpos(2))
+    assert j.duplicates == 2
+    j.release(sample.positions)
+    assert j.commit_offsets() == {(I_TOPIC, 0): 2, (F_TOPIC, 0): 1}
+
+
+def test_user_mismatch_is_dropped_and_released() -> None:
+    j = Joiner(wait_seconds=60)
+    assert j.add_interaction(interaction("r1", user="alice"), ipos(4)) is None
+    assert j.add_feedback(feedback("r1", user="mallory"), fpos(9)) is None
+    assert j.mismatched == 1
+    assert j.pending == 0
+    # both records are done: commits move past them
+    assert j.commit_offsets() == {(I_TOPIC, 0): 5, (F_TOPIC, 0): 10}
+    # the request is gone: later matching feedback waits rather than joining
+    assert j.add_feedback(feedback("r1", user="alice"), fpos(10)) is None
+    assert j.pending == 1
+
+
+def test_expire_releases_after_the_window() -> None:
+    j = Joiner(wait_seconds=10)
+    t0 = time.monotonic()
+    j.add_interaction(interaction("r1"), ipos(3))
+    j.add_feedback(feedback("r2"), fpos(8))
+    j.add_interaction(interaction("r3"), ipos(4))
+    assert j.commit_offsets() == {(I_TOPIC, 0): 3, (F_TOPIC, 0): 8}
+    assert j.expire(now=t0 + 5) == 0  # inside the window
+    assert j.pending == 3 and j.expired == 0
+    assert j.expire(now=time.monotonic() + 10.5) == 3
+    assert j.expired == 3 and j.pending == 0
+    assert j.commit_offsets() == {(I_TOPIC, 0): 5, (F_TOPIC, 0): 9}
+    # feedback for an expired interaction no longer joins
+    assert j.add_feedback(feedback("r1"), fpos(9)) is None
+    assert j.pending == 1
+
+
+def test_expire_only_drops_old_events() -> None:
+    j = Joiner(wait_seconds=10)
+    j.add_interaction(interaction("old"), ipos(0))
+    time.sleep(0.05)
+    mid = time.monotonic()
+    j.add_interaction(interaction("new"), ipos(1))
+    # 'old' arrived >= 0.05 s before `mid`, 'new' after it: at mid+9.99 only 'old' has
+    # waited longer than the 10 s window
+    assert j.expire(now=mid + 9.99) == 1
+    assert j.pending == 1
+    assert j.commit_offsets()[(I_TOPIC, 0)] == 1
+    assert j.add_feedback(feedback("new"), fpos(0)) is not None
+
+
+def test_commit_never_passes_a_held_offset() -> None:
+    j = Joiner(wait_seconds=60)
+    # interaction at offset 3 waits for its feedback
+    assert j.add_interaction(interaction("slow"), ipos(3)) is None
+    # offsets 4..9 are joined and applied
+    for off in range(4, 10):
+        s = j.add_interaction(interaction(f"r{off}"), ipos(off)) or None
+        assert s is None
+        s = j.add_feedback(feedback(f"r{off}"), fpos(off - 4))
+        assert s is not None
+        j.release(s.positions)
+    commits = j.commit_offsets()
+    assert commits[(I_TOPIC, 0)] == 3
+    assert commits[(F_TOPIC, 0)] == 6
+    # its feedback arrives: held (a sample not yet applied) until released
+    s = j.add_feedback(feedback("slow"), fpos(6))
+    assert s is not None
+    assert j.commit_offsets() == {(I_TOPIC, 0): 3, (F_TOPIC, 0): 6}
+    j.release(s.positions)
+    assert j.commit_offsets() == {(I_TOPIC, 0): 10, (F_TOPIC, 0): 7}
+
+
+def test_unreleased_sample_holds_both_offsets() -> None:
+    j = Joiner(wait_seconds=60)
+    j.add_interaction(interaction("r1"), ipos(0))
+    s = j.add_feedback(feedback("r1"), fpos(0))
+    assert s is not None
+    j.add_interaction(interaction("r2"), ipos(1))
+    j.release((ipos(1),))  # releasing another offset does not free offset 0
+    assert j.commit_offsets() == {(I_TOPIC, 0): 0, (F_TOPIC, 0): 0}
+
+
+def test_partitions_are_independent_and_seen_advances() -> None:
+    j = Joiner(wait_seconds=60)
+    j.add_interaction(interaction("p0"), ipos(5, part=0))
+    j.seen(ipos(20, part=1))  # a skipped record
+    j.seen(ipos(12, part=1))  # an older one never moves the watermark back
+    assert j.commit_offsets() == {(I_TOPIC, 0): 5, (I_TOPIC, 1): 21}
+    j.seen(ipos(6, part=0))
+    assert j.commit_offsets()[(I_TOPIC, 0)] == 5  # still held by offset 5
+
+
+def test_forget_user() -> None:
+    j = Joiner(wait_seconds=60)
+    j.add_interaction(interaction("a1", "alice"), ipos(0))
+    j.add_feedback(feedback("a2", "alice"), fpos(0))
+    j.add_interaction(interaction("b1", "bob"), ipos(1))
+    assert j.pending == 3
+    j.forget_user("alice")
+    assert j.pending == 1
+    assert j.commit_offsets() == {(I_TOPIC, 0): 1, (F_TOPIC, 0): 1}
+    # alice's feedback for a1 no longer joins; bob's still does
+    assert j.add_feedback(feedback("a1", "alice"), fpos(1)) is None
+    s = j.add_feedback(feedback("b1", "bob"), fpos(2))
+    assert s is not None and s.user_id == "bob"
+    j.forget_user("nobody")  # unknown user: no-op
+    assert j.pending == 1
