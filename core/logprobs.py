@@ -11,7 +11,7 @@ import torch
 from core.multi_lora import LoRABank
 
 
-def response_logprobs(
+def response_distributions(
     model: torch.nn.Module,
     bank: LoRABank,
     prompts: list[list[int]],
@@ -19,7 +19,8 @@ def response_logprobs(
     slots: list[int],
     pad_id: int = 0,
 ) -> list[torch.Tensor]:
-    """log p(response_t | prompt, response_<t) for every row, each row through its own slot.
+    """Log-softmax over the vocabulary at every response position: `[len(response), V]`
+    per row, each row through its own adapter slot.
 
     Rows are right-padded into one batch: one forward (and, under autograd, one backward)
     for all rows, whatever adapters they use.
@@ -36,8 +37,30 @@ def response_logprobs(
     with bank.rows(slots):
         logits = model(input_ids=ids, attention_mask=mask).logits
     logp = logits[:, :-1].float().log_softmax(-1)
-    token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    out = []
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        out.append(token_logp[i, len(p) - 1 : len(p) - 1 + len(r)])
-    return out
+    return [
+        logp[i, len(p) - 1 : len(p) - 1 + len(r)]
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
+    ]
+
+
+def token_logprobs(
+    distributions: list[torch.Tensor], responses: list[list[int]]
+) -> list[torch.Tensor]:
+    """Pick each response token's log-probability out of its position's distribution."""
+    return [
+        dist.gather(-1, torch.tensor(r, dtype=torch.long)[:, None]).squeeze(-1)
+        for dist, r in zip(distributions, responses, strict=True)
+    ]
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    bank: LoRABank,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    slots: list[int],
+    pad_id: int = 0,
+) -> list[torch.Tensor]:
+    """log p(response_t | prompt, response_<t) for every row, each through its own slot."""
+    dists = response_distributions(model, bank, prompts, responses, slots, pad_id)
+    return token_logprobs(dists, responses)

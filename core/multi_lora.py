@@ -70,7 +70,11 @@ class MultiLoRALinear(nn.Module):
         if ids is None:
             return out
         cached = self._gathered
-        if cached is not None and cached[0] == self._rows.generation and not torch.is_grad_enabled():
+        if (
+            cached is not None
+            and cached[0] == self._rows.generation
+            and not torch.is_grad_enabled()
+        ):
             a, b = cached[1], cached[2]
         else:
             a = self.lora_A[ids].transpose(1, 2)  # [rows, in, r]

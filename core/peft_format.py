@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from core.adapter_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -49,19 +50,25 @@ def read_peft_dir(path: Path) -> LoRAWeights:
     try:
         config = json.loads((path / ADAPTER_CONFIG).read_text())
         tensors = load((path / ADAPTER_WEIGHTS).read_bytes())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise ValueError(f"unreadable adapter in {path}: {exc}") from exc
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
-    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        peft_type = config.get("peft_type") if isinstance(config, dict) else None
+        raise ValueError(f"{path}: peft_type {peft_type!r} is not LORA")
+    try:
+        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {ADAPTER_CONFIG} needs numeric r and lora_alpha") from exc
+    if rank < 1:
+        raise ValueError(f"{path}: r={rank} must be >= 1")
     if config.get("use_rslora"):
         alpha = alpha * rank**0.5  # rsLoRA scales by alpha/sqrt(r): same product
     weights = LoRAWeights(rank=rank, alpha=alpha)
     for key, tensor in tensors.items():
         if not key.startswith(_PREFIX) or not key.endswith(".weight"):
             raise ValueError(f"{path}: unexpected tensor {key!r} in {ADAPTER_WEIGHTS}")
-        module, kind = key[len(_PREFIX) : -len(".weight")].rsplit(".", 1)
-        module = module.replace(".default", "")
+        # peft names the adapter inside keys when saving several: "...lora_A.default.weight"
+        module, kind = key[len(_PREFIX) : -len(".weight")].removesuffix(".default").rsplit(".", 1)
         if kind == "lora_A":
             weights.a[module] = tensor
         elif kind == "lora_B":

@@ -80,7 +80,10 @@ class Settings(BaseSettings):
 
     # --- learner ---------------------------------------------------------------------------
     group_id: str = Field("loraloop-learner", description="Learner consumer group.")
-    learning_rate: float = Field(5e-3, gt=0, description="Adam step size of the LoRA update.")
+    learning_rate: float = Field(2e-3, gt=0, description="Adam step size of the LoRA update.")
+    kl_coef: float = Field(
+        0.05, ge=0, description="Weight of the exact KL penalty to the base model."
+    )
     min_batch: int = Field(1, ge=1, description="Joined samples a user needs before an update.")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-user gradient-norm clip.")
     baseline_decay: float = Field(

@@ -68,15 +68,16 @@ class Joiner:
         self._next[(topic, part)] = max(self._next.get((topic, part), 0), offset + 1)
 
     def add_interaction(self, event: events_pb2.Interaction, pos: Position) -> Sample | None:
-        return self._add(event.request_id, _Pending(event, pos), self._interactions,
-                         self._feedback)
+        return self._add(event.request_id, _Pending(event, pos), self._interactions, self._feedback)
 
     def add_feedback(self, event: events_pb2.FeedbackEvent, pos: Position) -> Sample | None:
-        return self._add(event.request_id, _Pending(event, pos), self._feedback,
-                         self._interactions)
+        return self._add(event.request_id, _Pending(event, pos), self._feedback, self._interactions)
 
     def _add(
-        self, request_id: str, item: _Pending, mine: dict[str, _Pending],
+        self,
+        request_id: str,
+        item: _Pending,
+        mine: dict[str, _Pending],
         theirs: dict[str, _Pending],
     ) -> Sample | None:
         self.seen(item.position)
@@ -97,8 +98,7 @@ class Joiner:
             self.mismatched += 1
             self.release((interaction.position, feedback.position))
             return None
-        return Sample(interaction.event, feedback.event,
-                      (interaction.position, feedback.position))
+        return Sample(interaction.event, feedback.event, (interaction.position, feedback.position))
 
     def expire(self, now: float | None = None) -> int:
         """Drop events that waited longer than the window for their partner."""
@@ -119,8 +119,7 @@ class Joiner:
     def commit_offsets(self) -> dict[tuple[str, int], int]:
         """Per partition, the offset a consumer may commit (the next one not yet done)."""
         return {
-            tp: min(self._held[tp]) if self._held.get(tp) else nxt
-            for tp, nxt in self._next.items()
+            tp: min(self._held[tp]) if self._held.get(tp) else nxt for tp, nxt in self._next.items()
         }
 
     @property

@@ -46,12 +46,19 @@ class Learner:
             learning_rate=settings.learning_rate,
             max_grad_norm=settings.max_grad_norm,
             baseline_decay=settings.baseline_decay,
+            kl_coef=settings.kl_coef,
         )
         self.rewards = RewardConfig()
         self.max_users_per_step = max_users_per_step
         self._ready: dict[str, list[Sample]] = defaultdict(list)
-        self.stats = {"updates": 0, "versions": 0, "samples": 0, "skipped_applied": 0,
-                      "malformed": 0, "deleted_users": 0}
+        self.stats = {
+            "updates": 0,
+            "versions": 0,
+            "samples": 0,
+            "skipped_applied": 0,
+            "malformed": 0,
+            "deleted_users": 0,
+        }
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
 
@@ -61,7 +68,9 @@ class Learner:
         try:
             ensure_loraloop_topics(s, timeout=s.kafka_connect_timeout)
             self.consumer = KafkaConsumer(
-                s.topic_interactions, s.topic_feedback, s.topic_adapter_updates,
+                s.topic_interactions,
+                s.topic_feedback,
+                s.topic_adapter_updates,
                 bootstrap_servers=s.kafka_bootstrap,
                 group_id=s.group_id,
                 enable_auto_commit=False,
@@ -70,7 +79,9 @@ class Learner:
                 bootstrap_timeout_ms=int(s.kafka_connect_timeout * 1000),
             )
             self.producer = KafkaProducer(
-                bootstrap_servers=s.kafka_bootstrap, acks="all", enable_idempotence=True,
+                bootstrap_servers=s.kafka_bootstrap,
+                acks="all",
+                enable_idempotence=True,
                 client_id="loraloop-learner",
                 bootstrap_timeout_ms=int(s.kafka_connect_timeout * 1000),
             )
@@ -123,10 +134,12 @@ class Learner:
                 return
             if record.topic == s.topic_interactions:
                 sample = self.joiner.add_interaction(
-                    events_pb2.Interaction.FromString(record.value), pos)
+                    events_pb2.Interaction.FromString(record.value), pos
+                )
             elif record.topic == s.topic_feedback:
                 sample = self.joiner.add_feedback(
-                    events_pb2.FeedbackEvent.FromString(record.value), pos)
+                    events_pb2.FeedbackEvent.FromString(record.value), pos
+                )
             else:
                 self.joiner.seen(pos)
                 return
@@ -155,51 +168,77 @@ class Learner:
                 continue
             kept.append(fresh)
             models.append(model)
-            batches.append(UserBatch(
-                weights=model.weights,
-                adam=model.adam,
-                baseline=model.baseline,
-                prompts=[list(s.interaction.prompt_token_ids) for s in fresh],
-                responses=[list(s.interaction.response_token_ids) for s in fresh],
-                rewards=[reward(s.feedback.signals, self.rewards) for s in fresh],
-            ))
+            batches.append(
+                UserBatch(
+                    weights=model.weights,
+                    adam=model.adam,
+                    baseline=model.baseline,
+                    prompts=[list(s.interaction.prompt_token_ids) for s in fresh],
+                    responses=[list(s.interaction.response_token_ids) for s in fresh],
+                    rewards=[reward(s.feedback.signals, self.rewards) for s in fresh],
+                )
+            )
         if not batches:
             return
         updates = reinforce_step(self.lm, batches, self.algo)
         self.stats["updates"] += 1
         for model, samples, upd in zip(models, kept, updates, strict=True):
             new = dataclasses.replace(
-                model, weights=upd.weights, baseline=upd.baseline, updates=model.updates + 1,
+                model,
+                weights=upd.weights,
+                baseline=upd.baseline,
+                updates=model.updates + 1,
                 applied=model.applied + [s.request_id for s in samples],
             )
             try:
                 stored = self.users.commit(new, self.lm.model_id, self.settings.lora_targets)
             except Exception:
                 self.users.forget(model.user_id)  # reload from the store next time
-                log.exception("writing %s's new version failed; samples will be replayed",
-                              model.user_id)
+                log.exception(
+                    "writing %s's new version failed; samples will be replayed", model.user_id
+                )
                 continue
-            self._publish(stored.user_id, stored.version, stored.uri, stored.checksum,
-                          upd, len(samples))
+            self._publish(
+                stored.user_id, stored.version, stored.uri, stored.checksum, upd, len(samples)
+            )
             for s in samples:
                 self.joiner.release(s.positions)
             self.stats["versions"] += 1
             self.stats["samples"] += len(samples)
 
-    def _publish(self, user_id: str, version: int, uri: str, checksum: str, upd: Any,
-                 n: int) -> None:
+    def _publish(
+        self, user_id: str, version: int, uri: str, checksum: str, upd: Any, n: int
+    ) -> None:
         event = events_pb2.AdapterUpdated(
-            user_id=user_id, version=version, uri=uri, checksum=checksum,
-            base_model_id=self.lm.model_id, timestamp_ms=int(time.time() * 1000),
+            user_id=user_id,
+            version=version,
+            uri=uri,
+            checksum=checksum,
+            base_model_id=self.lm.model_id,
+            timestamp_ms=int(time.time() * 1000),
             metrics=events_pb2.UpdateMetrics(
-                samples=n, mean_reward=upd.mean_reward, mean_advantage=upd.mean_advantage,
-                loss=upd.loss, grad_norm=upd.grad_norm, baseline=upd.baseline,
+                samples=n,
+                mean_reward=upd.mean_reward,
+                mean_advantage=upd.mean_advantage,
+                loss=upd.loss,
+                grad_norm=upd.grad_norm,
+                baseline=upd.baseline,
             ),
         )
         if self.producer is not None:
-            self.producer.send(self.settings.topic_adapter_updates, key=user_id.encode(),
-                               value=event.SerializeToString())
-        log.info("%s -> v%d (reward %.2f, %d samples)", user_id, version, upd.mean_reward, n)
+            self.producer.send(
+                self.settings.topic_adapter_updates,
+                key=user_id.encode(),
+                value=event.SerializeToString(),
+            )
+        log.info(
+            "%s -> v%d (reward %.2f, kl %.4f, %d samples)",
+            user_id,
+            version,
+            upd.mean_reward,
+            upd.kl,
+            n,
+        )
 
     def _delete_user(self, user_id: str) -> None:
         self._ready.pop(user_id, None)

@@ -10,8 +10,9 @@ import sys
 
 
 def _logging(verbose: bool) -> None:
+    level = "INFO" if verbose else os.environ.get("LORALOOP_LOG_LEVEL", "WARNING").upper()
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("kafka").setLevel(logging.ERROR)
@@ -59,7 +60,7 @@ def _kafka(ns: argparse.Namespace) -> int:
 def _demo(ns: argparse.Namespace) -> int:
     from loraloop.demo import run_demo
 
-    return run_demo(users=ns.users, rounds=ns.rounds, out_dir=ns.out)
+    return run_demo(users=ns.users, rounds=ns.rounds, out_dir=ns.out, learning_rate=ns.lr)
 
 
 def _build_model(ns: argparse.Namespace) -> int:
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_kafka)
 
     p = sub.add_parser("demo", help="Kafka + server + learner + simulated users, end to end")
-    p.add_argument("--users", type=int, default=4, help="simulated users")
-    p.add_argument("--rounds", type=int, default=30, help="interactions per user")
+    p.add_argument("--users", type=int, default=6, help="simulated users")
+    p.add_argument("--rounds", type=int, default=150, help="interactions per user")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the LoRA updates")
     p.add_argument("--out", default="out/demo", help="where the plot and logs go")
     p.set_defaults(func=_demo)
 

@@ -48,8 +48,13 @@ class Reply:
     @classmethod
     def from_proto(cls, msg: api_pb2.GenerateResponse) -> Reply:
         return cls(
-            msg.request_id, msg.text, msg.adapter_version, msg.arm,
-            msg.usage.prompt_tokens, msg.usage.completion_tokens, msg.finish_reason,
+            msg.request_id,
+            msg.text,
+            msg.adapter_version,
+            msg.arm,
+            msg.usage.prompt_tokens,
+            msg.usage.completion_tokens,
+            msg.finish_reason,
         )
 
 
@@ -90,7 +95,9 @@ class LoraLoopClient:
             health_pb2.HealthCheckRequest(service=""), timeout=timeout
         ).status
         if status != health_pb2.HealthCheckResponse.SERVING:
-            raise RuntimeError(f"server health is {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+            raise RuntimeError(
+                f"server health is {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+            )
 
     def close(self) -> None:
         self._channel.close()
@@ -99,7 +106,9 @@ class LoraLoopClient:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.close()
@@ -186,8 +195,13 @@ class LoraLoopClient:
         timeout: float | None = None,
     ) -> bool:
         given = {
-            "thumbs": thumbs, "rating": rating, "accepted": accepted, "copied": copied,
-            "regenerated": regenerated, "edited": edited, "follow_up": follow_up,
+            "thumbs": thumbs,
+            "rating": rating,
+            "accepted": accepted,
+            "copied": copied,
+            "regenerated": regenerated,
+            "edited": edited,
+            "follow_up": follow_up,
             "dwell_ms": dwell_ms,
         }
         signals = common_pb2.FeedbackSignals(**{k: v for k, v in given.items() if v is not None})

@@ -120,7 +120,7 @@ class AdapterRegistry:
 
     def _consume(self, consumer: KafkaConsumer, ends: dict[TopicPartition, int]) -> None:
         while not self._stop.is_set():
-            for tp, records in consumer.poll(timeout_ms=200).items():
+            for _tp, records in consumer.poll(timeout_ms=200).items():
                 for record in records:
                     self._apply_record(record.key, record.value)
                     self.updates_seen += 1

@@ -20,9 +20,7 @@ class AdapterSlots:
         self._load_into = load_into
         self.hits = self.misses = self.evictions = 0
 
-    def acquire(
-        self, key: SlotKey, read: Callable[[], LoRAWeights], pinned: set[int]
-    ) -> int:
+    def acquire(self, key: SlotKey, read: Callable[[], LoRAWeights], pinned: set[int]) -> int:
         """The slot holding `key`, loading it with `read()` on a miss."""
         slot = self._resident.get(key)
         if slot is not None:
@@ -39,7 +37,11 @@ class AdapterSlots:
                 raise RuntimeError("every adapter slot is pinned: raise adapter_slots")
             slot = self._resident.pop(victim)
             self.evictions += 1
-        self._load_into(slot, weights)
+        try:
+            self._load_into(slot, weights)
+        except BaseException:
+            self._free.append(slot)  # the slot's old content is gone either way
+            raise
         self._resident[key] = slot
         return slot
 

@@ -8,6 +8,7 @@ counted. Serving keeps answering either way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -103,8 +104,6 @@ class EventLog:
     def stop(self, timeout: float = 10.0) -> None:
         """Send what is queued (within `timeout`), then close the producer."""
         self._stopping.set()
-        try:
+        with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
         self._thread.join(timeout)

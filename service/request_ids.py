@@ -28,8 +28,10 @@ class RequestIds:
 
     def well_formed(self, request_id: str) -> bool:
         nonce, _, mac = request_id.partition(".")
-        return len(nonce) == 24 and len(mac) == _MAC_HEX and all(
-            c in "0123456789abcdef" for c in nonce + mac
+        return (
+            len(nonce) == 24
+            and len(mac) == _MAC_HEX
+            and all(c in "0123456789abcdef" for c in nonce + mac)
         )
 
     def belongs_to(self, request_id: str, user_id: str) -> bool:

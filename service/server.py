@@ -80,13 +80,19 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         )
 
     def _response(
-        self, request: api_pb2.GenerateRequest, gen: GenerationRequest, text: str,
-        token_ids: list[int], logprobs: list[float],
+        self,
+        request: api_pb2.GenerateRequest,
+        gen: GenerationRequest,
+        text: str,
+        token_ids: list[int],
+        logprobs: list[float],
     ) -> api_pb2.GenerateResponse:
         version = gen.adapter.version if gen.adapter else 0
         finish = self.engine.finish_reason(token_ids, gen.max_tokens)
-        prompt_text = request.prompt if request.HasField("prompt") else "\n".join(
-            f"{m.role}: {m.content}" for m in request.messages.messages
+        prompt_text = (
+            request.prompt
+            if request.HasField("prompt")
+            else "\n".join(f"{m.role}: {m.content}" for m in request.messages.messages)
         )
         event = events_pb2.Interaction(
             request_id=gen.request_id,
@@ -101,7 +107,9 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             arm=DEFAULT_ARM,
             arm_propensity=1.0,
             sampling=common_pb2.SamplingParams(
-                max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                max_tokens=gen.max_tokens,
+                temperature=gen.temperature,
+                top_p=gen.top_p,
                 **({"seed": gen.seed} if gen.seed is not None else {}),
             ),
             model_id=self.engine.model_id,
@@ -121,7 +129,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             finish_reason=finish,
         )
 
-    async def Generate(self, request, context):  # noqa: N802 - gRPC method name
+    async def Generate(self, request, context):
         try:
             gen = self._prepare(request)
             result = await self.engine.generate(gen)
@@ -131,7 +139,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         return self._response(request, gen, result.text, result.token_ids, result.logprobs)
 
-    async def GenerateStream(  # noqa: N802
+    async def GenerateStream(
         self, request, context
     ) -> AsyncIterator[api_pb2.GenerateStreamResponse]:
         try:
@@ -154,7 +162,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         yield api_pb2.GenerateStreamResponse(final=final)
 
     # --- Feedback -----------------------------------------------------------------------
-    async def Feedback(self, request, context):  # noqa: N802
+    async def Feedback(self, request, context):
         try:
             user_id = check_user(request.user_id)
             if not self.request_ids.well_formed(request.request_id):
@@ -188,7 +196,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         return api_pb2.FeedbackResponse(accepted=True)
 
     # --- user state ---------------------------------------------------------------------
-    async def GetUserState(self, request, context):  # noqa: N802
+    async def GetUserState(self, request, context):
         try:
             user_id = check_user(request.user_id)
         except RequestError as err:
@@ -202,7 +210,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             recent_reward=float(state.get("baseline", 0.0)),
         )
 
-    async def DeleteUser(self, request, context):  # noqa: N802
+    async def DeleteUser(self, request, context):
         try:
             user_id = check_user(request.user_id)
         except RequestError as err:

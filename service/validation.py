@@ -46,8 +46,10 @@ class Decoding:
 def check_sampling(params: common_pb2.SamplingParams, settings: Settings) -> Decoding:
     limit = settings.max_new_tokens
     if params.max_tokens < 0 or params.max_tokens > limit:
-        raise invalid(f"sampling.max_tokens={params.max_tokens} is out of range: use 1..{limit}"
-                      " (0 for the default)")
+        raise invalid(
+            f"sampling.max_tokens={params.max_tokens} is out of range: use 1..{limit}"
+            " (0 for the default)"
+        )
     temperature = params.temperature if params.HasField("temperature") else 1.0
     if not math.isfinite(temperature) or not 0 <= temperature <= 10:
         raise invalid(f"sampling.temperature={temperature} is out of range: use 0 (greedy) to 10")
@@ -81,8 +83,10 @@ def check_input(
         if role not in ROLES:
             raise invalid(f"messages[{i}].role={role!r} is unknown: use one of {', '.join(ROLES)}")
         if len(content) > MAX_PROMPT_CHARS:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"messages[{i}] is too long: the limit is {MAX_PROMPT_CHARS}")
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"messages[{i}] is too long: the limit is {MAX_PROMPT_CHARS}",
+            )
     if not any(content.strip() for _, content in messages):
         raise invalid("every message is empty: send some text")
     return None, messages
@@ -91,8 +95,10 @@ def check_input(
 def check_signals(signals: common_pb2.FeedbackSignals) -> None:
     present = [f.name for f, _ in signals.ListFields()]
     if not present:
-        raise invalid("signals is empty: send at least one of thumbs, rating, accepted, copied,"
-                      " regenerated, edited, follow_up, dwell_ms")
+        raise invalid(
+            "signals is empty: send at least one of thumbs, rating, accepted, copied,"
+            " regenerated, edited, follow_up, dwell_ms"
+        )
     if signals.HasField("thumbs") and signals.thumbs not in (-1, 1):
         raise invalid(f"signals.thumbs={signals.thumbs}: use +1 (up) or -1 (down)")
     if signals.HasField("rating") and not (

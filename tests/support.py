@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import re
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -16,8 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
+from loraloop.processes import Process, settings_env
 
-ROOT = Path(__file__).resolve().parent.parent
+__all__ = [
+    "InProcessServer",
+    "Process",
+    "isolated_settings",
+    "read_topic",
+    "settings_env",
+    "wait_until",
+]
 
 
 def isolated_settings(bootstrap: str, tmp: Path, **overrides: Any) -> Settings:
@@ -38,16 +41,6 @@ def isolated_settings(bootstrap: str, tmp: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a child process these settings."""
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        env[f"LORALOOP_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
-    env["PYTHONPATH"] = str(ROOT)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -65,9 +58,9 @@ class InProcessServer:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.running = asyncio.run_coroutine_threadsafe(
-            create_server(settings), self.loop
-        ).result(timeout=120)
+        self.running = asyncio.run_coroutine_threadsafe(create_server(settings), self.loop).result(
+            timeout=120
+        )
         self.port = self.running.port
         self.target = f"127.0.0.1:{self.port}"
 
@@ -77,57 +70,15 @@ class InProcessServer:
         self._thread.join(10)
 
 
-class Process:
-    """A `loraloop` CLI process whose output is collected (and shown when a test fails)."""
-
-    def __init__(self, args: list[str], settings: Settings, ready: str, timeout: float = 120):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraloop.cli", *args],
-            env=settings_env(settings), cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self._pattern = re.compile(ready)
-        self.match: re.Match[str] | None = None
-        threading.Thread(target=self._pump, daemon=True).start()
-        if not self._ready.wait(timeout):
-            self.kill()
-            raise RuntimeError(f"{args[0]} not ready in {timeout}s:\n{self.output}")
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if not self._ready.is_set() and (m := self._pattern.search(line)):
-                self.match = m
-                self._ready.set()
-        self._ready.set()  # the process ended: let the waiter see it
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines[-80:])
-
-    def stop(self, timeout: float = 30) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return -9
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-
-
 def read_topic(bootstrap: str, topic: str, timeout: float = 20.0) -> list[Any]:
     """Every record currently in `topic`, read with a plain consumer (no group)."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        parts = [
+            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])
+        ]
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
         ends = consumer.end_offsets(parts)

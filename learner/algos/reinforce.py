@@ -1,9 +1,15 @@
-"""REINFORCE with a per-user running-mean baseline, many users in one backward pass.
+"""REINFORCE with a per-user running-mean baseline and an exact KL penalty to the base
+model, many users in one backward pass.
 
 For user u with samples i (prompt x_i, response y_i, reward r_i) and baseline b_u:
 
     A_i  = r_i - b_u
-    loss = sum_u  (1/n_u) sum_i  -A_i * mean_t log pi_u(y_i,t | x_i, y_i,<t)
+    KL_i = mean_t  sum_v pi_u(v | .) (log pi_u(v | .) - log pi_0(v | .))   (full vocabulary)
+    loss = sum_u  (1/n_u) sum_i  [ -A_i * mean_t log pi_u(y_i,t | x_i, y_i,<t)  +  beta * KL_i ]
+
+The KL term is what keeps a tiny model fluent: without it, rewards are soon gamed and the
+adapter drifts into word salad (PROBES.md measured the collapse; a KL in the reward, k1,
+did not prevent it; the exact per-position KL did).
 
 Users' adapters are disjoint parameters, so the summed loss gives each user exactly the
 gradient of their own loss. Each user's gradient is clipped to `max_grad_norm`, then an
@@ -17,18 +23,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.logprobs import response_logprobs
+from core.logprobs import response_distributions, token_logprobs
 from core.model_loading import LoadedModel
 from core.multi_lora import LoRAWeights
 
 
 @dataclass
 class ReinforceConfig:
-    learning_rate: float = 5e-3
+    learning_rate: float = 2e-3
     max_grad_norm: float = 1.0
     baseline_decay: float = 0.9
+    kl_coef: float = 0.05
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
+    # A user whose gradient norm is below this is left as is: Adam rescales any gradient to
+    # a step of about learning_rate, so it would turn pure rounding noise into real moves.
+    min_grad_norm: float = 1e-5
 
 
 @dataclass
@@ -58,10 +68,12 @@ class UserUpdate:
     grad_norm: float
     mean_reward: float
     mean_advantage: float
+    kl: float
 
 
-def _adam(param: torch.Tensor, grad: torch.Tensor, state: AdamState, key: str,
-          cfg: ReinforceConfig) -> torch.Tensor:
+def _adam(
+    param: torch.Tensor, grad: torch.Tensor, state: AdamState, key: str, cfg: ReinforceConfig
+) -> torch.Tensor:
     b1, b2 = cfg.adam_betas
     m = state.m.get(key, torch.zeros_like(param)).mul_(b1).add_(grad, alpha=1 - b1)
     v = state.v.get(key, torch.zeros_like(param)).mul_(b2).addcmul_(grad, grad, value=1 - b2)
@@ -71,7 +83,9 @@ def _adam(param: torch.Tensor, grad: torch.Tensor, state: AdamState, key: str,
     return param - cfg.learning_rate * m_hat / (v_hat.sqrt() + cfg.adam_eps)
 
 
-def reinforce_step(lm: LoadedModel, users: list[UserBatch], cfg: ReinforceConfig) -> list[UserUpdate]:
+def reinforce_step(
+    lm: LoadedModel, users: list[UserBatch], cfg: ReinforceConfig
+) -> list[UserUpdate]:
     """One batched policy-gradient step for `users` (at most bank.slots - 1 of them)."""
     bank = lm.bank
     if len(users) >= bank.slots:
@@ -89,14 +103,24 @@ def reinforce_step(lm: LoadedModel, users: list[UserBatch], cfg: ReinforceConfig
     for p in params:
         p.requires_grad_(True)
         p.grad = None
+    pad = lm.tokenizer.pad_token_id or 0
+    base: list[torch.Tensor] = []
+    if cfg.kl_coef:
+        with torch.no_grad():
+            base = response_distributions(lm.model, bank, prompts, responses, [0] * len(slots), pad)
+    kls = [0.0] * len(users)
     try:
         with torch.enable_grad():
-            token_logps = response_logprobs(
-                lm.model, bank, prompts, responses, slots, lm.tokenizer.pad_token_id or 0
-            )
+            dists = response_distributions(lm.model, bank, prompts, responses, slots, pad)
+            token_logps = token_logprobs(dists, responses)
             per_user_loss = [torch.zeros(()) for _ in users]
-            for logp, adv, k in zip(token_logps, advantages, owners, strict=True):
-                per_user_loss[k] = per_user_loss[k] - adv * logp.mean() / len(users[k].rewards)
+            for i, (logp, adv, k) in enumerate(zip(token_logps, advantages, owners, strict=True)):
+                n = len(users[k].rewards)
+                per_user_loss[k] = per_user_loss[k] - adv * logp.mean() / n
+                if cfg.kl_coef:
+                    kl = (dists[i].exp() * (dists[i] - base[i])).sum(-1).mean()
+                    per_user_loss[k] = per_user_loss[k] + cfg.kl_coef * kl / n
+                    kls[k] += float(kl.detach()) / n
             torch.stack(per_user_loss).sum().backward()
     finally:
         for p in params:
@@ -106,25 +130,35 @@ def reinforce_step(lm: LoadedModel, users: list[UserBatch], cfg: ReinforceConfig
     with torch.no_grad():
         for k, user in enumerate(users):
             slot = k + 1
-            grads = {name: (layer.lora_A.grad[slot], layer.lora_B.grad[slot])
-                     for name, layer in bank.layers.items()}
-            norm = torch.sqrt(sum((ga.square().sum() + gb.square().sum()) for ga, gb in grads.values()))
+            grads = {
+                name: (layer.lora_A.grad[slot], layer.lora_B.grad[slot])
+                for name, layer in bank.layers.items()
+            }
+            norm = torch.sqrt(
+                sum((ga.square().sum() + gb.square().sum()) for ga, gb in grads.values())
+            )
             clip = min(1.0, cfg.max_grad_norm / (float(norm) + 1e-12))
-            user.adam.step += 1
             current = bank.read(slot)
-            new = LoRAWeights(bank.rank, bank.alpha)
-            for name, (ga, gb) in grads.items():
-                new.a[name] = _adam(current.a[name], ga * clip, user.adam, f"{name}.A", cfg)
-                new.b[name] = _adam(current.b[name], gb * clip, user.adam, f"{name}.B", cfg)
+            new = current
+            if float(norm) >= cfg.min_grad_norm:
+                user.adam.step += 1
+                new = LoRAWeights(bank.rank, bank.alpha)
+                for name, (ga, gb) in grads.items():
+                    new.a[name] = _adam(current.a[name], ga * clip, user.adam, f"{name}.A", cfg)
+                    new.b[name] = _adam(current.b[name], gb * clip, user.adam, f"{name}.B", cfg)
             mean_reward = sum(user.rewards) / len(user.rewards)
-            updates.append(UserUpdate(
-                weights=new,
-                baseline=cfg.baseline_decay * user.baseline + (1 - cfg.baseline_decay) * mean_reward,
-                loss=float(per_user_loss[k]),
-                grad_norm=float(norm),
-                mean_reward=mean_reward,
-                mean_advantage=mean_reward - user.baseline,
-            ))
+            updates.append(
+                UserUpdate(
+                    weights=new,
+                    baseline=cfg.baseline_decay * user.baseline
+                    + (1 - cfg.baseline_decay) * mean_reward,
+                    loss=float(per_user_loss[k]),
+                    grad_norm=float(norm),
+                    mean_reward=mean_reward,
+                    mean_advantage=mean_reward - user.baseline,
+                    kl=kls[k],
+                )
+            )
     for p in params:
         p.grad = None
     return updates

@@ -54,16 +54,20 @@ def _interaction(settings: Settings, request_id: str) -> events_pb2.Interaction:
     raise AssertionError(f"no Interaction event for {request_id} in Kafka")
 
 
-def _mean_logprob(lm, store: AdapterStore, user: str, version: int,
-                  event: events_pb2.Interaction) -> float:
+def _mean_logprob(
+    lm, store: AdapterStore, user: str, version: int, event: events_pb2.Interaction
+) -> float:
     slot = 0
     if version:
         lm.bank.load(1, read_peft_dir(store.get(user, version).path))
         slot = 1
     with torch.no_grad():
         (logp,) = response_logprobs(
-            lm.model, lm.bank, [list(event.prompt_token_ids)],
-            [list(event.response_token_ids)], [slot],
+            lm.model,
+            lm.bank,
+            [list(event.prompt_token_ids)],
+            [list(event.response_token_ids)],
+            [slot],
         )
     return float(logp.mean())
 

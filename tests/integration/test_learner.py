@@ -34,8 +34,12 @@ def test_learner_without_kafka_fails_clearly(tmp_path: Path) -> None:
 
 def _events(user: str, request_id: str, thumbs: int) -> tuple[bytes, bytes]:
     interaction = events_pb2.Interaction(
-        request_id=request_id, user_id=user, prompt_token_ids=[1, 40, 41, 42],
-        response_token_ids=[50, 51, 52, 2], behaviour_logprobs=[-1.0] * 4, adapter_version=0,
+        request_id=request_id,
+        user_id=user,
+        prompt_token_ids=[1, 40, 41, 42],
+        response_token_ids=[50, 51, 52, 2],
+        behaviour_logprobs=[-1.0] * 4,
+        adapter_version=0,
     )
     feedback = events_pb2.FeedbackEvent(
         request_id=request_id, user_id=user, signals=common_pb2.FeedbackSignals(thumbs=thumbs)
@@ -72,8 +76,10 @@ def test_malformed_events_are_skipped_and_replay_applies_nothing_twice(
     learner.close()
 
     # A second learner in a fresh group replays the whole topics: nothing applied twice.
-    replay = Learner(settings.model_copy(update={"group_id": settings.group_id + "-replay"}),
-                     max_users_per_step=4)
+    replay = Learner(
+        settings.model_copy(update={"group_id": settings.group_id + "-replay"}),
+        max_users_per_step=4,
+    )
     replay.connect()
     _drain(replay)
     assert store.versions("ann") == [1] and store.versions("ben") == [1]

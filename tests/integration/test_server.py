@@ -22,10 +22,13 @@ pytestmark = pytest.mark.kafka
 
 
 @pytest.fixture(scope="module")
-def served(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory,
-           ) -> Iterator[tuple[Settings, InProcessServer]]:
-    settings = isolated_settings(kafka_bootstrap, tmp_path_factory.mktemp("srv"),
-                                 max_new_tokens=32, max_prompt_tokens=64)
+def served(
+    kafka_bootstrap: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Settings, InProcessServer]]:
+    settings = isolated_settings(
+        kafka_bootstrap, tmp_path_factory.mktemp("srv"), max_new_tokens=32, max_prompt_tokens=64
+    )
     ensure_loraloop_topics(settings)
     server = InProcessServer(settings)
     yield settings, server
@@ -57,8 +60,10 @@ def test_generate_reports_ids_usage_and_logs_the_interaction(served, client) -> 
     assert 0 < reply.completion_tokens <= 12 and reply.prompt_tokens > 0
     assert reply.finish_reason in {"stop", "length"}
     served[1].running.service.events.flush()
-    events = [events_pb2.Interaction.FromString(r.value)
-              for r in read_topic(settings.kafka_bootstrap, settings.topic_interactions)]
+    events = [
+        events_pb2.Interaction.FromString(r.value)
+        for r in read_topic(settings.kafka_bootstrap, settings.topic_interactions)
+    ]
     event = next(e for e in events if e.request_id == reply.request_id)
     assert event.user_id == "carol" and event.response_text == reply.text
     assert len(event.response_token_ids) == reply.completion_tokens
@@ -78,8 +83,9 @@ def test_same_seed_same_text_and_stream_matches_unary(client) -> None:
 
 
 def test_chat_messages_are_accepted(client) -> None:
-    reply = client.generate("erin", messages=[("system", "Be brief."), ("user", "Hi!")],
-                            max_tokens=8, temperature=0)
+    reply = client.generate(
+        "erin", messages=[("system", "Be brief."), ("user", "Hi!")], max_tokens=8, temperature=0
+    )
     assert reply.completion_tokens > 0
 
 
@@ -89,9 +95,12 @@ def test_concurrent_users_are_batched_together(served, client) -> None:
     engine = served[1].running.service.engine
     before = engine.batches
     with ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(
-            lambda i: client.generate(f"u{i}", "How do I cook rice?", max_tokens=8, seed=i),
-            range(8)))
+        replies = list(
+            pool.map(
+                lambda i: client.generate(f"u{i}", "How do I cook rice?", max_tokens=8, seed=i),
+                range(8),
+            )
+        )
     assert len({r.request_id for r in replies}) == 8
     assert engine.batches - before < 8  # several users shared a forward pass
 
@@ -104,23 +113,40 @@ def test_concurrent_users_are_batched_together(served, client) -> None:
         ({"user_id": "", "prompt": "hi"}, grpc.StatusCode.INVALID_ARGUMENT, "user_id is empty"),
         ({"user_id": "../etc", "prompt": "hi"}, grpc.StatusCode.INVALID_ARGUMENT, "user_id"),
         ({"user_id": "u" * 129, "prompt": "hi"}, grpc.StatusCode.INVALID_ARGUMENT, "limit is 128"),
-        ({"user_id": "u", "prompt": "hi", "sampling": {"max_tokens": -1}},
-         grpc.StatusCode.INVALID_ARGUMENT, "max_tokens=-1"),
-        ({"user_id": "u", "prompt": "hi", "sampling": {"max_tokens": 10_000}},
-         grpc.StatusCode.INVALID_ARGUMENT, "use 1..32"),
-        ({"user_id": "u", "prompt": "hi", "sampling": {"temperature": float("nan")}},
-         grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-        ({"user_id": "u", "prompt": "hi", "sampling": {"top_p": 0.0}},
-         grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-        ({"user_id": "u", "prompt": "word " * 200},
-         grpc.StatusCode.RESOURCE_EXHAUSTED, "limit is 64"),
+        (
+            {"user_id": "u", "prompt": "hi", "sampling": {"max_tokens": -1}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_tokens=-1",
+        ),
+        (
+            {"user_id": "u", "prompt": "hi", "sampling": {"max_tokens": 10_000}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "use 1..32",
+        ),
+        (
+            {"user_id": "u", "prompt": "hi", "sampling": {"temperature": float("nan")}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
+        (
+            {"user_id": "u", "prompt": "hi", "sampling": {"top_p": 0.0}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "top_p",
+        ),
+        (
+            {"user_id": "u", "prompt": "word " * 200},
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "limit is 64",
+        ),
     ],
 )
-def test_bad_generate_requests_get_clear_statuses(stub, client, request_kwargs, code,
-                                                  fragment) -> None:
+def test_bad_generate_requests_get_clear_statuses(
+    stub, client, request_kwargs, code, fragment
+) -> None:
     sampling = request_kwargs.pop("sampling", {})
-    request = api_pb2.GenerateRequest(**request_kwargs,
-                                      sampling=common_pb2.SamplingParams(**sampling))
+    request = api_pb2.GenerateRequest(
+        **request_kwargs, sampling=common_pb2.SamplingParams(**sampling)
+    )
     assert _code(stub.Generate, request, timeout=30)[0] == code
     got, details = _code(lambda: list(stub.GenerateStream(request, timeout=30)))
     assert got == code and fragment in details
@@ -129,8 +155,12 @@ def test_bad_generate_requests_get_clear_statuses(stub, client, request_kwargs, 
 
 
 def test_bad_chat_role(stub) -> None:
-    request = api_pb2.GenerateRequest(user_id="u", messages=api_pb2.ChatMessages(
-        messages=[common_pb2.ChatMessage(role="wizard", content="hi")]))
+    request = api_pb2.GenerateRequest(
+        user_id="u",
+        messages=api_pb2.ChatMessages(
+            messages=[common_pb2.ChatMessage(role="wizard", content="hi")]
+        ),
+    )
     code, details = _code(stub.Generate, request, timeout=30)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "role='wizard'" in details
 
@@ -144,7 +174,8 @@ def test_feedback_rules(client) -> None:
     assert code == grpc.StatusCode.NOT_FOUND and "request_id" in details
     tampered = reply.request_id[:-1] + ("0" if reply.request_id[-1] != "0" else "1")
     assert _code(client.feedback, tampered, "frank", thumbs=1)[0] == (
-        grpc.StatusCode.PERMISSION_DENIED)
+        grpc.StatusCode.PERMISSION_DENIED
+    )
     code, details = _code(client.feedback, reply.request_id, "frank")
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "signals is empty" in details
     code, details = _code(client.feedback, reply.request_id, "frank", thumbs=3)
@@ -157,8 +188,11 @@ def test_user_state_and_delete(served, client) -> None:
     assert (state.adapter_version, state.updates) == (0, 0)
     assert client.delete_user("gina")
     server.running.service.events.flush()
-    tombstones = [r for r in read_topic(settings.kafka_bootstrap, settings.topic_adapter_updates)
-                  if r.key == b"gina"]
+    tombstones = [
+        r
+        for r in read_topic(settings.kafka_bootstrap, settings.topic_adapter_updates)
+        if r.key == b"gina"
+    ]
     assert tombstones and tombstones[-1].value is None
     assert _code(client.user_state, "bad id")[0] == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -170,8 +204,11 @@ def test_health_and_reflection(served) -> None:
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert status.status == health_pb2.HealthCheckResponse.SERVING
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-        answer = next(reflect.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        answer = next(
+            reflect.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+        )
         names = {s.name for s in answer.list_services_response.service}
         assert {"loraloop.v1.LoraLoop", "grpc.health.v1.Health"} <= names
 
@@ -203,9 +240,11 @@ def test_graceful_stop_turns_health_not_serving(kafka_bootstrap: str, tmp_path: 
     channel = grpc.insecure_channel(server.target)
     health = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == (
-        health_pb2.HealthCheckResponse.SERVING)
+        health_pb2.HealthCheckResponse.SERVING
+    )
     server.running.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == (
-        health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     channel.close()
     server.stop()

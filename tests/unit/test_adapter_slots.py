@@ -154,15 +154,6 @@ def test_read_failure_when_full_does_not_evict() -> None:
     assert slots.hits == hits + 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: service/adapter_slots.py AdapterSlots.acquire takes a slot (from _free, or "
-    "by evicting a victim) *before* calling load_into; when load_into raises (e.g. "
-    "LoRABank.load's ValueError for rank > lora_rank, which HFEngine._assign_slots catches "
-    "and survives) the slot is in neither _free nor _resident and is lost for good; after "
-    "n-1 such failures every acquire raises 'every adapter slot is pinned'",
-    raises=RuntimeError,
-)
 def test_load_failure_does_not_leak_the_slot() -> None:
     def load_into(slot: int, weights: LoRAWeights) -> None:
         if weights.alpha < 0:

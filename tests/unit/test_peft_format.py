@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from core.adapter_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterStore
@@ -92,14 +91,6 @@ def test_rslora_alpha_is_folded(tmp_path: Path) -> None:
     assert back.scaling == pytest.approx(4.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (minor): core/peft_format.py read_peft_dir strips '.default' from the module "
-    "part *after* rsplit has taken the last component as the kind, so keys written with the "
-    "adapter name (`...q_proj.lora_A.default.weight`, as in a raw PeftModel.state_dict()) "
-    "fail with 'unsupported tensor'; the `.replace('.default', '')` is dead code",
-    raises=ValueError,
-)
 def test_peft_default_adapter_name_in_keys_is_accepted(tmp_path: Path) -> None:
     w = _weights()
     tensors = {}
@@ -181,14 +172,6 @@ def test_shapes_inconsistent_with_rank(tmp_path: Path) -> None:
     _expect_value_error(tmp_path, files, "inconsistent with r=8")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: core/peft_format.py read_peft_dir catches only (OSError, ValueError) around "
-    "safetensors.torch.load; truncated/corrupt bytes raise safetensors.SafetensorError "
-    "(not a ValueError subclass), so they escape as SafetensorError (and the HF engine's "
-    "_assign_slots, which catches ValueError/OSError, fails the whole batch)",
-    raises=SafetensorError,
-)
 @pytest.mark.parametrize("keep", [0.5, 0.9])
 def test_truncated_safetensors(tmp_path: Path, keep: float) -> None:
     files = _good_files()
@@ -205,12 +188,6 @@ def test_truncated_safetensors_is_refused_somehow(tmp_path: Path) -> None:
         read_peft_dir(_write(tmp_path / "bad", files))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: core/peft_format.py read_peft_dir reads config['r'] / config['lora_alpha'] "
-    "unguarded, so a config without 'r' raises KeyError instead of the documented ValueError",
-    raises=KeyError,
-)
 def test_config_missing_rank(tmp_path: Path) -> None:
     files = _good_files()
     config = json.loads(files[ADAPTER_CONFIG])

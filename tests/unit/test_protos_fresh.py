@@ -13,7 +13,8 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     out = tmp_path / "gen"
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(out)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     checked_in = ROOT / "core" / "gen"
     fresh = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}

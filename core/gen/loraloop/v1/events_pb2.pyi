@@ -70,17 +70,19 @@ class AdapterUpdated(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ..., uri: _Optional[str] = ..., checksum: _Optional[str] = ..., base_model_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., metrics: _Optional[_Union[UpdateMetrics, _Mapping]] = ...) -> None: ...
 
 class UpdateMetrics(_message.Message):
-    __slots__ = ("samples", "mean_reward", "mean_advantage", "loss", "grad_norm", "baseline")
+    __slots__ = ("samples", "mean_reward", "mean_advantage", "loss", "grad_norm", "baseline", "kl")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MEAN_REWARD_FIELD_NUMBER: _ClassVar[int]
     MEAN_ADVANTAGE_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
+    KL_FIELD_NUMBER: _ClassVar[int]
     samples: int
     mean_reward: float
     mean_advantage: float
     loss: float
     grad_norm: float
     baseline: float
-    def __init__(self, samples: _Optional[int] = ..., mean_reward: _Optional[float] = ..., mean_advantage: _Optional[float] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., baseline: _Optional[float] = ...) -> None: ...
+    kl: float
+    def __init__(self, samples: _Optional[int] = ..., mean_reward: _Optional[float] = ..., mean_advantage: _Optional[float] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., baseline: _Optional[float] = ..., kl: _Optional[float] = ...) -> None: ...
