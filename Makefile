@@ -1,0 +1,36 @@
+# The README's two commands are `make demo` and `make test`; both set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TOKENIZERS_PARALLELISM := false
+# glibc's allocator made torch step times wander on this machine kind; this steadies them.
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184
+
+.PHONY: setup demo test lint protos clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# Python packages, the Kafka jars (Maven Central) and the tiny local model, all cached.
+setup: $(VENV)/.installed
+	$(PY) -c "from core.kafka.broker import ensure_kafka_jars; print(ensure_kafka_jars())"
+	$(PY) -m loraloop.cli build-model
+
+demo: setup
+	$(PY) -m loraloop.cli demo
+
+test: setup lint
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+protos: $(VENV)/.installed
+	$(PY) scripts/gen_protos.py
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache
