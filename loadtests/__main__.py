@@ -1,0 +1,348 @@
+"""`python -m loadtests run|stack|compare|capacity` (see loadtests/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+# What `stack` and `capacity` use when the command line says nothing: open loop below
+# this 2-core machine's capacity (see the README's capacity table).
+STACK_DEFAULTS: dict[str, Any] = {
+    "mode": "open",
+    "rate": 1.5,
+    "concurrency": 4,
+    "users": 16,
+    "duration": 60.0,
+    "max_tokens": 32,
+    "stream_share": 0.5,
+}
+
+
+def _load_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("load")
+    g.add_argument(
+        "--mode",
+        choices=("open", "closed"),
+        help="open: Poisson arrivals at --rate; closed: --concurrency sessions in flight",
+    )
+    g.add_argument("--rate", type=float, help="open loop: sessions per second")
+    g.add_argument("--concurrency", type=int, help="closed loop: concurrent sessions")
+    g.add_argument("--users", type=int, help="simulated users (demo world, hidden tastes)")
+    g.add_argument("--duration", type=float, help="seconds of issuing new sessions")
+    g.add_argument("--requests", type=int, help="stop after this many sessions")
+    g.add_argument("--ramp", type=float, help="seconds to ramp up to --rate/--concurrency")
+    g.add_argument(
+        "--hard-stop",
+        type=float,
+        help="cancel what is in flight this many s after issuing ends (default 30)",
+    )
+    g.add_argument("--max-tokens", type=int, help="max_tokens of every Generate")
+    g.add_argument(
+        "--stream-share",
+        type=float,
+        help="fraction of sessions using GenerateStream (measures time to first token)",
+    )
+    g.add_argument(
+        "--no-feedback",
+        dest="feedback",
+        action="store_false",
+        default=None,
+        help="only Generate, no Feedback",
+    )
+    g.add_argument("--think", type=float, help="closed loop: mean think time between sessions")
+    g.add_argument("--timeout", type=float, help="deadline of each RPC in seconds (default 60)")
+    g.add_argument("--seed", type=int, help="seed of users, prompts and arrivals")
+    g.add_argument("--user-prefix", help="user ids are PREFIX-0000 ... (default 'load')")
+    p.add_argument("--out", type=Path, default=Path("out/loadtests"), help="output directory")
+
+
+_FIELDS = (
+    "mode",
+    "rate",
+    "concurrency",
+    "users",
+    "duration",
+    "requests",
+    "ramp",
+    "hard_stop",
+    "max_tokens",
+    "stream_share",
+    "feedback",
+    "think",
+    "timeout",
+    "seed",
+    "user_prefix",
+)
+
+
+def _load_fields(ns: argparse.Namespace, defaults: dict[str, Any] | None = None) -> dict:
+    given = {k: getattr(ns, k) for k in _FIELDS if getattr(ns, k, None) is not None}
+    fields = {**(defaults or {}), **given}
+    if "requests" in given and "duration" not in given:
+        fields["duration"] = None  # a request count alone decides when to stop
+    return fields
+
+
+def _stack_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("stack (Kafka + server + learner started by this command)")
+    g.add_argument("--no-learner", dest="learner", action="store_false", help="no learner")
+    g.add_argument("--adapter-slots", type=int, default=64, help="LORALOOP_ADAPTER_SLOTS")
+    g.add_argument("--max-batch-size", type=int, default=16, help="LORALOOP_MAX_BATCH_SIZE")
+
+
+def _stack_options(ns: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "learner": ns.learner,
+        "adapter_slots": ns.adapter_slots,
+        "max_batch_size": ns.max_batch_size,
+    }
+
+
+# --- run -------------------------------------------------------------------------------------
+def cmd_run(ns: argparse.Namespace) -> int:
+    from loadtests import report
+    from loadtests.config import LoadConfig
+    from loadtests.generator import run_load
+
+    config = LoadConfig(target=ns.target, **_load_fields(ns))
+    console.print(f"load test against {config.target}: {config.mode} loop")
+    result = run_load(config)
+    summary = report.write(result, ns.out, ns.name, console=console)
+    return 0 if summary["completed"] else 1
+
+
+# --- stack -----------------------------------------------------------------------------------
+def cmd_stack(ns: argparse.Namespace) -> int:
+    from loadtests.scenarios import run_scenario, scenario_names
+
+    names = scenario_names() if ns.scenario == "all" else [ns.scenario]
+    summaries = {}
+    for name in names:
+        base = _load_fields(ns, STACK_DEFAULTS)
+        base.setdefault("user_prefix", name)
+        summaries[name] = run_scenario(name, base, ns.out, console, _stack_options(ns))
+    if len(names) > 1:
+        (ns.out / "scenarios.json").write_text(json.dumps(summaries, indent=2, default=str))
+    return 0 if all(s["completed"] for s in summaries.values()) else 1
+
+
+# --- compare with ghz ------------------------------------------------------------------------
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from loadtests import report
+    from loadtests.config import LoadConfig
+    from loadtests.generator import run_load
+    from loadtests.ghz import ghz_binary, ghz_figures, median_figures, request_messages, run_ghz
+    from loadtests.stack import Stack
+
+    if ghz_binary() is None:
+        console.print("[red]ghz is not installed: run scripts/install-loadtest-tools.sh")
+        return 2
+    stack = None
+    target = ns.target
+    if target is None:
+        with console.status("starting Kafka and server..."):
+            stack = Stack(ns.out / "compare" / "stack", learner=False).start()
+        target = stack.target
+    try:
+        fields = {
+            "users": ns.users,
+            "concurrency": ns.concurrency,
+            "max_tokens": ns.max_tokens,
+            "mode": "closed",
+            "stream_share": 0.0,
+            "feedback": False,
+            "duration": None,
+        }
+        messages = request_messages(ns.users, ns.requests, ns.max_tokens, "compare")
+        with console.status("warming up..."):
+            run_ghz(target, messages[: ns.concurrency * 2], ns.concurrency)
+            run_load(LoadConfig(target=target, requests=ns.concurrency * 2, **fields))
+        runs: dict[str, list[dict[str, Any]]] = {"ghz": [], "loadtests": []}
+        for i in range(ns.repeats):  # alternate, so both see the same machine state
+            with console.status(f"round {i + 1}/{ns.repeats}: ghz..."):
+                runs["ghz"].append(ghz_figures(run_ghz(target, messages, ns.concurrency)))
+            with console.status(f"round {i + 1}/{ns.repeats}: loadtests..."):
+                result = run_load(
+                    LoadConfig(target=target, requests=ns.requests, user_prefix="compare", **fields)
+                )
+                runs["loadtests"].append(report.summarize(result))
+    finally:
+        if stack is not None:
+            stack.close()
+    medians = {tool: median_figures(r) for tool, r in runs.items()}
+    t = Table(
+        title=f"ghz vs loadtests: unary Generate, closed loop, concurrency {ns.concurrency}, "
+        f"{ns.requests} requests, max_tokens {ns.max_tokens}, median of {ns.repeats}"
+    )
+    for col in ("figure", "ghz", "loadtests", "loadtests / ghz"):
+        t.add_column(col, justify="right")
+    rows = [("requests/s", lambda m: m["requests_per_s"])]
+    rows += [(f"{k} ms", lambda m, k=k: m["latency_ms"][k]) for k in ("p50", "p95", "p99", "max")]
+    for label, get in rows:
+        g, o = get(medians["ghz"]), get(medians["loadtests"])
+        t.add_row(label, f"{g:,.2f}", f"{o:,.2f}", f"{o / g:.2f}" if g else "-")
+    t.add_row("errors", str(medians["ghz"]["errors"]), str(medians["loadtests"]["errors"]), "")
+    for tool, rs in runs.items():
+        each = ", ".join(f"{r['requests_per_s']:.2f}" for r in rs)
+        t.add_row(f"{tool} requests/s each run", each, "", "")
+    console.print(t)
+    ns.out.mkdir(parents=True, exist_ok=True)
+    (ns.out / "compare.json").write_text(
+        json.dumps({"runs": runs, "median": medians, "args": vars(ns)}, indent=2, default=str)
+    )
+    console.print(f"wrote {ns.out / 'compare.json'}")
+    return 0
+
+
+# --- capacity --------------------------------------------------------------------------------
+def cmd_capacity(ns: argparse.Namespace) -> int:
+    from loadtests import report
+    from loadtests.config import LoadConfig
+    from loadtests.generator import LoadGenerator
+    from loadtests.stack import Stack
+
+    stack = None
+    target = ns.target
+    if target is None:
+        with console.status("starting Kafka, server and learner..."):
+            stack = Stack(ns.out / "capacity" / "stack", **_stack_options(ns)).start()
+        target = stack.target
+    rows: list[dict[str, Any]] = []
+    try:
+        fields = _load_fields(ns, {**STACK_DEFAULTS, "duration": ns.step_seconds})
+        fields["mode"] = "open"
+        failures = 0
+        for rate in [float(r) for r in ns.rates.split(",")]:
+            config = LoadConfig(target=target, **{**fields, "rate": rate, "hard_stop": 10.0})
+            with console.status(f"{rate:g} sessions/s for {ns.step_seconds:g} s..."):
+                result = asyncio.run(LoadGenerator(config).run())
+            s = report.summarize(result)
+            p99 = s["latency_ms"]["p99"]
+            ok = s["error_rate"] == 0 and p99 is not None and p99 < ns.p99_ms
+            rows.append(
+                {
+                    "offered_per_s": rate,
+                    "completed_per_s": s["requests_per_s"],
+                    "tokens_per_s": s["tokens_per_s"],
+                    "latency_ms": s["latency_ms"],
+                    "ttft_ms": s["ttft_ms"],
+                    "error_rate": s["error_rate"],
+                    "errors_by_code": s["errors_by_code"],
+                    "share_with_adapter": s["adapter_versions"]["share_with_adapter"],
+                    "sustainable": ok,
+                }
+            )
+            console.print(
+                f"  {rate:g}/s: completed {s['requests_per_s']:.2f}/s, p50 "
+                f"{s['latency_ms']['p50'] or 0:,.0f} ms, p99 {p99 or 0:,.0f} ms, errors "
+                f"{s['error_rate']:.1%} -> {'ok' if ok else 'NOT sustainable'}"
+            )
+            failures = 0 if ok else failures + 1
+            if failures >= 2:  # two failing steps in a row: beyond capacity
+                break
+            time.sleep(ns.pause)  # let the queue drain between steps
+    finally:
+        if stack is not None:
+            stack.close()
+    good = [r["offered_per_s"] for r in rows if r["sustainable"]]
+    t = Table(
+        title=f"capacity: open loop, max_tokens {fields['max_tokens']}, {fields['users']} users,"
+        f" {ns.step_seconds:g} s per step, bound p99 < {ns.p99_ms:,.0f} ms, {os.cpu_count()} CPUs"
+    )
+    for col in (
+        "offered/s",
+        "completed/s",
+        "tokens/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "TTFT p50 ms",
+        "errors",
+        "sustainable",
+    ):
+        t.add_column(col, justify="right")
+    for r in rows:
+        lat, ttft = r["latency_ms"], r["ttft_ms"]
+        t.add_row(
+            f"{r['offered_per_s']:g}",
+            f"{r['completed_per_s']:.2f}",
+            f"{r['tokens_per_s']:.0f}",
+            *(f"{lat[k] or 0:,.0f}" for k in ("p50", "p95", "p99")),
+            f"{ttft['p50'] or 0:,.0f}",
+            f"{r['error_rate']:.1%}",
+            "yes" if r["sustainable"] else "no",
+        )
+    console.print(t)
+    best = max(good, default=0.0)
+    console.print(f"max sustainable: {best:g} sessions/s at p99 < {ns.p99_ms:,.0f} ms")
+    ns.out.mkdir(parents=True, exist_ok=True)
+    (ns.out / f"{ns.name}.json").write_text(
+        json.dumps(
+            {"steps": rows, "max_sustainable_per_s": best, "args": vars(ns)}, indent=2, default=str
+        )
+    )
+    console.print(f"wrote {ns.out / (ns.name + '.json')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from loadtests.scenarios import scenario_names
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="drive a running server (loopback only)")
+    p.add_argument("--target", required=True, help="HOST:PORT of a loraloop server")
+    p.add_argument("--name", default="run", help="file names: NAME.json, NAME.png")
+    _load_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("stack", help="start Kafka + server + learner, run a scenario, stop")
+    p.add_argument("--scenario", default="steady", choices=[*scenario_names(), "all"])
+    _load_args(p)
+    _stack_args(p)
+    p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("compare", help="ghz and this generator on the same server and RPC")
+    p.add_argument("--target", help="a running server; default: start Kafka + server")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--requests", type=int, default=120)
+    p.add_argument("--users", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds per tool")
+    p.add_argument("--out", type=Path, default=Path("out/loadtests"))
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("capacity", help="step the open-loop rate up to find the capacity")
+    p.add_argument("--target", help="a running server; default: start the stack")
+    p.add_argument("--rates", default="0.5,1,1.5,2,2.5,3,4", help="comma-separated sessions/s")
+    p.add_argument("--step-seconds", type=float, default=40.0)
+    p.add_argument("--p99-ms", type=float, default=2000.0, help="latency bound of 'sustainable'")
+    p.add_argument("--pause", type=float, default=3.0, help="seconds between steps")
+    p.add_argument("--name", default="capacity")
+    _load_args(p)
+    _stack_args(p)
+    p.set_defaults(func=cmd_capacity)
+
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except ValueError as exc:  # a bad option (e.g. a non-loopback target): say what to fix
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

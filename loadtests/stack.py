@@ -1,0 +1,192 @@
+"""The system under test, started by the load test itself: Kafka, server, learner.
+
+Everything is the real thing (`core.kafka.broker.KafkaBroker`, `loraloop serve` and
+`loraloop learn` as child processes), so scenarios can kill the learner or stop Kafka
+mid-run and see what the system does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from core.gen.loraloop.v1 import events_pb2
+from core.kafka.broker import KafkaBroker, ensure_loraloop_topics
+from core.settings import Settings
+from loraloop.client import LoraLoopClient
+from loraloop.processes import Process
+
+SERVER_READY = r"listening on [\d.]+:(\d+)"
+LEARNER_READY = r"learner consuming"
+
+
+def count_request_ids(bootstrap: str, topic: str, timeout: float = 30.0) -> set[str]:
+    """Request ids of every Interaction/FeedbackEvent now in `topic` (read to its end)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    parse = (
+        events_pb2.FeedbackEvent.FromString
+        if "feedback" in topic
+        else events_pb2.Interaction.FromString
+    )
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        parts = [
+            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])
+        ]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        ends = consumer.end_offsets(parts)
+        found: set[str] = set()
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {topic} to its end in {timeout:.0f}s")
+            for batch in consumer.poll(timeout_ms=200).values():
+                found.update(parse(r.value).request_id for r in batch if r.value)
+        return found
+    finally:
+        consumer.close()
+
+
+def events_lost(bootstrap: str, topic: str, served: set[str], settle: float = 30.0) -> dict:
+    """Served request ids with no event in `topic`, re-read until none is missing or
+    `settle` seconds pass (the server's event log may still be catching up)."""
+    deadline = time.monotonic() + settle
+    while True:
+        missing = served - count_request_ids(bootstrap, topic)
+        if not missing or time.monotonic() > deadline:
+            return {
+                "served": len(served),
+                "in_kafka": len(served) - len(missing),
+                "lost": len(missing),
+            }
+        time.sleep(2.0)
+
+
+class Stack:
+    """Kafka + `loraloop serve` + (optionally) `loraloop learn`, logs under `out`."""
+
+    def __init__(
+        self,
+        out: Path,
+        *,
+        learner: bool = True,
+        adapter_slots: int = 64,
+        max_batch_size: int = 16,
+        learning_rate: float = 2e-3,
+    ) -> None:
+        self.out = out
+        self.with_learner = learner
+        self.overrides: dict[str, Any] = {
+            "adapter_slots": adapter_slots,
+            "max_batch_size": max_batch_size,
+            "learning_rate": learning_rate,
+        }
+        self.broker: KafkaBroker | None = None
+        self.server: Process | None = None
+        self.learner: Process | None = None
+        self.settings: Settings | None = None
+        self._learner_starts = 0
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def start(self) -> Stack:
+        shutil.rmtree(self.out / "adapters", ignore_errors=True)
+        shutil.rmtree(self.out / "kafka", ignore_errors=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.broker = KafkaBroker(data_dir=self.out / "kafka", log_level="WARN")
+        bootstrap = self.broker.start(timeout=120)
+        self.settings = Settings(
+            kafka_bootstrap=bootstrap,
+            port=0,
+            adapter_store=(self.out / "adapters").resolve(),
+            **self.overrides,
+        )
+        ensure_loraloop_topics(self.settings)
+        self.server = Process(["serve"], self.settings, SERVER_READY, log=self.out / "server.log")
+        if self.with_learner:
+            self.start_learner()
+        with LoraLoopClient(self.target, timeout=60) as client:
+            client.wait_ready()
+        return self
+
+    def start_learner(self) -> None:
+        assert self.settings is not None
+        self._learner_starts += 1
+        self.learner = Process(
+            ["learn"],
+            self.settings,
+            LEARNER_READY,
+            log=self.out / f"learner-{self._learner_starts}.log",
+        )
+
+    def close(self) -> None:
+        for proc in (self.learner, self.server):
+            if proc is not None and proc.proc.poll() is None:
+                proc.stop()
+        if self.broker is not None:
+            self.broker.stop()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def target(self) -> str:
+        assert self.server is not None and self.server.match is not None
+        return f"127.0.0.1:{self.server.match.group(1)}"
+
+    @property
+    def bootstrap(self) -> str:
+        assert self.broker is not None
+        return self.broker.bootstrap
+
+    # --- what scenarios do ---------------------------------------------------------------
+    def learner_progress(self, user_ids: Iterable[str]) -> dict[str, int]:
+        """Sum of learner updates and the newest adapter version over `user_ids`."""
+        updates = newest = 0
+        with LoraLoopClient(self.target, timeout=30, retries=1) as client:
+            for user in user_ids:
+                state = client.user_state(user)
+                updates += state.updates
+                newest = max(newest, state.adapter_version)
+        return {"updates": updates, "max_version": newest}
+
+    def restart_learner(self, user_ids: list[str], down: float = 0.0) -> dict[str, Any]:
+        """SIGKILL the learner (a crash), wait `down` s, start a new one."""
+        before = self.learner_progress(user_ids)
+        started = time.monotonic()
+        if self.learner is not None:
+            self.learner.kill()
+        time.sleep(down)
+        self.start_learner()
+        return {
+            "updates_at_kill": before["updates"],
+            "max_version_at_kill": before["max_version"],
+            "restart_s": round(time.monotonic() - started, 2),
+        }
+
+    def kafka_outage(self, seconds: float) -> dict[str, Any]:
+        """Stop the broker for `seconds`, then start it again on the same port and data."""
+        assert self.broker is not None
+        started = time.monotonic()
+        self.broker.stop()
+        stopped = time.monotonic()
+        time.sleep(seconds)
+        self.broker.start(timeout=120)
+        return {
+            "stop_s": round(stopped - started, 2),
+            "down_s": round(time.monotonic() - stopped, 2),
+            "restart_s": round(time.monotonic() - stopped - seconds, 2),
+        }
