@@ -72,6 +72,28 @@ class Settings(BaseSettings):
     request_id_secret: str = Field(
         "loraloop-dev-secret",
         description="HMAC key binding request ids to users; set a real secret in production.",
+    host_cache_mb: int = Field(
+        2048,
+        ge=1,
+        description="Host-RAM budget (MiB) of loaded adapter versions, the cache tier between "
+        "engine slots and the adapter store (a rank-8 q/k/v/o adapter of the tiny model is "
+        "64 KiB; of a 7B Llama in bf16, 16 MiB).",
+    )
+    host_cache_adapters: int = Field(
+        50_000, ge=1, description="Most adapter versions kept in the host-RAM cache."
+    )
+    vllm_max_cpu_loras: int = Field(
+        1024,
+        ge=1,
+        description="vllm engine: adapters vLLM keeps in host RAM (max_cpu_loras); the ones "
+        "in its batch (max_loras) are adapter_slots.",
+    )
+    vllm_kv_cache_gib: float = Field(
+        1.0, gt=0, description="vllm engine on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="vllm engine on a GPU: share of its memory vLLM may use."
+    )
     )
     event_queue_size: int = Field(
         10_000, ge=1, description="Events buffered for Kafka before new ones are dropped."

@@ -10,6 +10,10 @@ from core.multi_lora import BASE_SLOT, LoRAWeights
 SlotKey = tuple[str, int]  # (user_id, version)
 
 
+class SlotsPinned(RuntimeError):
+    """Every slot holds an adapter that a running row uses: nothing can be evicted now."""
+
+
 class AdapterSlots:
     """Assigns slots 1..n-1 to adapter versions, evicting the least recently used one
     that the running batch does not pin. Loading a resident version is a no-op."""
@@ -29,12 +33,15 @@ class AdapterSlots:
             return slot
         self.misses += 1
         weights = read()  # may raise: nothing changes then
-        if self._free:
-            slot = self._free.pop()
+        # A slot freed by drop_user may still serve a running row: never hand that one out.
+        free = next((s for s in reversed(self._free) if s not in pinned), None)
+        if free is not None:
+            self._free.remove(free)
+            slot = free
         else:
             victim = next((k for k, s in self._resident.items() if s not in pinned), None)
             if victim is None:
-                raise RuntimeError("every adapter slot is pinned: raise adapter_slots")
+                raise SlotsPinned("every adapter slot is pinned: raise adapter_slots")
             slot = self._resident.pop(victim)
             self.evictions += 1
         try:

@@ -1,10 +1,12 @@
-"""transformers engine: batches of requests for different users decoded in one pass.
+"""transformers engine: continuous batching of requests for different users in one pass.
 
-A scheduler thread owns the model. It takes up to `max_batch_size` waiting requests,
-places each request's adapter version in a slot of the multi-LoRA bank, and decodes the
-whole batch together with a KV cache; each row reads its own adapter through the per-row
-slot index, so a batch mixing many users costs one forward per step. Tokens reach the
-caller's asyncio loop as they are produced.
+A scheduler thread owns the model and a `RunningBatch`. Between two decoding steps it
+admits waiting requests (up to `max_batch_size` rows in all): each request's adapter
+version is put in a slot of the multi-LoRA bank (from the host-RAM adapter cache, or the
+store on a miss), the newcomers are prefilled together and join the running rows; rows
+that finish (end of sequence, max_tokens, or a caller that went away) leave at once. Every
+row reads its own adapter through the per-row slot index, so a batch mixing many users
+costs one forward per step. Tokens reach the caller's asyncio loop as they are produced.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -20,15 +23,16 @@ import torch
 
 from core.model_loading import LoadedModel, load_model
 from core.multi_lora import BASE_SLOT
-from core.peft_format import read_peft_dir
 from core.settings import Settings
-from service.adapter_slots import AdapterSlots
+from service.adapter_cache import HostAdapterCache
+from service.adapter_slots import AdapterSlots, SlotsPinned
 from service.engines.base import (
     AdapterLoadError,
     Engine,
     GenerationRequest,
     TokenChunk,
 )
+from service.engines.batching import RunningBatch
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -45,6 +49,17 @@ class _Job:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
+@dataclass
+class _Row:
+    """A request in the running batch."""
+
+    job: _Job
+    slot: int
+    generator: torch.Generator | None
+    produced: list[int] = field(default_factory=list)
+    text: str = ""
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -58,24 +73,23 @@ def sample_tokens(
     """
     logits = logits.float()
     greedy = temperature <= 0
-    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    # Greedy rows, all at once: argmax and the model's log-probability of it.
+    tokens = logits.argmax(-1)
+    logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+    sampled = (~greedy).nonzero().flatten().tolist()
+    if not sampled:
+        return tokens, logprobs
+    rows = torch.tensor(sampled, dtype=torch.long)
+    scaled = logits[rows] / temperature[rows, None]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     sorted_probs = sorted_logits.softmax(-1)
     # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-    outside = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]
-    sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-    logp_sorted = sorted_logits.log_softmax(-1)
-    tokens = torch.empty(logits.shape[0], dtype=torch.long)
-    logprobs = torch.empty(logits.shape[0])
-    for i, gen in enumerate(generators):
-        if greedy[i]:
-            pos = 0
-            tokens[i] = order[i, 0]
-            logprobs[i] = logits[i].log_softmax(-1)[tokens[i]]
-            continue
-        pos = int(torch.multinomial(logp_sorted[i].exp(), 1, generator=gen))
-        tokens[i] = order[i, pos]
-        logprobs[i] = logp_sorted[i, pos]
+    outside = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p[rows, None]
+    logp_sorted = sorted_logits.masked_fill(outside, float("-inf")).log_softmax(-1)
+    for j, i in enumerate(sampled):
+        pos = int(torch.multinomial(logp_sorted[j].exp(), 1, generator=generators[i]))
+        tokens[i] = order[j, pos]
+        logprobs[i] = logp_sorted[j, pos]
     return tokens, logprobs
 
 
@@ -85,11 +99,16 @@ class HFEngine(Engine):
         self.model_id = settings.model_id or settings.model
         self._lm: LoadedModel | None = None
         self._slots: AdapterSlots | None = None
+        self.host_cache = HostAdapterCache(
+            settings.host_cache_mb * 2**20, settings.host_cache_adapters
+        )
         self._inbox: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._slot_lock = threading.Lock()
-        self._row_slots: list[int] = []
-        self.batches = 0
+        self.batches = 0  # running batches started from idle (rows join and leave inside)
+        self.prefills = 0  # forwards that admitted new rows
+        self.steps = 0  # decoding forwards over the running rows
+        self.peak_rows = 0
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -114,6 +133,12 @@ class HFEngine(Engine):
         if self._lm is None:
             raise RuntimeError("engine not started")
         return self._lm
+
+    @property
+    def slots(self) -> AdapterSlots:
+        if self._slots is None:
+            raise RuntimeError("engine not started")
+        return self._slots
 
     # --- API ----------------------------------------------------------------------------
     def encode(self, prompt: str | None, messages: list[tuple[str, str]] | None) -> list[int]:
@@ -144,7 +169,8 @@ class HFEngine(Engine):
             job.cancelled.set()
 
     def drop_user(self, user_id: str) -> None:
-        """Forget a deleted user's resident adapters."""
+        """Forget a deleted user's resident adapters (engine slots and host cache)."""
+        self.host_cache.drop_user(user_id)
         if self._slots is not None:
             with self._slot_lock:
                 self._slots.drop_user(user_id)
@@ -152,110 +178,120 @@ class HFEngine(Engine):
     # --- scheduler thread ---------------------------------------------------------------
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        lm = self.lm
+        batch = RunningBatch(lm.model, lm.bank, lm.tokenizer.pad_token_id)
+        rows: list[_Row] = []
+        waiting: deque[_Job] = deque()
+        stopping = False
         while True:
-            job = self._inbox.get()
-            if job is None:
-                return
-            batch = [job]
-            while len(batch) < self.settings.max_batch_size:
+            if not rows and not waiting:
+                if stopping:
+                    return
+                job = self._inbox.get()  # idle: block until work comes
+                if job is None:
+                    return
+                waiting.append(job)
+            while True:  # everything that arrived meanwhile
                 try:
                     nxt = self._inbox.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._inbox.put(None)  # stop after this batch
-                    break
-                batch.append(nxt)
+                    stopping = True  # finish what is running and waiting, then stop
+                else:
+                    waiting.append(nxt)
             try:
-                self._decode(batch)
+                if waiting and len(rows) < self.settings.max_batch_size:
+                    if not rows:
+                        self.batches += 1
+                    self._admit(batch, rows, waiting)
+                if rows:
+                    self._step(batch, rows)
             except Exception as exc:  # a bug must fail the requests, never the thread
-                log.exception("batch failed")
-                for j in batch:
-                    j.emit(RuntimeError(f"generation failed: {exc}"))
+                log.exception("decoding step failed")
+                for row in rows:
+                    row.job.emit(RuntimeError(f"generation failed: {exc}"))
+                rows.clear()
+                batch.keep([])
 
-    def _assign_slots(self, batch: list[_Job]) -> list[_Job]:
-        """Put every job's adapter in a slot; jobs whose adapter fails are answered."""
-        assert self._slots is not None
-        ready, slots, pinned = [], [], set()
-        for job in batch:
-            ref = job.request.adapter
-            if ref is None:
-                slots.append(BASE_SLOT)
-                ready.append(job)
-                continue
-            try:
-                slot = self._slots.acquire(
-                    (ref.user_id, ref.version), lambda ref=ref: read_peft_dir(ref.path), pinned
-                )
-            except (ValueError, OSError) as exc:
-                job.emit(AdapterLoadError(f"adapter {ref.user_id} v{ref.version}: {exc}"))
-                continue
-            pinned.add(slot)
-            slots.append(slot)
-            ready.append(job)
-        self._row_slots = slots
-        return ready
-
-    def _decode(self, batch: list[_Job]) -> None:
-        lm = self.lm
+    def _admit(self, batch: RunningBatch, rows: list[_Row], waiting: deque[_Job]) -> None:
+        """Give waiting jobs an adapter slot, prefill them together and add them to the
+        running batch. Jobs whose adapter fails to load are answered with the error."""
+        pinned = {r.slot for r in rows}
+        new: list[_Row] = []
         with self._slot_lock:
-            batch = self._assign_slots(batch)
-        if not batch:
+            while waiting and len(rows) + len(new) < self.settings.max_batch_size:
+                job = waiting[0]
+                if job.cancelled.is_set():
+                    waiting.popleft()
+                    continue
+                try:
+                    slot = self._slot_for(job.request, pinned)
+                except SlotsPinned:
+                    break  # every slot serves a running row: wait for one to finish
+                except AdapterLoadError as exc:
+                    waiting.popleft()
+                    job.emit(exc)
+                    continue
+                waiting.popleft()
+                pinned.add(slot)
+                seed = job.request.seed
+                gen = torch.Generator().manual_seed(seed) if seed is not None else None
+                new.append(_Row(job, slot, gen))
+        if not new:
             return
-        self.batches += 1
-        tok = lm.tokenizer
-        eos, pad = tok.eos_token_id, tok.pad_token_id
-        reqs = [j.request for j in batch]
-        n = len(reqs)
-        width = max(len(r.prompt_token_ids) for r in reqs)
-        input_ids = torch.full((n, width), pad, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, r in enumerate(reqs):  # left padding keeps every row's last token aligned
-            input_ids[i, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
-            mask[i, width - len(r.prompt_token_ids) :] = 1
-        temperature = torch.tensor([r.temperature for r in reqs])
-        top_p = torch.tensor([r.top_p for r in reqs])
-        gens = []
-        for r in reqs:
-            g = None
-            if r.seed is not None:
-                g = torch.Generator().manual_seed(r.seed)
-            gens.append(g)
-        produced: list[list[int]] = [[] for _ in reqs]
-        texts = [""] * n
-        done = [False] * n
-        max_new = max(r.max_tokens for r in reqs)
-        past = None
-        step_ids = input_ids
-        with lm.bank.rows(self._row_slots):
-            for _ in range(max_new):
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-                out = lm.model(
-                    input_ids=step_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=past,
-                    use_cache=True,
-                )
-                past = out.past_key_values
-                tokens, logprobs = sample_tokens(out.logits[:, -1, :], temperature, top_p, gens)
-                for i, job in enumerate(batch):
-                    if done[i]:
-                        continue
-                    t = int(tokens[i])
-                    produced[i].append(t)
-                    text = tok.decode(produced[i], skip_special_tokens=True)
-                    finished = t == eos or len(produced[i]) >= reqs[i].max_tokens
-                    if job.cancelled.is_set():
-                        finished = True
-                    delta = ""
-                    if finished or not text.endswith("\ufffd"):
-                        delta, texts[i] = text[len(texts[i]) :], text
-                    job.emit(TokenChunk([t], [float(logprobs[i])], delta))
-                    if finished:
-                        done[i] = True
-                        job.emit(_DONE)
-                if all(done):
-                    break
-                step_ids = tokens.where(torch.tensor([not d for d in done]), pad)[:, None]
-                mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+        self.prefills += 1
+        logits = batch.add([r.job.request.prompt_token_ids for r in new], [r.slot for r in new])
+        rows.extend(new)
+        self.peak_rows = max(self.peak_rows, len(rows))
+        self._emit(batch, rows, logits, first=len(rows) - len(new))
+
+    def _slot_for(self, request: GenerationRequest, pinned: set[int]) -> int:
+        ref = request.adapter
+        if ref is None:
+            return BASE_SLOT
+        try:
+            return self.slots.acquire(
+                (ref.user_id, ref.version), lambda: self.host_cache.get(ref), pinned
+            )
+        except (ValueError, OSError) as exc:
+            raise AdapterLoadError(f"adapter {ref.user_id} v{ref.version}: {exc}") from exc
+
+    def _step(self, batch: RunningBatch, rows: list[_Row]) -> None:
+        last = torch.tensor([r.produced[-1] for r in rows], dtype=torch.long)
+        logits = batch.step(last)
+        self.steps += 1
+        self._emit(batch, rows, logits, first=0)
+
+    def _emit(self, batch: RunningBatch, rows: list[_Row], logits: torch.Tensor, first: int):
+        """Sample the next token of rows[first:] (whose logits are given), stream it, and
+        drop finished rows from the batch."""
+        active = rows[first:]
+        reqs = [r.job.request for r in active]
+        temperature = torch.tensor([q.temperature for q in reqs])
+        top_p = torch.tensor([q.top_p for q in reqs])
+        tokens, logprobs = sample_tokens(logits, temperature, top_p, [r.generator for r in active])
+        tok = self.lm.tokenizer
+        eos = tok.eos_token_id
+        finished: set[int] = set()
+        for i, (row, t, lp) in enumerate(
+            zip(active, tokens.tolist(), logprobs.tolist(), strict=True)
+        ):
+            row.produced.append(t)
+            done = (
+                t == eos
+                or len(row.produced) >= row.job.request.max_tokens
+                or row.job.cancelled.is_set()
+            )
+            text = tok.decode(row.produced, skip_special_tokens=True)
+            delta = ""
+            if done or not text.endswith("\ufffd"):  # hold back half a UTF-8 character
+                delta, row.text = text[len(row.text) :], text
+            row.job.emit(TokenChunk([t], [lp], delta))
+            if done:
+                row.job.emit(_DONE)
+                finished.add(first + i)
+        if finished:
+            keep = [i for i in range(len(rows)) if i not in finished]
+            batch.keep(keep)
+            rows[:] = [rows[i] for i in keep]
