@@ -59,6 +59,31 @@ class Settings(BaseSettings):
         Path("./out/adapters"), description="Root of the versioned adapter store."
     )
 
+    # --- operations ------------------------------------------------------------------------
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the Prometheus /metrics endpoints bind (0.0.0.0 in a container).",
+    )
+    server_metrics_port: int = Field(
+        -1,
+        ge=-1,
+        le=65535,
+        description="Port of `loraloop serve`'s Prometheus /metrics endpoint: -1 disables it, "
+        "0 picks a free one (the bound port is printed at start-up).",
+    )
+    learner_metrics_port: int = Field(
+        -1,
+        ge=-1,
+        le=65535,
+        description="Port of `loraloop learn`'s Prometheus /metrics endpoint: -1 disables it, "
+        "0 picks a free one (the bound port is printed at start-up).",
+    )
+    log_json: bool = Field(
+        False,
+        description="Log one JSON object per line (with request_id/user_id where known) "
+        "instead of plain text.",
+    )
+
     # --- server ----------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
@@ -72,6 +97,7 @@ class Settings(BaseSettings):
     request_id_secret: str = Field(
         "loraloop-dev-secret",
         description="HMAC key binding request ids to users; set a real secret in production.",
+    )
     host_cache_mb: int = Field(
         2048,
         ge=1,
@@ -93,7 +119,6 @@ class Settings(BaseSettings):
     )
     vllm_gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="vllm engine on a GPU: share of its memory vLLM may use."
-    )
     )
     event_queue_size: int = Field(
         10_000, ge=1, description="Events buffered for Kafka before new ones are dropped."

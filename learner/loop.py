@@ -25,6 +25,7 @@ from core.model_loading import LoadedModel, load_model
 from core.settings import Settings
 from learner.algos.reinforce import ReinforceConfig, UserBatch, reinforce_step
 from learner.joiner import Joiner, Sample
+from learner.metrics import LearnerMetrics
 from learner.rewards import RewardConfig, reward
 from learner.user_models import UserModels
 
@@ -61,6 +62,8 @@ class Learner:
         }
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
+        self.metrics = LearnerMetrics()  # served on /metrics by `loraloop learn`
+        self.metrics.watch(self, "reinforce", self.lm.model_id)
 
     # --- Kafka --------------------------------------------------------------------------
     def connect(self) -> None:
@@ -107,6 +110,7 @@ class Learner:
             polled = self.consumer.poll(timeout_ms=poll_ms, max_records=2000)
             records = [r for batch in polled.values() for r in batch]
             self.process(records)
+            self.metrics.observe_lag(self.consumer)
 
     # --- the commit order ---------------------------------------------------------------
     def process(self, records: Iterable[Any]) -> None:
@@ -180,7 +184,11 @@ class Learner:
             )
         if not batches:
             return
+        started = time.perf_counter()
         updates = reinforce_step(self.lm, batches, self.algo)
+        self.metrics.observe_step(time.perf_counter() - started, batches)
+        for upd in updates:
+            self.metrics.observe_update(upd)
         self.stats["updates"] += 1
         for model, samples, upd in zip(models, kept, updates, strict=True):
             new = dataclasses.replace(

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
 
 def _logging(verbose: bool) -> None:
+    from core.settings import Settings
+    from core.structured_logs import configure_logging
+
     level = "INFO" if verbose else os.environ.get("LORALOOP_LOG_LEVEL", "WARNING").upper()
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("kafka").setLevel(logging.ERROR)
+    configure_logging(level, Settings().log_json)
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -34,7 +32,15 @@ def _learn(ns: argparse.Namespace) -> int:
     from core.settings import Settings
     from learner.loop import KafkaUnavailableError, Learner
 
-    learner = Learner(Settings())
+    settings = Settings()
+    learner = Learner(settings)
+    if settings.learner_metrics_port >= 0:
+        from core.metrics_exporter import start_metrics_exporter
+
+        exporter = start_metrics_exporter(
+            learner.metrics.registry, settings.metrics_host, settings.learner_metrics_port
+        )
+        print(f"loraloop learner metrics on {exporter.host}:{exporter.port}", flush=True)
     try:
         learner.connect()
     except KafkaUnavailableError as exc:

@@ -52,6 +52,9 @@ class AdapterRegistry:
         self._thread = threading.Thread(target=self._follow, name="adapter-updates", daemon=True)
         self.caught_up = threading.Event()
         self.updates_seen = 0
+        # Metrics hook: (user_id, version, published_s, live) for every version applied;
+        # live = published while we were following (not replayed at start-up).
+        self.on_applied: Callable[[str, int, float, bool], None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -87,7 +90,11 @@ class AdapterRegistry:
                 return False
             self._latest[user_id] = ref
             self._published_at[(user_id, ref.version)] = event.timestamp_ms / 1000
-            return True
+        if self.on_applied is not None:
+            self.on_applied(
+                user_id, ref.version, event.timestamp_ms / 1000, self.caught_up.is_set()
+            )
+        return True
 
     def forget(self, user_id: str) -> None:
         """Serve the base model to a deleted user, without consulting the store (the

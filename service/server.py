@@ -16,10 +16,12 @@ from grpc_reflection.v1alpha import reflection
 
 from core.adapter_store import AdapterStore
 from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
+from core.metrics_exporter import start_metrics_exporter
 from core.settings import Settings
 from service.adapter_registry import AdapterRegistry
 from service.engines.base import AdapterLoadError, Engine, GenerationRequest, build_engine
 from service.event_log import EventLog
+from service.metrics import ServerMetrics
 from service.request_ids import RequestIds
 from service.validation import (
     RequestError,
@@ -228,6 +230,7 @@ class RunningServer:
     port: int
     service: LoraLoopService
     health: health.HealthServicer
+    metrics: ServerMetrics | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, drain in-flight calls for `grace` seconds, flush events."""
@@ -252,7 +255,15 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
     events = EventLog(settings.kafka_bootstrap, settings.event_queue_size)
     events.start()
     service = LoraLoopService(settings, engine, registry, events, store)
-    server = grpc.aio.server()
+    metrics = ServerMetrics()
+    metrics.watch(
+        engine=engine,
+        registry=registry,
+        events=events,
+        adapter_slots=settings.adapter_slots,
+        queue_size=settings.event_queue_size,
+    )
+    server = grpc.aio.server(interceptors=[metrics.interceptor])
     api_pb2_grpc.add_LoraLoopServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -264,12 +275,18 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d", engine.model_id, settings.host, port)
-    return RunningServer(server, port, service, health_servicer)
+    return RunningServer(server, port, service, health_servicer, metrics)
 
 
 async def serve(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM, then shut down gracefully."""
     running = await create_server(settings)
+    exporter = None
+    if settings.server_metrics_port >= 0 and running.metrics is not None:
+        exporter = start_metrics_exporter(
+            running.metrics.registry, settings.metrics_host, settings.server_metrics_port
+        )
+        print(f"loraloop server metrics on {exporter.host}:{exporter.port}", flush=True)
     print(f"loraloop server listening on {settings.host}:{running.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -277,3 +294,5 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await running.stop()
+    if exporter is not None:
+        exporter.stop()

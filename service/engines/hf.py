@@ -15,9 +15,11 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,6 +46,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[object]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    queued: float = field(default_factory=time.monotonic)  # for time to first token
 
     def emit(self, item: object) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -109,6 +112,7 @@ class HFEngine(Engine):
         self.prefills = 0  # forwards that admitted new rows
         self.steps = 0  # decoding forwards over the running rows
         self.peak_rows = 0
+        self.metrics: Any = None  # service.metrics.ServerMetrics, set by the server
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -241,6 +245,8 @@ class HFEngine(Engine):
         if not new:
             return
         self.prefills += 1
+        if self.metrics:
+            self.metrics.prefill(sum(len(r.job.request.prompt_token_ids) for r in new))
         logits = batch.add([r.job.request.prompt_token_ids for r in new], [r.slot for r in new])
         rows.extend(new)
         self.peak_rows = max(self.peak_rows, len(rows))
@@ -250,17 +256,27 @@ class HFEngine(Engine):
         ref = request.adapter
         if ref is None:
             return BASE_SLOT
+        misses, start = self.slots.misses, time.perf_counter()
         try:
-            return self.slots.acquire(
+            slot = self.slots.acquire(
                 (ref.user_id, ref.version), lambda: self.host_cache.get(ref), pinned
             )
         except (ValueError, OSError) as exc:
+            if self.metrics:
+                self.metrics.adapter_load_failed()
             raise AdapterLoadError(f"adapter {ref.user_id} v{ref.version}: {exc}") from exc
+        if self.metrics:  # metrics hook: load latency on a miss, hot-swap on first use
+            if self.slots.misses != misses:
+                self.metrics.adapter_loaded(time.perf_counter() - start)
+            self.metrics.adapter_served(ref.user_id, ref.version)
+        return slot
 
     def _step(self, batch: RunningBatch, rows: list[_Row]) -> None:
         last = torch.tensor([r.produced[-1] for r in rows], dtype=torch.long)
         logits = batch.step(last)
         self.steps += 1
+        if self.metrics:
+            self.metrics.decode_step(len(rows))
         self._emit(batch, rows, logits, first=0)
 
     def _emit(self, batch: RunningBatch, rows: list[_Row], logits: torch.Tensor, first: int):
@@ -271,6 +287,8 @@ class HFEngine(Engine):
         temperature = torch.tensor([q.temperature for q in reqs])
         top_p = torch.tensor([q.top_p for q in reqs])
         tokens, logprobs = sample_tokens(logits, temperature, top_p, [r.generator for r in active])
+        if self.metrics:
+            self.metrics.tokens_generated(len(active))
         tok = self.lm.tokenizer
         eos = tok.eos_token_id
         finished: set[int] = set()
@@ -278,6 +296,8 @@ class HFEngine(Engine):
             zip(active, tokens.tolist(), logprobs.tolist(), strict=True)
         ):
             row.produced.append(t)
+            if self.metrics and len(row.produced) == 1:
+                self.metrics.first_token(time.monotonic() - row.job.queued)
             done = (
                 t == eos
                 or len(row.produced) >= row.job.request.max_tokens

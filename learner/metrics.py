@@ -1,0 +1,200 @@
+"""Prometheus metrics of the learner, on a registry of its own.
+
+The learner already counts what it does in `Learner.stats` and its joiner's counters;
+`_StatsCollector` reads those at scrape time, so a new count needs no second bookkeeping
+(the rollback guard, for instance, only does `stats["rollbacks"] += 1`). The loop reports
+each batched step (`observe_step`: latency, rewards), each user's part of it
+(`observe_update`: KL, gradient norm) and, every few seconds, the consumer lag per
+partition (`observe_lag`).
+
+All names start with `loraloop_learner_`; times are in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+REWARD_BUCKETS = (-1, -0.75, -0.5, -0.25, 0, 0.25, 0.5, 0.75, 1)
+KL_BUCKETS = (1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
+GRAD_BUCKETS = (1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
+LAG_INTERVAL_S = 2.0
+
+# Learner.stats key -> (metric name without _total, help). Absent keys count as 0.
+STATS_COUNTERS = {
+    "updates": ("loraloop_learner_updates", "Batched policy-gradient steps taken."),
+    "versions": (
+        "loraloop_learner_versions_written",
+        "Adapter versions written to the store and announced on adapter-updates.",
+    ),
+    "samples": ("loraloop_learner_samples", "Joined samples learnt from."),
+    "malformed": (
+        "loraloop_learner_records_malformed",
+        "Kafka records that did not decode and were skipped.",
+    ),
+    "deleted_users": (
+        "loraloop_learner_users_deleted",
+        "Users whose adapters were deleted after a tombstone.",
+    ),
+    "rollbacks": (
+        "loraloop_learner_rollbacks",
+        "Adapter versions rolled back by the rollback guard.",
+    ),
+}
+# Learner.stats key -> reason label of loraloop_learner_samples_skipped_total.
+SKIP_REASONS = {"skipped_applied": "already_applied"}
+# Joiner counter attributes -> outcome label of loraloop_learner_joiner_events_total.
+JOINER_OUTCOMES = ("duplicate", "expired", "late", "orphaned", "mismatched")
+
+
+class LearnerMetrics:
+    """Every collector of one learner process, on `self.registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.info = Info(
+            "loraloop_learner", "The learning process: model and algorithm.", registry=r
+        )
+        self.update_duration = Histogram(
+            "loraloop_learner_update_duration_seconds",
+            "Wall time of one batched step (forward, backward, optimiser) over many users.",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.reward = Histogram(
+            "loraloop_learner_reward",
+            "Reward of each sample learnt from, by algorithm.",
+            ("algorithm",),
+            buckets=REWARD_BUCKETS,
+            registry=r,
+        )
+        # A histogram with negative buckets has no _sum, hence the mean as a gauge too.
+        self.reward_mean = Gauge(
+            "loraloop_learner_reward_mean",
+            "Mean reward of the samples in the last batched step, by algorithm.",
+            ("algorithm",),
+            registry=r,
+        )
+        self.kl = Histogram(
+            "loraloop_learner_kl",
+            "Per-token KL divergence of a user's policy to the base model at an update.",
+            ("algorithm",),
+            buckets=KL_BUCKETS,
+            registry=r,
+        )
+        self.grad_norm = Histogram(
+            "loraloop_learner_grad_norm",
+            "Norm of a user's gradient at an update, before clipping.",
+            ("algorithm",),
+            buckets=GRAD_BUCKETS,
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "loraloop_learner_consumer_lag",
+            "Records of a partition not yet fetched by the learner (high-water mark minus "
+            "position), per topic and partition.",
+            ("topic", "partition"),
+            registry=r,
+        )
+        self.last_update = Gauge(
+            "loraloop_learner_last_update_timestamp_seconds",
+            "Unix time of the last batched step.",
+            registry=r,
+        )
+        self.algorithm = "reinforce"
+        self._stats = _StatsCollector()
+        r.register(self._stats)
+        self._lag_due = 0.0
+
+    def watch(self, learner: Any, algorithm: str, model_id: str) -> None:
+        """Report `learner.stats` and its joiner's counters at every scrape."""
+        self.algorithm = algorithm
+        self._stats.learner = learner
+        self.info.info({"algorithm": algorithm, "model": model_id})
+        for histogram in (self.reward, self.kl, self.grad_norm):
+            histogram.labels(algorithm)
+
+    def observe_step(self, seconds: float, batches: Sequence[Any]) -> None:
+        """One batched step: its latency and the reward of every sample in it."""
+        self.update_duration.observe(seconds)
+        self.last_update.set(time.time())
+        rewards = [value for batch in batches for value in getattr(batch, "rewards", ())]
+        for value in rewards:
+            self.reward.labels(self.algorithm).observe(value)
+        if rewards:
+            self.reward_mean.labels(self.algorithm).set(sum(rewards) / len(rewards))
+
+    def observe_update(self, update: Any) -> None:
+        """One user's part of a step: KL to the base model and gradient norm."""
+        if (kl := getattr(update, "kl", None)) is not None:
+            self.kl.labels(self.algorithm).observe(kl)
+        if (norm := getattr(update, "grad_norm", None)) is not None:
+            self.grad_norm.labels(self.algorithm).observe(norm)
+
+    def observe_lag(self, consumer: Any, force: bool = False) -> None:
+        """Refresh the lag gauges (at most every LAG_INTERVAL_S) from the consumer's cached
+        high-water marks: no request to the broker beyond what fetching already does."""
+        now = time.monotonic()
+        if consumer is None or (now < self._lag_due and not force):
+            return
+        self._lag_due = now + LAG_INTERVAL_S
+        try:
+            lags = {}
+            for tp in consumer.assignment():
+                high = consumer.highwater(tp)
+                position = consumer.position(tp, timeout_ms=100)
+                if high is not None and position is not None:
+                    lags[(tp.topic, str(tp.partition))] = max(0, high - position)
+        except Exception as exc:  # a rebalance in progress: try again next time
+            log.debug("consumer lag unavailable: %s", exc)
+            return
+        self.consumer_lag.clear()  # partitions moved to another consumer disappear
+        for labels, lag in lags.items():
+            self.consumer_lag.labels(*labels).set(lag)
+
+
+class _StatsCollector(Collector):
+    """Counters the learner and its joiner keep, read when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.learner: Any = None
+
+    def collect(self) -> Iterable[Metric]:
+        stats = getattr(self.learner, "stats", None)
+        joiner = getattr(self.learner, "joiner", None)
+        for key, (name, doc) in STATS_COUNTERS.items():
+            family = CounterMetricFamily(name, doc)
+            if stats is not None:
+                family.add_metric([], stats.get(key, 0))
+            yield family
+        family = CounterMetricFamily(
+            "loraloop_learner_samples_skipped",
+            "Joined samples not learnt from, by reason (already_applied: a replay).",
+            labels=("reason",),
+        )
+        if stats is not None:
+            for key, reason in SKIP_REASONS.items():
+                family.add_metric([reason], stats.get(key, 0))
+        yield family
+        family = CounterMetricFamily(
+            "loraloop_learner_joiner_events",
+            "Events the joiner did not pair normally, by outcome (duplicate, expired, late, "
+            "orphaned, mismatched).",
+            labels=("outcome",),
+        )
+        if joiner is not None:
+            for outcome in JOINER_OUTCOMES:
+                attr = "duplicates" if outcome == "duplicate" else outcome
+                if hasattr(joiner, attr):
+                    family.add_metric([outcome], getattr(joiner, attr))
+        yield family
