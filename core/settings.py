@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     kafka_connect_timeout: float = Field(
         10.0, gt=0, description="Seconds to wait for Kafka when connecting at start-up."
     )
+    topic_bandit_state: str = Field(
+        "bandit-state", description="Compacted topic of per-user bandit statistics."
+    )
     topic_partitions: int = Field(4, ge=1, description="Partitions of each topic when created.")
 
     # --- adapter store ---------------------------------------------------------------------
@@ -94,10 +97,6 @@ class Settings(BaseSettings):
     adapter_slots: int = Field(
         64, ge=1, description="Adapters resident in the engine at once (LRU beyond that)."
     )
-    request_id_secret: str = Field(
-        "loraloop-dev-secret",
-        description="HMAC key binding request ids to users; set a real secret in production.",
-    )
     host_cache_mb: int = Field(
         2048,
         ge=1,
@@ -120,10 +119,30 @@ class Settings(BaseSettings):
     vllm_gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="vllm engine on a GPU: share of its memory vLLM may use."
     )
+    request_id_secret: str = Field(
+        "loraloop-dev-secret",
+        description="HMAC key binding request ids to users; set a real secret in production.",
+    )
     event_queue_size: int = Field(
         10_000, ge=1, description="Events buffered for Kafka before new ones are dropped."
     )
     grace_seconds: float = Field(5.0, ge=0, description="Drain time on shutdown.")
+
+    # --- bandit over response strategies -----------------------------------------------------
+    arms_file: Path | None = Field(
+        None,
+        description="TOML file of arms (system prompts, decoding settings); unset: one "
+        "no-op arm, i.e. no bandit.",
+    )
+    bandit: str = Field("thompson", description="Arm choice: 'thompson' or 'linucb'.")
+    bandit_prior_strength: float = Field(
+        5.0, ge=0, description="Observations the population prior is worth to a cold user."
+    )
+    bandit_noise: float = Field(0.5, gt=0, description="Thompson sampling's posterior scale.")
+    bandit_alpha: float = Field(0.5, ge=0, description="LinUCB's confidence-bound width.")
+    bandit_epsilon: float = Field(
+        0.05, ge=0, le=1, description="LinUCB's share of uniformly random choices."
+    )
 
     # --- learner ---------------------------------------------------------------------------
     group_id: str = Field("loraloop-learner", description="Learner consumer group.")
@@ -140,3 +159,31 @@ class Settings(BaseSettings):
         600.0, gt=0, description="How long an interaction waits for its feedback."
     )
     seed: int = Field(0, description="Seed of the learner's adapter initialisation.")
+    default_reward: float | None = Field(
+        None,
+        description="Reward of an interaction whose feedback did not come within "
+        "reward_wait_seconds; unset: such interactions are not learnt from.",
+    )
+    is_truncation: float = Field(
+        2.0, ge=1, description="Per-token importance ratios are truncated at this value."
+    )
+    loo_baseline: bool = Field(
+        True,
+        description="Use the leave-one-out mean as baseline when a user has several "
+        "samples in one update (RLOO).",
+    )
+    kl_limit: float = Field(
+        2.0,
+        gt=0,
+        description="Rollback guard: an update whose per-token KL to the base "
+        "model exceeds this is rolled back.",
+    )
+    guard_window: int = Field(
+        16, ge=2, description="Rollback guard: rewards compared over this many samples."
+    )
+    guard_drop: float = Field(
+        0.5,
+        gt=0,
+        description="Rollback guard: a fall of the windowed mean reward this "
+        "large below the best window rolls the user back to the best version.",
+    )

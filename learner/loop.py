@@ -4,6 +4,10 @@
 every sample they cover has been written to the store and its AdapterUpdated
 acknowledged by Kafka, and each version records the request_ids it learnt from, so a
 crash at any point replays events without applying any of them twice.
+
+Each joined sample teaches a user two things at once: the bandit statistics of the arm
+that was played (fast: adapts within a handful of interactions) and the user's LoRA
+adapter (slow: a policy-gradient step, many users batched into one backward pass).
 """
 
 from __future__ import annotations
@@ -15,19 +19,24 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
 from core.adapter_store import AdapterStore
+from core.bandits.arms import load_arms
+from core.bandits.features import DIM
+from core.bandits.linear import POPULATION, BanditState
 from core.gen.loraloop.v1 import events_pb2
 from core.kafka.broker import ensure_loraloop_topics
 from core.model_loading import LoadedModel, load_model
 from core.settings import Settings
-from learner.algos.reinforce import ReinforceConfig, UserBatch, reinforce_step
+from learner import guard
+from learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
 from learner.joiner import Joiner, Sample
 from learner.metrics import LearnerMetrics
 from learner.rewards import RewardConfig, reward
-from learner.user_models import UserModels
+from learner.user_models import UserModel, UserModels
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +50,25 @@ class Learner:
         self.settings = settings
         self.lm: LoadedModel = load_model(settings, slots=max_users_per_step + 1)
         self.store = AdapterStore(settings.adapter_store)
-        self.users = UserModels(self.store, self.lm.bank, settings.seed)
+        self.arms = [a.name for a in load_arms(settings.arms_file)]
+        self.users = UserModels(self.store, self.lm.bank, settings.seed, self.arms)
+        self.population = BanditState(self.arms, DIM)
         self.joiner = Joiner(settings.reward_wait_seconds)
         self.algo = ReinforceConfig(
             learning_rate=settings.learning_rate,
             max_grad_norm=settings.max_grad_norm,
             baseline_decay=settings.baseline_decay,
             kl_coef=settings.kl_coef,
+            is_truncation=settings.is_truncation,
+            loo_baseline=settings.loo_baseline,
+        )
+        self.guard = guard.GuardConfig(
+            settings.kl_limit, settings.guard_window, settings.guard_drop
         )
         self.rewards = RewardConfig()
         self.max_users_per_step = max_users_per_step
         self._ready: dict[str, list[Sample]] = defaultdict(list)
+        self._bandit_dirty: set[str] = set()
         self.stats = {
             "updates": 0,
             "versions": 0,
@@ -59,7 +76,11 @@ class Learner:
             "skipped_applied": 0,
             "malformed": 0,
             "deleted_users": 0,
+            "rollbacks": 0,
+            "default_rewards": 0,
+            "unknown_arms": 0,
         }
+        self.last_step_seconds = 0.0
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
         self.metrics = LearnerMetrics()  # served on /metrics by `loraloop learn`
@@ -68,6 +89,7 @@ class Learner:
     # --- Kafka --------------------------------------------------------------------------
     def connect(self) -> None:
         s = self.settings
+        timeout_ms = int(s.kafka_connect_timeout * 1000)
         try:
             ensure_loraloop_topics(s, timeout=s.kafka_connect_timeout)
             self.consumer = KafkaConsumer(
@@ -79,20 +101,45 @@ class Learner:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 client_id="loraloop-learner",
-                bootstrap_timeout_ms=int(s.kafka_connect_timeout * 1000),
+                bootstrap_timeout_ms=timeout_ms,
             )
             self.producer = KafkaProducer(
                 bootstrap_servers=s.kafka_bootstrap,
                 acks="all",
                 enable_idempotence=True,
                 client_id="loraloop-learner",
-                bootstrap_timeout_ms=int(s.kafka_connect_timeout * 1000),
+                bootstrap_timeout_ms=timeout_ms,
             )
+            self._restore_population()
         except KafkaError as exc:
             raise KafkaUnavailableError(
                 f"no Kafka broker answers at {s.kafka_bootstrap}: start one with "
                 "`loraloop kafka` or set LORALOOP_KAFKA_BOOTSTRAP"
             ) from exc
+
+    def _restore_population(self) -> None:
+        """Pick up the pooled bandit statistics where the last learner left them."""
+        s = self.settings
+        reader = KafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap, group_id=None, enable_auto_commit=False
+        )
+        try:
+            tps = [
+                TopicPartition(s.topic_bandit_state, p)
+                for p in sorted(reader.partitions_for_topic(s.topic_bandit_state) or ())
+            ]
+            reader.assign(tps)
+            reader.seek_to_beginning(*tps)
+            ends = reader.end_offsets(tps)
+            while any(reader.position(tp) < end for tp, end in ends.items()):
+                for batch in reader.poll(timeout_ms=500).values():
+                    for record in batch:
+                        if record.key == POPULATION.encode() and record.value is not None:
+                            msg = events_pb2.BanditState.FromString(record.value)
+                            if msg.seq > self.population.seq and msg.dim == DIM:
+                                self.population = BanditState.from_proto(msg, self.arms)
+        finally:
+            reader.close()
 
     def close(self) -> None:
         if self.producer is not None:
@@ -108,21 +155,26 @@ class Learner:
         assert self.consumer is not None
         while stop is None or not stop.is_set():
             polled = self.consumer.poll(timeout_ms=poll_ms, max_records=2000)
-            records = [r for batch in polled.values() for r in batch]
-            self.process(records)
+            self.process([r for batch in polled.values() for r in batch])
             self.metrics.observe_lag(self.consumer)
 
     # --- the commit order ---------------------------------------------------------------
     def process(self, records: Iterable[Any]) -> None:
-        """1 join what arrived, 2 update every user with enough samples (one batched step
-        per `max_users_per_step` users), 3 write each new version atomically, 4 publish
-        AdapterUpdated and wait for Kafka's ack, 5 commit the offsets now fully applied."""
+        """1 join what arrived and close expired windows, 2 update every user with enough
+        samples (one batched step per `max_users_per_step` users), 3 write each new
+        version atomically, 4 publish AdapterUpdated and bandit statistics and wait for
+        Kafka's acks, 5 commit the offsets now fully applied."""
         for record in records:
             self._ingest(record)
-        self.joiner.expire()
+        for sample in self.joiner.expire():
+            if self.settings.default_reward is None:
+                self.joiner.release(sample.positions)
+            else:
+                self._ready[sample.user_id].append(sample)
         due = [u for u, samples in self._ready.items() if len(samples) >= self.settings.min_batch]
         for i in range(0, len(due), self.max_users_per_step):
             self._update(due[i : i + self.max_users_per_step])
+        self._publish_bandits()
         if self.producer is not None:
             self.producer.flush(timeout=30)
         self._commit()
@@ -131,11 +183,6 @@ class Learner:
         s = self.settings
         pos = (record.topic, record.partition, record.offset)
         try:
-            if record.topic == s.topic_adapter_updates:
-                if record.value is None and record.key is not None:
-                    self._delete_user(record.key.decode())
-                self.joiner.seen(pos)
-                return
             if record.topic == s.topic_interactions:
                 sample = self.joiner.add_interaction(
                     events_pb2.Interaction.FromString(record.value), pos
@@ -145,6 +192,8 @@ class Learner:
                     events_pb2.FeedbackEvent.FromString(record.value), pos
                 )
             else:
+                if record.topic == s.topic_adapter_updates and record.value is None and record.key:
+                    self._delete_user(record.key.decode(errors="replace"))
                 self.joiner.seen(pos)
                 return
         except Exception:  # protobuf DecodeError or garbage: skip and count, never crash
@@ -155,107 +204,171 @@ class Learner:
         if sample is not None:
             self._ready[sample.user_id].append(sample)
 
+    def _reward(self, sample: Sample) -> float:
+        if sample.feedback is None:
+            self.stats["default_rewards"] += 1
+            return float(self.settings.default_reward or 0.0)
+        return reward(sample.feedback.signals, self.rewards)
+
+    def _learn_bandit(self, model: UserModel, sample: Sample, r: float) -> None:
+        arm, x = sample.interaction.arm, np.array(sample.interaction.context, dtype=float)
+        if arm not in model.bandit.stats or len(x) != DIM:
+            self.stats["unknown_arms"] += 1
+            return
+        model.bandit.update(arm, x, r)
+        self.population.update(arm, x, r)
+        self._bandit_dirty.update({model.user_id, POPULATION})
+
     def _update(self, user_ids: list[str]) -> None:
         batches, models, kept = [], [], []
         for user_id in user_ids:
             samples = self._ready.pop(user_id)
             model = self.users.get(user_id)
-            fresh = [s for s in samples if s.request_id not in set(model.applied)]
-            self.stats["skipped_applied"] += len(samples) - len(fresh)
+            applied = set(model.applied)
+            fresh = [s for s in samples if s.request_id not in applied]
             for s in samples:
-                if s not in fresh:
+                if s.request_id in applied:
+                    self.stats["skipped_applied"] += 1
                     self.joiner.release(s.positions)
             if not fresh:
                 continue
-            fresh = [s for s in fresh if s.interaction.response_token_ids]
-            if not fresh:
-                continue
-            kept.append(fresh)
+            rewards = [self._reward(s) for s in fresh]
+            model = dataclasses.replace(
+                model,
+                bandit=BanditState.from_json(model.bandit.to_json(), self.arms, DIM),
+                guard=guard.GuardState.from_json(model.guard.to_json()),
+            )
+            for s, r in zip(fresh, rewards, strict=True):
+                self._learn_bandit(model, s, r)
+            trainable = [i for i, s in enumerate(fresh) if s.interaction.response_token_ids]
+            kept.append((fresh, rewards))
             models.append(model)
             batches.append(
                 UserBatch(
                     weights=model.weights,
                     adam=model.adam,
                     baseline=model.baseline,
-                    prompts=[list(s.interaction.prompt_token_ids) for s in fresh],
-                    responses=[list(s.interaction.response_token_ids) for s in fresh],
-                    rewards=[reward(s.feedback.signals, self.rewards) for s in fresh],
+                    prompts=[list(fresh[i].interaction.prompt_token_ids) for i in trainable],
+                    responses=[list(fresh[i].interaction.response_token_ids) for i in trainable],
+                    rewards=[rewards[i] for i in trainable],
+                    behaviour=[list(fresh[i].interaction.behaviour_logprobs) for i in trainable],
+                    temperatures=[fresh[i].interaction.sampling.temperature for i in trainable],
                 )
             )
         if not batches:
             return
         started = time.perf_counter()
-        updates = reinforce_step(self.lm, batches, self.algo)
-        self.metrics.observe_step(time.perf_counter() - started, batches)
-        for upd in updates:
-            self.metrics.observe_update(upd)
+        stepped = [b for b in batches if b.rewards]
+        updates = iter(reinforce_step(self.lm, stepped, self.algo) if stepped else [])
+        self.last_step_seconds = time.perf_counter() - started
+        self.metrics.observe_step(self.last_step_seconds, stepped)
         self.stats["updates"] += 1
-        for model, samples, upd in zip(models, kept, updates, strict=True):
+        for model, (samples, rewards), batch in zip(models, kept, batches, strict=True):
+            upd = next(updates) if batch.rewards else None
+            if upd is not None:
+                self.metrics.observe_update(upd)
+            self._apply(model, samples, rewards, upd)
+
+    def _apply(
+        self, model: UserModel, samples: list[Sample], rewards: list[float], upd: Any
+    ) -> None:
+        """Guard, then write the user's next version and announce it."""
+        kl = upd.kl if upd is not None else 0.0
+        reason = guard.check(model.guard, kl, self.guard)
+        if reason is not None:
+            target = model.guard.best_version
+            weights = self.users.weights_of(model.user_id, target)
             new = dataclasses.replace(
                 model,
-                weights=upd.weights,
-                baseline=upd.baseline,
-                updates=model.updates + 1,
-                applied=model.applied + [s.request_id for s in samples],
+                weights=weights,
+                adam=AdamState(),
+                rollbacks=model.rollbacks + 1,
+                guard=guard.GuardState(best_mean=model.guard.best_mean, best_version=target),
             )
-            try:
-                stored = self.users.commit(new, self.lm.model_id, self.settings.lora_targets)
-            except Exception:
-                self.users.forget(model.user_id)  # reload from the store next time
-                log.exception(
-                    "writing %s's new version failed; samples will be replayed", model.user_id
-                )
-                continue
-            self._publish(
-                stored.user_id, stored.version, stored.uri, stored.checksum, upd, len(samples)
+            self.stats["rollbacks"] += 1
+            log.warning("%s rolled back to v%d (%s guard)", model.user_id, target, reason)
+        else:
+            new = dataclasses.replace(model)
+            if upd is not None:
+                new.weights, new.baseline = upd.weights, upd.baseline
+            guard.record(new.guard, rewards, model.version, self.guard)
+        new.updates = model.updates + 1
+        new.applied = model.applied + [s.request_id for s in samples]
+        try:
+            stored = self.users.commit(new, self.lm.model_id, self.settings.lora_targets)
+        except Exception:
+            self.users.forget(model.user_id)  # reload from the store; samples replay later
+            log.exception(
+                "writing %s's new version failed; samples will be replayed", model.user_id
             )
-            for s in samples:
-                self.joiner.release(s.positions)
-            self.stats["versions"] += 1
-            self.stats["samples"] += len(samples)
+            return
+        self._publish_update(stored, upd, len(samples), rewards, reason)
+        for s in samples:
+            self.joiner.release(s.positions)
+        self.stats["versions"] += 1
+        self.stats["samples"] += len(samples)
 
-    def _publish(
-        self, user_id: str, version: int, uri: str, checksum: str, upd: Any, n: int
+    def _publish_update(
+        self, stored: Any, upd: Any, n: int, rewards: list[float], rollback: str | None
     ) -> None:
+        metrics = events_pb2.UpdateMetrics(
+            samples=n,
+            mean_reward=sum(rewards) / len(rewards),
+            rolled_back=rollback or "",
+        )
+        if upd is not None:
+            metrics.mean_advantage, metrics.loss = upd.mean_advantage, upd.loss
+            metrics.grad_norm, metrics.baseline, metrics.kl = upd.grad_norm, upd.baseline, upd.kl
         event = events_pb2.AdapterUpdated(
-            user_id=user_id,
-            version=version,
-            uri=uri,
-            checksum=checksum,
+            user_id=stored.user_id,
+            version=stored.version,
+            uri=stored.uri,
+            checksum=stored.checksum,
             base_model_id=self.lm.model_id,
             timestamp_ms=int(time.time() * 1000),
-            metrics=events_pb2.UpdateMetrics(
-                samples=n,
-                mean_reward=upd.mean_reward,
-                mean_advantage=upd.mean_advantage,
-                loss=upd.loss,
-                grad_norm=upd.grad_norm,
-                baseline=upd.baseline,
-            ),
+            metrics=metrics,
         )
         if self.producer is not None:
             self.producer.send(
                 self.settings.topic_adapter_updates,
-                key=user_id.encode(),
+                key=stored.user_id.encode(),
                 value=event.SerializeToString(),
             )
         log.info(
-            "%s -> v%d (reward %.2f, kl %.4f, %d samples)",
-            user_id,
-            version,
-            upd.mean_reward,
-            upd.kl,
+            "%s -> v%d (reward %.2f, kl %.4f, %d samples%s)",
+            stored.user_id,
+            stored.version,
+            metrics.mean_reward,
+            metrics.kl,
             n,
+            f", rolled back: {rollback}" if rollback else "",
         )
+
+    def _publish_bandits(self) -> None:
+        if self.producer is None or not self._bandit_dirty:
+            self._bandit_dirty.clear()
+            return
+        now = int(time.time() * 1000)
+        for key in sorted(self._bandit_dirty):
+            state = self.population if key == POPULATION else self.users.get(key).bandit
+            self.producer.send(
+                self.settings.topic_bandit_state,
+                key=key.encode(),
+                value=state.to_proto(key, now).SerializeToString(),
+            )
+        self._bandit_dirty.clear()
 
     def _delete_user(self, user_id: str) -> None:
         self._ready.pop(user_id, None)
+        self._bandit_dirty.discard(user_id)
         self.joiner.forget_user(user_id)
         self.users.forget(user_id)
         try:
             self.store.delete_user(user_id)
         except ValueError:
             return
+        if self.producer is not None:
+            self.producer.send(self.settings.topic_bandit_state, key=user_id.encode(), value=None)
         self.stats["deleted_users"] += 1
 
     def _commit(self) -> None:

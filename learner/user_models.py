@@ -16,9 +16,12 @@ from typing import Any
 import torch
 
 from core.adapter_store import AdapterStore, StoredVersion
+from core.bandits.features import DIM
+from core.bandits.linear import BanditState
 from core.multi_lora import LoRABank, LoRAWeights
 from core.peft_format import read_peft_dir, to_peft_files
 from learner.algos.reinforce import AdamState
+from learner.guard import GuardState
 
 MAX_APPLIED_IDS = 4096
 
@@ -28,16 +31,23 @@ class UserModel:
     user_id: str
     version: int  # 0: no version stored yet
     weights: LoRAWeights
+    bandit: BanditState
     adam: AdamState = field(default_factory=AdamState)
     baseline: float = 0.0
     updates: int = 0
+    rollbacks: int = 0
     applied: list[str] = field(default_factory=list)  # request_ids already learnt from
+    guard: GuardState = field(default_factory=GuardState)
 
     def state(self) -> dict[str, Any]:
+        """What is stored with each version, so a version restores the whole user."""
         return {
             "baseline": self.baseline,
             "updates": self.updates,
+            "rollbacks": self.rollbacks,
             "applied_request_ids": self.applied[-MAX_APPLIED_IDS:],
+            "bandit": self.bandit.to_json(),
+            "guard": self.guard.to_json(),
             "written_at_ms": int(time.time() * 1000),
         }
 
@@ -57,7 +67,15 @@ def initial_weights(bank: LoRABank, user_id: str, seed: int) -> LoRAWeights:
 class UserModels:
     """An LRU of user models backed by the adapter store."""
 
-    def __init__(self, store: AdapterStore, bank: LoRABank, seed: int, capacity: int = 1024):
+    def __init__(
+        self,
+        store: AdapterStore,
+        bank: LoRABank,
+        seed: int,
+        arms: list[str],
+        capacity: int = 1024,
+    ):
+        self.arms = arms
         self.store = store
         self.bank = bank
         self.seed = seed
@@ -78,16 +96,30 @@ class UserModels:
 
     def _load(self, user_id: str, latest: StoredVersion | None) -> UserModel:
         if latest is None:
-            return UserModel(user_id, 0, initial_weights(self.bank, user_id, self.seed))
+            return UserModel(
+                user_id,
+                0,
+                initial_weights(self.bank, user_id, self.seed),
+                BanditState(self.arms, DIM),
+            )
         state = self.store.learner_state(user_id, latest.version)
         return UserModel(
             user_id,
             latest.version,
             read_peft_dir(latest.path),
+            BanditState.from_json(state.get("bandit"), self.arms, DIM),
             baseline=float(state.get("baseline", 0.0)),
             updates=int(state.get("updates", 0)),
+            rollbacks=int(state.get("rollbacks", 0)),
             applied=list(state.get("applied_request_ids", [])),
+            guard=GuardState.from_json(state.get("guard")),
         )
+
+    def weights_of(self, user_id: str, version: int) -> LoRAWeights:
+        """A stored version's weights (version 0: the user's initial adapter, the base)."""
+        if version == 0:
+            return initial_weights(self.bank, user_id, self.seed)
+        return read_peft_dir(self.store.get(user_id, version).path)
 
     def commit(self, model: UserModel, base_model: str, targets: list[str]) -> StoredVersion:
         """Write the model as its next version (atomic) and cache it under that version."""

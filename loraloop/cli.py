@@ -69,6 +69,13 @@ def _demo(ns: argparse.Namespace) -> int:
     return run_demo(users=ns.users, rounds=ns.rounds, out_dir=ns.out, learning_rate=ns.lr)
 
 
+def _ope(ns: argparse.Namespace) -> int:
+    from core.settings import Settings
+    from learner.ope_report import run_ope
+
+    return run_ope(Settings())
+
+
 def _build_model(ns: argparse.Namespace) -> int:
     from core.tiny_model import ensure_tiny_model
 
@@ -100,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the LoRA updates")
     p.add_argument("--out", default="out/demo", help="where the plot and logs go")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("ope", help="off-policy estimates of arm policies from the logged events")
+    p.set_defaults(func=_ope)
 
     p = sub.add_parser("build-model", help="build (once) and print the tiny local model")
     p.set_defaults(func=_build_model)

@@ -64,6 +64,7 @@ class UserStateView:
     adapter_version: int
     updates: int
     recent_reward: float
+    arms: tuple[tuple[str, int, float], ...] = ()  # (arm, pulls, mean reward)
 
 
 class LoraLoopClient:
@@ -123,13 +124,14 @@ class LoraLoopClient:
         temperature: float | None,
         top_p: float | None,
         seed: int | None,
+        arm: str | None = None,
     ) -> api_pb2.GenerateRequest:
         sampling: dict[str, Any] = {"max_tokens": max_tokens}
         for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
             if value is not None:
                 sampling[name] = value
         request = api_pb2.GenerateRequest(
-            user_id=user_id, sampling=common_pb2.SamplingParams(**sampling)
+            user_id=user_id, sampling=common_pb2.SamplingParams(**sampling), arm=arm or ""
         )
         if messages is not None:
             request.messages.messages.extend(
@@ -149,9 +151,13 @@ class LoraLoopClient:
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        arm: str | None = None,
         timeout: float | None = None,
     ) -> Reply:
-        request = self._request(user_id, prompt, messages, max_tokens, temperature, top_p, seed)
+        """One response for `user_id`; `arm` pins a response strategy (else the bandit picks)."""
+        request = self._request(
+            user_id, prompt, messages, max_tokens, temperature, top_p, seed, arm
+        )
         response = self._stub.Generate(
             request, timeout=timeout or self.timeout, metadata=self._metadata
         )
@@ -167,10 +173,13 @@ class LoraLoopClient:
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        arm: str | None = None,
         timeout: float | None = None,
     ) -> Iterator[str | Reply]:
         """Yield text deltas as they arrive, then the final Reply."""
-        request = self._request(user_id, prompt, messages, max_tokens, temperature, top_p, seed)
+        request = self._request(
+            user_id, prompt, messages, max_tokens, temperature, top_p, seed, arm
+        )
         for msg in self._stub.GenerateStream(
             request, timeout=timeout or self.timeout, metadata=self._metadata
         ):
@@ -218,7 +227,13 @@ class LoraLoopClient:
             timeout=timeout or self.timeout,
             metadata=self._metadata,
         )
-        return UserStateView(msg.user_id, msg.adapter_version, msg.updates, msg.recent_reward)
+        return UserStateView(
+            msg.user_id,
+            msg.adapter_version,
+            msg.updates,
+            msg.recent_reward,
+            tuple((a.arm, a.pulls, a.mean_reward) for a in msg.arms),
+        )
 
     def delete_user(self, user_id: str, timeout: float | None = None) -> bool:
         msg = self._stub.DeleteUser(

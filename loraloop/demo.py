@@ -2,9 +2,14 @@
 
 Everything is real: a Kafka broker process, `loraloop serve` and `loraloop learn` as their
 own processes, the gRPC API over loopback. Simulated users with a hidden taste in tone
-ask questions and react; the learner turns their feedback into new versions of each
-user's LoRA adapter, which the server hot-swaps. At the end: a table of what changed and
-a plot of reward per interaction.
+ask questions and react; the learner turns their feedback into bandit statistics and new
+versions of each user's LoRA adapter, which the server hot-swaps.
+
+Every prompt is asked three times, so the comparison is on the very same prompts:
+- personalized: the user's own bandit posterior and LoRA adapter (the user gives feedback);
+- global: a twin id that never gives feedback, so it is served by the population's bandit
+  statistics (what everyone's feedback taught) and the base weights;
+- base: a twin pinned to the no-system-prompt arm: the base model as shipped.
 """
 
 from __future__ import annotations
@@ -26,27 +31,23 @@ from core.settings import Settings
 from core.tiny_model import ensure_tiny_model
 from loraloop.client import LoraLoopClient
 from loraloop.demo_world import SimulatedUser, make_users, tone_of
-from loraloop.processes import Process
+from loraloop.processes import ROOT, Process
 
 PROBE = "How do I cook pasta?"
+DEMO_ARMS = ROOT / "configs" / "demo-arms.toml"
+SERIES = ("base", "global", "personalized")
 console = Console()
 
 
-def _round(client: LoraLoopClient, user: SimulatedUser) -> tuple[float, float]:
-    """One interaction of a user, and the same prompt for the user's control twin.
-
-    The twin is an id that never sends feedback, so it is always served by the base
-    model: scoring its reply with the user's taste measures the base model's reward on the
-    very same prompts, in the same run.
-    """
+def _round(client: LoraLoopClient, user: SimulatedUser) -> dict[str, float]:
+    """One interaction of a user, plus the same prompt for its global and base twins."""
     prompt = [("user", user.prompt())]
     reply = client.generate(user.user_id, messages=prompt, max_tokens=40, temperature=1.0)
     reward, signals = user.react(reply.text)
     client.feedback(reply.request_id, user.user_id, **signals)  # type: ignore[arg-type]
-    control = client.generate(
-        f"control-{user.user_id}", messages=prompt, max_tokens=40, temperature=1.0
-    )
-    return reward, user.score(control.text)
+    glob = client.generate(f"global-{user.user_id}", messages=prompt, max_tokens=40)
+    base = client.generate(f"base-{user.user_id}", messages=prompt, max_tokens=40, arm="default")
+    return {"personalized": reward, "global": user.score(glob.text), "base": user.score(base.text)}
 
 
 def _probe(client: LoraLoopClient, users: list[SimulatedUser]) -> dict[str, str]:
@@ -63,10 +64,7 @@ def _smooth(series: list[float], window: int) -> list[float]:
 
 
 def _plot(
-    rewards: dict[str, list[float]],
-    control: dict[str, list[float]],
-    users: list[SimulatedUser],
-    path: Path,
+    rewards: dict[str, dict[str, list[float]]], users: list[SimulatedUser], path: Path
 ) -> None:
     import matplotlib
 
@@ -76,44 +74,44 @@ def _plot(
     fig, ax = plt.subplots(figsize=(8, 4.5))
     window = 10
     for user in users:
-        series = _smooth(rewards[user.user_id], window)
+        series = _smooth(rewards["personalized"][user.user_id], window)
         ax.plot(
             range(1, len(series) + 1),
             series,
-            alpha=0.45,
+            alpha=0.3,
             linewidth=1,
             label=f"{user.user_id} (likes {user.likes})",
         )
-    rounds = len(next(iter(rewards.values())))
-    mean = [statistics.mean(rewards[u.user_id][i] for u in users) for i in range(rounds)]
-    base = [statistics.mean(control[u.user_id][i] for u in users) for i in range(rounds)]
-    ax.plot(
-        range(1, rounds + 1),
-        _smooth(mean, window),
-        color="black",
-        linewidth=2.5,
-        label="personalized, mean of users",
-    )
-    ax.plot(
-        range(1, rounds + 1),
-        _smooth(base, window),
-        color="grey",
-        linewidth=2.5,
-        linestyle="--",
-        label="base model on the same prompts",
-    )
+    styles = {"personalized": ("black", "-"), "global": ("tab:blue", "-."), "base": ("grey", "--")}
+    for name in reversed(SERIES):
+        per_user = rewards[name]
+        rounds = len(next(iter(per_user.values())))
+        mean = [statistics.mean(per_user[u.user_id][i] for u in users) for i in range(rounds)]
+        color, style = styles[name]
+        ax.plot(
+            range(1, rounds + 1),
+            _smooth(mean, window),
+            color=color,
+            linestyle=style,
+            linewidth=2.5,
+            label=f"{name}, mean of users",
+        )
     ax.set_xlabel("interaction")
     ax.set_ylabel(f"reward (moving mean of {window})")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Per-user LoRA adapters learning each user's taste online")
-    ax.legend(fontsize=8)
+    ax.set_title("Per-user bandit + LoRA learning each user's taste online")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def run_demo(
-    users: int = 6, rounds: int = 150, out_dir: str = "out/demo", learning_rate: float = 2e-3
+    users: int = 6,
+    rounds: int = 100,
+    out_dir: str = "out/demo",
+    learning_rate: float = 2e-3,
+    arms_file: Path | None = DEMO_ARMS,
 ) -> int:
     out = Path(out_dir)
     shutil.rmtree(out / "adapters", ignore_errors=True)
@@ -132,6 +130,7 @@ def run_demo(
             port=0,
             adapter_store=out / "adapters",
             learning_rate=learning_rate,
+            arms_file=arms_file,
         )
         ensure_loraloop_topics(settings)
         console.print(f"Kafka broker (KRaft) at {bootstrap}")
@@ -155,8 +154,7 @@ def run_demo(
 def _run_users(
     target: str, people: list[SimulatedUser], rounds: int, out: Path, procs: list[Process]
 ) -> int:
-    rewards: dict[str, list[float]] = {u.user_id: [] for u in people}
-    control: dict[str, list[float]] = {u.user_id: [] for u in people}
+    rewards = {name: {u.user_id: [] for u in people} for name in SERIES}
     with LoraLoopClient(target, timeout=120) as client:
         client.wait_ready()
         before = _probe(client, people)
@@ -167,45 +165,43 @@ def _run_users(
                     if proc.proc.poll() is not None:
                         console.print(f"[red]`loraloop {proc.name}` exited:[/red]\n{proc.output}")
                         return 1
-                for user, (reward, base) in zip(
-                    people, pool.map(lambda u: _round(client, u), people), strict=True
-                ):
-                    rewards[user.user_id].append(reward)
-                    control[user.user_id].append(base)
+                results = pool.map(lambda u: _round(client, u), people)
+                for user, result in zip(people, results, strict=True):
+                    for name in SERIES:
+                        rewards[name][user.user_id].append(result[name])
                     progress.advance(task)
         time.sleep(1.0)  # let the learner publish the last updates
         after = _probe(client, people)
         states = {u.user_id: client.user_state(u.user_id) for u in people}
 
     tail = max(1, rounds // 4)
-    table = Table(title=f"Reward per user (share of replies in the liked tone), last {tail}")
-    for col in ("user", "likes", "adapter version", "base model", "personalized"):
+    table = Table(title=f"Reward (share of replies in the liked tone), last {tail} per user")
+    for col in ("user", "likes", "adapter", "favourite arm", *SERIES):
         table.add_column(col)
     for u in people:
+        arms = states[u.user_id].arms
+        favourite = max(arms, key=lambda a: a[1])[0] if arms else "-"
         table.add_row(
             u.user_id,
             u.likes,
-            str(states[u.user_id].adapter_version),
-            f"{statistics.mean(control[u.user_id][-tail:]):.2f}",
-            f"{statistics.mean(rewards[u.user_id][-tail:]):.2f}",
+            f"v{states[u.user_id].adapter_version}",
+            favourite,
+            *(f"{statistics.mean(rewards[n][u.user_id][-tail:]):.2f}" for n in SERIES),
         )
+    means = {n: statistics.mean(r for s in rewards[n].values() for r in s[-tail:]) for n in SERIES}
+    table.add_row("all", "", "", "", *(f"{means[n]:.2f}" for n in SERIES), style="bold")
     console.print(table)
-    console.print(f"greedy reply to {PROBE!r}, adapter v0 -> now:")
+    console.print(f"greedy reply to {PROBE!r}, before -> after:")
     for u in people:
         b, a = before[u.user_id], after[u.user_id]
         console.print(f"  {u.user_id} (likes {u.likes})", highlight=False)
-        console.print(f"    v0  [{tone_of(b)}] {b}", highlight=False, markup=False)
-        console.print(f"    now [{tone_of(a)}] {a}", highlight=False, markup=False)
-    base = statistics.mean(r for s in control.values() for r in s[-tail:])
-    mine = statistics.mean(r for s in rewards.values() for r in s[-tail:])
-    console.print(
-        f"last {tail} interactions per user: base model {base:.2f}, personalized {mine:.2f}"
-        f" ({mine / max(base, 1e-9):.1f}x)"
-    )
+        console.print(f"    before [{tone_of(b)}] {b}", highlight=False, markup=False)
+        console.print(f"    after  [{tone_of(a)}] {a}", highlight=False, markup=False)
     plot = out / "reward.png"
-    _plot(rewards, control, people, plot)
-    console.print(f"plot: {plot}")
-    changed = sum(before[u.user_id] != after[u.user_id] for u in people)
+    _plot(rewards, people, plot)
+    console.print(
+        f"personalized {means['personalized']:.2f} vs global {means['global']:.2f} vs base "
+        f"{means['base']:.2f}; plot: {plot}"
+    )
     versions = [states[u.user_id].adapter_version for u in people]
-    console.print(f"adapter versions {versions}; probe reply changed for {changed}/{len(people)}")
     return 0 if all(v > 0 for v in versions) else 1

@@ -20,6 +20,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that hands these settings to a child process."""
     env = dict(os.environ)
     for name, value in settings.model_dump().items():
+        if value is None:
+            env.pop(f"LORALOOP_{name.upper()}", None)
+            continue
         env[f"LORALOOP_{name.upper()}"] = (
             json.dumps(value) if isinstance(value, list) else str(value)
         )

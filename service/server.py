@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from core.adapter_store import AdapterStore
+from core.bandits.features import context_features
 from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
 from core.metrics_exporter import start_metrics_exporter
 from core.settings import Settings
@@ -23,6 +24,7 @@ from service.engines.base import AdapterLoadError, Engine, GenerationRequest, bu
 from service.event_log import EventLog
 from service.metrics import ServerMetrics
 from service.request_ids import RequestIds
+from service.strategy import Choice, StrategyChooser
 from service.validation import (
     RequestError,
     check_input,
@@ -34,7 +36,16 @@ from service.validation import (
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = api_pb2.DESCRIPTOR.services_by_name["LoraLoop"].full_name
-DEFAULT_ARM = "default"
+
+
+@dataclass
+class Prepared:
+    """A validated Generate request: what the engine runs and what the event logs."""
+
+    gen: GenerationRequest
+    choice: Choice
+    context: list[float]
+    prompt_text: str
 
 
 def _now_ms() -> int:
@@ -49,19 +60,36 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         registry: AdapterRegistry,
         events: EventLog,
         store: AdapterStore,
+        strategy: StrategyChooser,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.registry = registry
         self.events = events
         self.store = store
+        self.strategy = strategy
         self.request_ids = RequestIds(settings.request_id_secret)
 
     # --- Generate -----------------------------------------------------------------------
-    def _prepare(self, request: api_pb2.GenerateRequest) -> GenerationRequest:
+    def _prepare(self, request: api_pb2.GenerateRequest) -> Prepared:
         user_id = check_user(request.user_id)
         prompt, messages = check_input(request)
         decoding = check_sampling(request.sampling, self.settings)
+        is_chat = messages is not None
+        raw_tokens = len(self.engine.encode(prompt, messages))
+        context = context_features(raw_tokens, is_chat)
+        choice = self.strategy.choose(user_id, context, pinned=request.arm or None)
+        arm = choice.arm
+        # The arm's system prompt goes in front of chat requests that bring none themselves.
+        if messages is not None and arm.system_prompt and all(r != "system" for r, _ in messages):
+            messages = [("system", arm.system_prompt), *messages]
+        sampling = request.sampling
+        temperature = decoding.temperature
+        if arm.temperature is not None and not sampling.HasField("temperature"):
+            temperature = arm.temperature
+        top_p = decoding.top_p
+        if arm.top_p is not None and not sampling.HasField("top_p"):
+            top_p = arm.top_p
         token_ids = self.engine.encode(prompt, messages)
         if len(token_ids) > self.settings.max_prompt_tokens:
             raise RequestError(
@@ -71,43 +99,41 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             )
         if not token_ids:
             raise invalid("prompt encodes to no tokens: send some text")
-        return GenerationRequest(
+        gen = GenerationRequest(
             request_id=self.request_ids.issue(user_id),
             prompt_token_ids=token_ids,
             adapter=self.registry.resolve(user_id),
             max_tokens=decoding.max_tokens,
-            temperature=decoding.temperature,
-            top_p=decoding.top_p,
+            temperature=temperature,
+            top_p=top_p,
             seed=decoding.seed,
         )
+        text = prompt if messages is None else "\n".join(f"{r}: {c}" for r, c in messages)
+        return Prepared(gen, choice, [float(v) for v in context], text)
 
     def _response(
         self,
         request: api_pb2.GenerateRequest,
-        gen: GenerationRequest,
+        prepared: Prepared,
         text: str,
         token_ids: list[int],
         logprobs: list[float],
     ) -> api_pb2.GenerateResponse:
+        gen = prepared.gen
         version = gen.adapter.version if gen.adapter else 0
         finish = self.engine.finish_reason(token_ids, gen.max_tokens)
-        prompt_text = (
-            request.prompt
-            if request.HasField("prompt")
-            else "\n".join(f"{m.role}: {m.content}" for m in request.messages.messages)
-        )
         event = events_pb2.Interaction(
             request_id=gen.request_id,
             user_id=request.user_id,
             timestamp_ms=_now_ms(),
-            prompt=prompt_text,
+            prompt=prepared.prompt_text,
             prompt_token_ids=gen.prompt_token_ids,
             response_token_ids=token_ids,
             behaviour_logprobs=logprobs,
             response_text=text,
             adapter_version=version,
-            arm=DEFAULT_ARM,
-            arm_propensity=1.0,
+            arm=prepared.choice.arm.name,
+            arm_propensity=prepared.choice.propensity,
             sampling=common_pb2.SamplingParams(
                 max_tokens=gen.max_tokens,
                 temperature=gen.temperature,
@@ -116,6 +142,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             ),
             model_id=self.engine.model_id,
             finish_reason=finish,
+            context=prepared.context,
         )
         self.events.publish(
             self.settings.topic_interactions, request.user_id, event.SerializeToString()
@@ -124,7 +151,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             request_id=gen.request_id,
             text=text,
             adapter_version=version,
-            arm=DEFAULT_ARM,
+            arm=prepared.choice.arm.name,
             usage=api_pb2.Usage(
                 prompt_tokens=len(gen.prompt_token_ids), completion_tokens=len(token_ids)
             ),
@@ -133,26 +160,26 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
 
     async def Generate(self, request, context):
         try:
-            gen = self._prepare(request)
-            result = await self.engine.generate(gen)
+            prepared = self._prepare(request)
+            result = await self.engine.generate(prepared.gen)
         except RequestError as err:
             await context.abort(err.code, err.message)
         except AdapterLoadError as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-        return self._response(request, gen, result.text, result.token_ids, result.logprobs)
+        return self._response(request, prepared, result.text, result.token_ids, result.logprobs)
 
     async def GenerateStream(
         self, request, context
     ) -> AsyncIterator[api_pb2.GenerateStreamResponse]:
         try:
-            gen = self._prepare(request)
+            prepared = self._prepare(request)
         except RequestError as err:
             await context.abort(err.code, err.message)
         token_ids: list[int] = []
         logprobs: list[float] = []
         text = ""
         try:
-            async for chunk in self.engine.stream(gen):
+            async for chunk in self.engine.stream(prepared.gen):
                 token_ids += chunk.token_ids
                 logprobs += chunk.logprobs
                 text += chunk.text
@@ -160,7 +187,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
                     yield api_pb2.GenerateStreamResponse(delta=chunk.text)
         except AdapterLoadError as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-        final = self._response(request, gen, text, token_ids, logprobs)
+        final = self._response(request, prepared, text, token_ids, logprobs)
         yield api_pb2.GenerateStreamResponse(final=final)
 
     # --- Feedback -----------------------------------------------------------------------
@@ -210,6 +237,10 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             adapter_version=ref.version if ref else 0,
             updates=int(state.get("updates", 0)),
             recent_reward=float(state.get("baseline", 0.0)),
+            arms=[
+                api_pb2.ArmStats(arm=a, pulls=n, mean_reward=m)
+                for a, n, m in self.strategy.arm_stats(user_id)
+            ],
         )
 
     async def DeleteUser(self, request, context):
@@ -219,6 +250,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             await context.abort(err.code, err.message)
         # The tombstone tells every replica and the learner (which owns the store) to forget.
         self.registry.forget(user_id)
+        self.strategy.forget(user_id)
         self.engine.drop_user(user_id)
         self.events.publish(self.settings.topic_adapter_updates, user_id, None)
         return api_pb2.DeleteUserResponse(deleted=True)
@@ -240,6 +272,7 @@ class RunningServer:
         await self.server.stop(svc.settings.grace_seconds if grace is None else grace)
         await svc.engine.stop()
         svc.registry.stop()
+        svc.strategy.stop()
         await asyncio.to_thread(svc.events.stop)
 
 
@@ -254,7 +287,9 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
     registry.start()
     events = EventLog(settings.kafka_bootstrap, settings.event_queue_size)
     events.start()
-    service = LoraLoopService(settings, engine, registry, events, store)
+    strategy = StrategyChooser(settings)
+    strategy.start()
+    service = LoraLoopService(settings, engine, registry, events, store, strategy)
     metrics = ServerMetrics()
     metrics.watch(
         engine=engine,

@@ -304,6 +304,7 @@ def ensure_loraloop_topics(
             settings.topic_interactions: {"cleanup.policy": "delete"},
             settings.topic_feedback: {"cleanup.policy": "delete"},
             settings.topic_adapter_updates: {"cleanup.policy": "compact"},
+            settings.topic_bandit_state: {"cleanup.policy": "compact"},
         },
         partitions=settings.topic_partitions,
         timeout=timeout,

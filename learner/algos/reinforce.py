@@ -1,11 +1,19 @@
-"""REINFORCE with a per-user running-mean baseline and an exact KL penalty to the base
-model, many users in one backward pass.
+"""REINFORCE with a baseline, truncated importance sampling and an exact KL penalty to
+the base model, many users in one backward pass.
 
-For user u with samples i (prompt x_i, response y_i, reward r_i) and baseline b_u:
+For user u with samples i (prompt x_i, response y_i, reward r_i, behaviour log-probs mu):
 
-    A_i  = r_i - b_u
-    KL_i = mean_t  sum_v pi_u(v | .) (log pi_u(v | .) - log pi_0(v | .))   (full vocabulary)
-    loss = sum_u  (1/n_u) sum_i  [ -A_i * mean_t log pi_u(y_i,t | x_i, y_i,<t)  +  beta * KL_i ]
+    b_i   = mean of the user's other rewards in this batch (leave-one-out, RLOO) when the
+            user has several samples, else the user's running-mean baseline b_u
+    A_i   = r_i - b_i
+    rho_t = min(c, pi_T(y_t | .) / mu(y_t | .))      (no gradient; pi_T at the sampling
+            temperature T, the distribution mu was drawn from; rho = 1 for greedy samples)
+    KL_i  = mean_t  sum_v pi(v | .) (log pi(v | .) - log pi_0(v | .))   (full vocabulary)
+    loss  = sum_u (1/n_u) sum_i [ -A_i * mean_t rho_t log pi(y_t | .)  +  beta * KL_i ]
+
+The importance ratio corrects for samples drawn by an older adapter version (the learner
+is always a little behind the server); truncating it at c bounds the variance, as in
+PipelineRL and V-trace.
 
 The KL term is what keeps a tiny model fluent: without it, rewards are soon gamed and the
 adapter drifts into word salad (PROBES.md measured the collapse; a KL in the reward, k1,
@@ -34,6 +42,8 @@ class ReinforceConfig:
     max_grad_norm: float = 1.0
     baseline_decay: float = 0.9
     kl_coef: float = 0.05
+    is_truncation: float = 2.0
+    loo_baseline: bool = True
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     # A user whose gradient norm is below this is left as is: Adam rescales any gradient to
@@ -58,6 +68,10 @@ class UserBatch:
     prompts: list[list[int]]
     responses: list[list[int]]
     rewards: list[float]
+    # Logged log-probs of each response token under the policy that sampled it, and the
+    # temperature it was sampled at; None: treat the samples as on-policy.
+    behaviour: list[list[float]] | None = None
+    temperatures: list[float] | None = None
 
 
 @dataclass
@@ -83,6 +97,29 @@ def _adam(
     return param - cfg.learning_rate * m_hat / (v_hat.sqrt() + cfg.adam_eps)
 
 
+def _baseline(user: UserBatch, i: int, cfg: ReinforceConfig) -> float:
+    n = len(user.rewards)
+    if cfg.loo_baseline and n > 1:
+        return (sum(user.rewards) - user.rewards[i]) / (n - 1)
+    return user.baseline
+
+
+def _truncated_ratio(
+    dist: torch.Tensor,
+    response: list[int],
+    behaviour: list[float] | None,
+    temperature: float,
+    cfg: ReinforceConfig,
+) -> torch.Tensor:
+    """Per-token min(c, pi_T / mu), detached; ones when there is nothing to correct."""
+    if behaviour is None or temperature <= 0 or len(behaviour) != len(response):
+        return torch.ones(len(response))
+    with torch.no_grad():
+        scaled = (dist / temperature).log_softmax(-1)
+        pi_t = scaled.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+        return (pi_t - torch.tensor(behaviour)).exp().clamp(max=cfg.is_truncation)
+
+
 def reinforce_step(
     lm: LoadedModel, users: list[UserBatch], cfg: ReinforceConfig
 ) -> list[UserUpdate]:
@@ -91,14 +128,18 @@ def reinforce_step(
     if len(users) >= bank.slots:
         raise ValueError(f"{len(users)} users exceed the learner's {bank.slots - 1} slots")
     prompts, responses, slots, advantages, owners = [], [], [], [], []
+    behaviour: list[list[float] | None] = []
+    temperatures: list[float] = []
     for k, user in enumerate(users):
         bank.load(k + 1, user.weights)
-        for p, r, rew in zip(user.prompts, user.responses, user.rewards, strict=True):
+        for i, (p, r) in enumerate(zip(user.prompts, user.responses, strict=True)):
             prompts.append(p)
             responses.append(r)
             slots.append(k + 1)
-            advantages.append(rew - user.baseline)
+            advantages.append(user.rewards[i] - _baseline(user, i, cfg))
             owners.append(k)
+            behaviour.append(user.behaviour[i] if user.behaviour else None)
+            temperatures.append(user.temperatures[i] if user.temperatures else 1.0)
     params = bank.parameters()
     for p in params:
         p.requires_grad_(True)
@@ -116,7 +157,8 @@ def reinforce_step(
             per_user_loss = [torch.zeros(()) for _ in users]
             for i, (logp, adv, k) in enumerate(zip(token_logps, advantages, owners, strict=True)):
                 n = len(users[k].rewards)
-                per_user_loss[k] = per_user_loss[k] - adv * logp.mean() / n
+                rho = _truncated_ratio(dists[i], responses[i], behaviour[i], temperatures[i], cfg)
+                per_user_loss[k] = per_user_loss[k] - adv * (rho * logp).mean() / n
                 if cfg.kl_coef:
                     kl = (dists[i].exp() * (dists[i] - base[i])).sum(-1).mean()
                     per_user_loss[k] = per_user_loss[k] + cfg.kl_coef * kl / n
@@ -155,7 +197,8 @@ def reinforce_step(
                     loss=float(per_user_loss[k]),
                     grad_norm=float(norm),
                     mean_reward=mean_reward,
-                    mean_advantage=mean_reward - user.baseline,
+                    mean_advantage=sum(a for a, o in zip(advantages, owners, strict=True) if o == k)
+                    / len(user.rewards),
                     kl=kls[k],
                 )
             )

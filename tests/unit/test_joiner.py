@@ -3,8 +3,6 @@ anything still held in memory."""
 
 from __future__ import annotations
 
-import time
-
 from core.gen.loraloop.v1 import common_pb2, events_pb2
 from learner.joiner import Joiner
 
@@ -90,40 +88,59 @@ def test_user_mismatch_is_dropped_and_released() -> None:
     assert j.pending == 0
     # both records are done: commits move past them
     assert j.commit_offsets() == {(I_TOPIC, 0): 5, (F_TOPIC, 0): 10}
-    # the request is gone: later matching feedback waits rather than joining
+    # the request is closed: a later feedback for it is a duplicate, not a new join
     assert j.add_feedback(feedback("r1", user="alice"), fpos(10)) is None
-    assert j.pending == 1
+    assert j.duplicates == 1 and j.pending == 0
 
 
-def test_expire_releases_after_the_window() -> None:
+def stamped(event, ms: int):
+    event.timestamp_ms = ms
+    return event
+
+
+def test_expire_closes_windows_by_event_time() -> None:
     j = Joiner(wait_seconds=10)
-    t0 = time.monotonic()
-    j.add_interaction(interaction("r1"), ipos(3))
-    j.add_feedback(feedback("r2"), fpos(8))
-    j.add_interaction(interaction("r3"), ipos(4))
+    j.add_interaction(stamped(interaction("r1"), 1_000), ipos(3))
+    j.add_feedback(stamped(feedback("r2"), 2_000), fpos(8))
+    j.add_interaction(stamped(interaction("r3"), 3_000), ipos(4))
     assert j.commit_offsets() == {(I_TOPIC, 0): 3, (F_TOPIC, 0): 8}
-    assert j.expire(now=t0 + 5) == 0  # inside the window
-    assert j.pending == 3 and j.expired == 0
-    assert j.expire(now=time.monotonic() + 10.5) == 3
-    assert j.expired == 3 and j.pending == 0
+    assert j.expire() == []  # stream time is 3 s: every window is still open
+    assert j.expire(now_ms=11_000) == []  # r1 waited exactly 10 s: still open
+    unanswered = j.expire(now_ms=13_500)
+    # interactions come back as samples without feedback (default reward or drop: the
+    # learner's rule); the orphaned feedback r2 is released at once
+    assert sorted(s.request_id for s in unanswered) == ["r1", "r3"]
+    assert all(s.feedback is None for s in unanswered)
+    assert (j.expired, j.orphaned, j.pending) == (2, 1, 0)
+    assert j.commit_offsets() == {(I_TOPIC, 0): 3, (F_TOPIC, 0): 9}
+    j.release(unanswered[0].positions + unanswered[1].positions)
     assert j.commit_offsets() == {(I_TOPIC, 0): 5, (F_TOPIC, 0): 9}
-    # feedback for an expired interaction no longer joins
-    assert j.add_feedback(feedback("r1"), fpos(9)) is None
-    assert j.pending == 1
+    # feedback for an expired interaction is late: counted and dropped, offset not held
+    assert j.add_feedback(stamped(feedback("r1"), 14_000), fpos(9)) is None
+    assert (j.late, j.pending) == (1, 0)
+    assert j.commit_offsets()[(F_TOPIC, 0)] == 10
 
 
-def test_expire_only_drops_old_events() -> None:
+def test_event_time_advances_with_the_newest_event() -> None:
     j = Joiner(wait_seconds=10)
-    j.add_interaction(interaction("old"), ipos(0))
-    time.sleep(0.05)
-    mid = time.monotonic()
-    j.add_interaction(interaction("new"), ipos(1))
-    # 'old' arrived >= 0.05 s before `mid`, 'new' after it: at mid+9.99 only 'old' has
-    # waited longer than the 10 s window
-    assert j.expire(now=mid + 9.99) == 1
-    assert j.pending == 1
-    assert j.commit_offsets()[(I_TOPIC, 0)] == 1
-    assert j.add_feedback(feedback("new"), fpos(0)) is not None
+    j.add_interaction(stamped(interaction("old"), 0), ipos(0))
+    j.add_interaction(stamped(interaction("new"), 5_000), ipos(1))
+    assert j.expire() == []
+    # a feedback stamped 10.5 s moves stream time: only 'old' has waited > 10 s
+    assert j.add_feedback(stamped(feedback("other"), 10_500), fpos(0)) is None
+    (gone,) = j.expire()
+    assert gone.request_id == "old"
+    assert j.add_feedback(stamped(feedback("new"), 10_600), fpos(1)) is not None
+
+
+def test_joined_request_redelivered_later_is_a_duplicate() -> None:
+    j = Joiner(wait_seconds=60)
+    j.add_interaction(interaction("r1"), ipos(0))
+    assert j.add_feedback(feedback("r1"), fpos(0)) is not None
+    assert j.add_feedback(feedback("r1"), fpos(1)) is None
+    assert j.add_interaction(interaction("r1"), ipos(1)) is None
+    assert (j.duplicates, j.pending) == (2, 0)
+    assert j.commit_offsets() == {(I_TOPIC, 0): 0, (F_TOPIC, 0): 0}  # sample not released
 
 
 def test_commit_never_passes_a_held_offset() -> None:

@@ -27,8 +27,10 @@ HAS_KL = "kl_coef" in {f.name for f in dataclasses.fields(ReinforceConfig)}
 
 
 def config(**kw) -> ReinforceConfig:
+    """The plain running-baseline REINFORCE step the hand-derived checks are written for."""
     if HAS_KL:
         kw.setdefault("kl_coef", 0.0)
+    kw.setdefault("loo_baseline", False)
     return ReinforceConfig(**kw)
 
 
@@ -379,7 +381,7 @@ def test_kl_value_and_loss_by_hand(lm, data) -> None:
     assert min(kls) > 1e-4  # the adapter really is away from the base
     lps = mean_logps(lm, w, prompts, responses)
     (upd,) = reinforce_step(
-        lm, [batch(w, prompts, responses, rewards, b)], ReinforceConfig(kl_coef=beta)
+        lm, [batch(w, prompts, responses, rewards, b)], config(kl_coef=beta)
     )
     assert upd.kl == pytest.approx(sum(kls) / 2, rel=1e-4)
     pg = -sum((r - b) * lp for r, lp in zip(rewards, lps, strict=True)) / 2
@@ -414,3 +416,41 @@ def test_kl_batched_users_equal_separate_steps(lm, data) -> None:
         assert_weights_close(one.weights, two.weights, atol=1e-6)
         assert one.kl == pytest.approx(two.kl, rel=1e-4, abs=1e-7)
         assert one.loss == pytest.approx(two.loss, abs=1e-6)
+
+
+def test_leave_one_out_baseline_by_hand(lm, data) -> None:
+    """With several samples, each sample's baseline is the mean of the user's others."""
+    prompts, responses = data
+    w = random_weights(lm.bank, 11)
+    rewards = [1.0, -1.0]
+    (upd,) = reinforce_step(
+        lm, [batch(w, prompts, responses, rewards, baseline=5.0)], config(loo_baseline=True)
+    )
+    # advantages: 1 - (-1) = 2 and -1 - 1 = -2; the running baseline (5.0) is not used
+    assert upd.mean_advantage == pytest.approx(0.0)
+    with torch.no_grad():
+        lm.bank.load(1, w)
+        logps = response_logprobs(lm.model, lm.bank, prompts, responses, [1, 1])
+    expected = -(2.0 * float(logps[0].mean()) - 2.0 * float(logps[1].mean())) / 2
+    assert upd.loss == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_truncated_importance_ratio_by_hand(lm, data) -> None:
+    """rho_t = min(c, pi_T / mu): a behaviour policy that gave the tokens half the current
+    probability doubles each token's weight, and truncation caps it at c."""
+    prompts, responses = data
+    w = random_weights(lm.bank, 12)
+    with torch.no_grad():
+        lm.bank.load(1, w)
+        logps = response_logprobs(lm.model, lm.bank, prompts[:1], responses[:1], [1])
+    current = [float(v) for v in logps[0]]
+    halved = [v - math.log(2.0) for v in current]
+    losses = {}
+    for c in (1.5, 4.0):
+        user = batch(w, prompts[:1], responses[:1], [1.0])
+        user.behaviour, user.temperatures = [halved], [1.0]
+        (upd,) = reinforce_step(lm, [user], config(is_truncation=c))
+        losses[c] = upd.loss
+    on_policy = -(1.0 * float(logps[0].mean()))
+    assert losses[4.0] == pytest.approx(2.0 * on_policy, rel=1e-4)
+    assert losses[1.5] == pytest.approx(1.5 * on_policy, rel=1e-4)

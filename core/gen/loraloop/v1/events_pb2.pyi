@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Interaction(_message.Message):
-    __slots__ = ("request_id", "user_id", "timestamp_ms", "prompt", "prompt_token_ids", "response_token_ids", "behaviour_logprobs", "response_text", "adapter_version", "arm", "arm_propensity", "sampling", "model_id", "finish_reason")
+    __slots__ = ("request_id", "user_id", "timestamp_ms", "prompt", "prompt_token_ids", "response_token_ids", "behaviour_logprobs", "response_text", "adapter_version", "arm", "arm_propensity", "sampling", "model_id", "finish_reason", "context")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class Interaction(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     timestamp_ms: int
@@ -37,7 +38,8 @@ class Interaction(_message.Message):
     sampling: _common_pb2.SamplingParams
     model_id: str
     finish_reason: str
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., response_text: _Optional[str] = ..., adapter_version: _Optional[int] = ..., arm: _Optional[str] = ..., arm_propensity: _Optional[float] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., model_id: _Optional[str] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    context: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., response_text: _Optional[str] = ..., adapter_version: _Optional[int] = ..., arm: _Optional[str] = ..., arm_propensity: _Optional[float] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., model_id: _Optional[str] = ..., finish_reason: _Optional[str] = ..., context: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class FeedbackEvent(_message.Message):
     __slots__ = ("request_id", "user_id", "timestamp_ms", "signals")
@@ -70,7 +72,7 @@ class AdapterUpdated(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ..., uri: _Optional[str] = ..., checksum: _Optional[str] = ..., base_model_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., metrics: _Optional[_Union[UpdateMetrics, _Mapping]] = ...) -> None: ...
 
 class UpdateMetrics(_message.Message):
-    __slots__ = ("samples", "mean_reward", "mean_advantage", "loss", "grad_norm", "baseline", "kl")
+    __slots__ = ("samples", "mean_reward", "mean_advantage", "loss", "grad_norm", "baseline", "kl", "rolled_back")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MEAN_REWARD_FIELD_NUMBER: _ClassVar[int]
     MEAN_ADVANTAGE_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +80,7 @@ class UpdateMetrics(_message.Message):
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     KL_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
     samples: int
     mean_reward: float
     mean_advantage: float
@@ -85,4 +88,33 @@ class UpdateMetrics(_message.Message):
     grad_norm: float
     baseline: float
     kl: float
-    def __init__(self, samples: _Optional[int] = ..., mean_reward: _Optional[float] = ..., mean_advantage: _Optional[float] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., baseline: _Optional[float] = ..., kl: _Optional[float] = ...) -> None: ...
+    rolled_back: str
+    def __init__(self, samples: _Optional[int] = ..., mean_reward: _Optional[float] = ..., mean_advantage: _Optional[float] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., baseline: _Optional[float] = ..., kl: _Optional[float] = ..., rolled_back: _Optional[str] = ...) -> None: ...
+
+class BanditState(_message.Message):
+    __slots__ = ("key", "seq", "dim", "arms", "timestamp_ms")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    seq: int
+    dim: int
+    arms: _containers.RepeatedCompositeFieldContainer[ArmStatistics]
+    timestamp_ms: int
+    def __init__(self, key: _Optional[str] = ..., seq: _Optional[int] = ..., dim: _Optional[int] = ..., arms: _Optional[_Iterable[_Union[ArmStatistics, _Mapping]]] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
+
+class ArmStatistics(_message.Message):
+    __slots__ = ("arm", "xtx", "xtr", "pulls", "reward_sum")
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    XTX_FIELD_NUMBER: _ClassVar[int]
+    XTR_FIELD_NUMBER: _ClassVar[int]
+    PULLS_FIELD_NUMBER: _ClassVar[int]
+    REWARD_SUM_FIELD_NUMBER: _ClassVar[int]
+    arm: str
+    xtx: _containers.RepeatedScalarFieldContainer[float]
+    xtr: _containers.RepeatedScalarFieldContainer[float]
+    pulls: int
+    reward_sum: float
+    def __init__(self, arm: _Optional[str] = ..., xtx: _Optional[_Iterable[float]] = ..., xtr: _Optional[_Iterable[float]] = ..., pulls: _Optional[int] = ..., reward_sum: _Optional[float] = ...) -> None: ...

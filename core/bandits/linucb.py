@@ -1,0 +1,25 @@
+"""LinUCB with epsilon exploration: play the highest upper confidence bound, except
+with probability epsilon a uniformly random arm, so every arm keeps a known, nonzero
+propensity for off-policy evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from core.bandits.linear import Posterior
+
+
+def choose(
+    post: Posterior,
+    x: np.ndarray,
+    rng: np.random.Generator,
+    alpha: float = 0.5,
+    epsilon: float = 0.05,
+) -> tuple[int, float]:
+    """(chosen arm index, its probability under this policy)."""
+    arms = post.mean.shape[0]
+    ucb = post.mean @ x + alpha * np.sqrt(np.einsum("i,aij,j->a", x, post.precision_inv, x))
+    best = int(ucb.argmax())
+    chosen = int(rng.integers(arms)) if rng.random() < epsilon else best
+    propensity = epsilon / arms + (1 - epsilon if chosen == best else 0.0)
+    return chosen, propensity
