@@ -35,6 +35,7 @@ from learner import guard
 from learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
 from learner.joiner import Joiner, Sample
 from learner.metrics import LearnerMetrics
+from learner.metrics import LearnerMetrics
 from learner.rewards import RewardConfig, reward
 from learner.user_models import UserModel, UserModels
 
@@ -83,6 +84,8 @@ class Learner:
         self.last_step_seconds = 0.0
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
+        self.metrics = LearnerMetrics()  # served on /metrics by `loraloop learn`
+        self.metrics.watch(self, "reinforce", self.lm.model_id)
         self.metrics = LearnerMetrics()  # served on /metrics by `loraloop learn`
         self.metrics.watch(self, "reinforce", self.lm.model_id)
 
@@ -156,6 +159,7 @@ class Learner:
         while stop is None or not stop.is_set():
             polled = self.consumer.poll(timeout_ms=poll_ms, max_records=2000)
             self.process([r for batch in polled.values() for r in batch])
+            self.metrics.observe_lag(self.consumer)
             self.metrics.observe_lag(self.consumer)
 
     # --- the commit order ---------------------------------------------------------------
@@ -259,8 +263,12 @@ class Learner:
             return
         started = time.perf_counter()
         stepped = [b for b in batches if b.rewards]
-        updates = iter(reinforce_step(self.lm, stepped, self.algo) if stepped else [])
+        results = reinforce_step(self.lm, stepped, self.algo) if stepped else []
         self.last_step_seconds = time.perf_counter() - started
+        self.metrics.observe_step(self.last_step_seconds, stepped)
+        for upd in results:
+            self.metrics.observe_update(upd)
+        updates = iter(results)
         self.metrics.observe_step(self.last_step_seconds, stepped)
         self.stats["updates"] += 1
         for model, (samples, rewards), batch in zip(models, kept, batches, strict=True):
