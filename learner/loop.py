@@ -35,7 +35,6 @@ from learner import guard
 from learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
 from learner.joiner import Joiner, Sample
 from learner.metrics import LearnerMetrics
-from learner.metrics import LearnerMetrics
 from learner.rewards import RewardConfig, reward
 from learner.user_models import UserModel, UserModels
 
@@ -84,8 +83,6 @@ class Learner:
         self.last_step_seconds = 0.0
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
-        self.metrics = LearnerMetrics()  # served on /metrics by `loraloop learn`
-        self.metrics.watch(self, "reinforce", self.lm.model_id)
         self.metrics = LearnerMetrics()  # served on /metrics by `loraloop learn`
         self.metrics.watch(self, "reinforce", self.lm.model_id)
 
@@ -159,7 +156,6 @@ class Learner:
         while stop is None or not stop.is_set():
             polled = self.consumer.poll(timeout_ms=poll_ms, max_records=2000)
             self.process([r for batch in polled.values() for r in batch])
-            self.metrics.observe_lag(self.consumer)
             self.metrics.observe_lag(self.consumer)
 
     # --- the commit order ---------------------------------------------------------------
@@ -266,10 +262,7 @@ class Learner:
         results = reinforce_step(self.lm, stepped, self.algo) if stepped else []
         self.last_step_seconds = time.perf_counter() - started
         self.metrics.observe_step(self.last_step_seconds, stepped)
-        for upd in results:
-            self.metrics.observe_update(upd)
         updates = iter(results)
-        self.metrics.observe_step(self.last_step_seconds, stepped)
         self.stats["updates"] += 1
         for model, (samples, rewards), batch in zip(models, kept, batches, strict=True):
             upd = next(updates) if batch.rewards else None
