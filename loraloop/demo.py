@@ -108,12 +108,25 @@ def _plot(
 
 def run_demo(
     users: int = 6,
-    rounds: int = 100,
+    rounds: int = 150,
     out_dir: str = "out/demo",
     learning_rate: float = 2e-3,
     arms_file: Path | None = DEMO_ARMS,
 ) -> int:
-    out = Path(out_dir)
+    """The README's demo: returns 0 when every simulated user got a learnt adapter."""
+    code, _ = run_world(
+        users, rounds, Path(out_dir), {"learning_rate": learning_rate, "arms_file": arms_file}
+    )
+    return code
+
+
+Rewards = dict[str, dict[str, list[float]]]  # series -> user -> reward per interaction
+
+
+def run_world(
+    users: int, rounds: int, out: Path, overrides: dict[str, object]
+) -> tuple[int, Rewards]:
+    """Kafka, server, learner and simulated users with these settings; the rewards."""
     shutil.rmtree(out / "adapters", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     console.rule("[bold]loraloop demo")
@@ -126,11 +139,7 @@ def run_demo(
         with console.status("starting Kafka..."):
             bootstrap = broker.start(timeout=120)
         settings = Settings(
-            kafka_bootstrap=bootstrap,
-            port=0,
-            adapter_store=out / "adapters",
-            learning_rate=learning_rate,
-            arms_file=arms_file,
+            kafka_bootstrap=bootstrap, port=0, adapter_store=out / "adapters", **overrides
         )
         ensure_loraloop_topics(settings)
         console.print(f"Kafka broker (KRaft) at {bootstrap}")
@@ -143,17 +152,17 @@ def run_demo(
         target = f"127.0.0.1:{server.match.group(1)}"
         console.print(f"server at {target}, learner consuming; logs in {out}/")
         try:
-            code = _run_users(target, make_users(users), rounds, out, [server, learner])
+            code, rewards = _run_users(target, make_users(users), rounds, out, [server, learner])
         finally:
             learner.stop()
             server.stop()
     console.print(f"finished in {time.monotonic() - started:.0f} s")
-    return code
+    return code, rewards
 
 
 def _run_users(
     target: str, people: list[SimulatedUser], rounds: int, out: Path, procs: list[Process]
-) -> int:
+) -> tuple[int, Rewards]:
     rewards = {name: {u.user_id: [] for u in people} for name in SERIES}
     with LoraLoopClient(target, timeout=120) as client:
         client.wait_ready()
@@ -164,7 +173,7 @@ def _run_users(
                 for proc in procs:
                     if proc.proc.poll() is not None:
                         console.print(f"[red]`loraloop {proc.name}` exited:[/red]\n{proc.output}")
-                        return 1
+                        return 1, rewards
                 results = pool.map(lambda u: _round(client, u), people)
                 for user, result in zip(people, results, strict=True):
                     for name in SERIES:
@@ -204,4 +213,4 @@ def _run_users(
         f"{means['base']:.2f}; plot: {plot}"
     )
     versions = [states[u.user_id].adapter_version for u in people]
-    return 0 if all(v > 0 for v in versions) else 1
+    return (0 if all(v > 0 for v in versions) else 1), rewards
