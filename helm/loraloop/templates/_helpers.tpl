@@ -1,0 +1,110 @@
+{{/* Chart name, truncated to the 63 characters Kubernetes names allow. */}}
+{{- define "loraloop.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release-chart, unless the release name already contains the chart name. */}}
+{{- define "loraloop.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* chart-version, for the helm.sh/chart label. */}}
+{{- define "loraloop.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels every resource carries. */}}
+{{- define "loraloop.labels" -}}
+helm.sh/chart: {{ include "loraloop.chart" . }}
+{{ include "loraloop.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: loraloop
+{{- end }}
+
+{{/* Labels that select this release's pods. */}}
+{{- define "loraloop.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "loraloop.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Selector labels of one component: pass (dict "root" $ "component" "server"). */}}
+{{- define "loraloop.componentSelectorLabels" -}}
+{{ include "loraloop.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "loraloop.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "loraloop.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "loraloop.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{- define "loraloop.secretName" -}}
+{{- if .Values.secrets.create }}
+{{- include "loraloop.fullname" . }}
+{{- else }}
+{{- required "secrets.existingSecret is required when secrets.create is false" .Values.secrets.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "loraloop.claimName" -}}
+{{- .Values.adapterStore.pvc.existingClaim | default (printf "%s-adapters" (include "loraloop.fullname" .)) }}
+{{- end }}
+
+{{/* Environment shared by server and learner: ConfigMap, Secret, store location. */}}
+{{- define "loraloop.env" -}}
+envFrom:
+  - configMapRef:
+      name: {{ include "loraloop.fullname" . }}
+  - secretRef:
+      name: {{ include "loraloop.secretName" . }}
+{{- if and (eq .Values.adapterStore.type "s3") .Values.adapterStore.s3.credentialsSecret }}
+  - secretRef:
+      name: {{ .Values.adapterStore.s3.credentialsSecret }}
+{{- end }}
+{{- end }}
+
+{{/* Volume mounts and volumes of the adapter store (none for S3). */}}
+{{- define "loraloop.storeMounts" -}}
+{{- if eq .Values.adapterStore.type "pvc" }}
+volumeMounts:
+  - name: adapters
+    mountPath: {{ .Values.adapterStore.mountPath }}
+{{- end }}
+{{- end }}
+
+{{- define "loraloop.storeVolumes" -}}
+{{- if eq .Values.adapterStore.type "pvc" }}
+volumes:
+  - name: adapters
+    persistentVolumeClaim:
+      claimName: {{ include "loraloop.claimName" . }}
+{{- end }}
+{{- end }}
+
+{{/* Container resources with the GPU added: pass (dict "resources" ... "gpu" ...). */}}
+{{- define "loraloop.resources" -}}
+{{- $res := deepCopy (.resources | default dict) }}
+{{- if .gpu.enabled }}
+{{- $limits := get $res "limits" | default dict }}
+{{- $_ := set $limits .gpu.resource (.gpu.count | toString) }}
+{{- $_ := set $res "limits" $limits }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}

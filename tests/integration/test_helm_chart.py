@@ -1,0 +1,204 @@
+"""The Helm chart: `helm lint --strict`, then every ci/ values file rendered and the
+manifests validated against the Kubernetes JSON schemas with kubeconform (offline: the
+schemas come from the `kubernetes-validate` package), plus what the schemas cannot say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from core.settings import Settings
+from tests.ops_tools import INSTALL_HINT, find_tool, kubernetes_schemas
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "loraloop"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+KUBE_VERSION = "1.33.0"
+CRDS = {"ServiceMonitor"}  # not in the core schemas: checked by hand below
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    path = find_tool("helm")
+    if path is None:
+        pytest.skip(f"helm is not installed: {INSTALL_HINT}")
+    return path
+
+
+def render(helm: str, values: Path) -> tuple[str, list[dict[str, Any]]]:
+    result = subprocess.run(
+        [
+            helm,
+            "template",
+            "demo",
+            str(CHART),
+            "-f",
+            str(values),
+            "--namespace",
+            "loraloop",
+            "--kube-version",
+            KUBE_VERSION,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    return result.stdout, docs
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_every_values_key_is_commented() -> None:
+    """Each key has a comment right above it; a section (e.g. `server:`) is documented by
+    its keys' comments, and the keys inside a commented value (e.g. `resources:`) by it."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    keys = []  # (line number, indent, commented)
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped and not stripped.startswith(("#", "-")) and ":" in stripped:
+            above = lines[i - 1].strip() if i else ""
+            keys.append((i, len(line) - len(line.lstrip()), above.startswith("#")))
+    for n, (i, indent, commented) in enumerate(keys):
+        if commented:
+            continue
+        ancestors, level = [], indent
+        for k in reversed(keys[:n]):
+            if k[1] < level:
+                ancestors.append(k)
+                level = k[1]
+        is_section = n + 1 < len(keys) and keys[n + 1][1] > indent  # its keys are checked
+        inside_documented = any(k[2] for k in ancestors)
+        assert is_section or inside_documented, f"values.yaml line {i + 1}: {lines[i]!r}"
+
+
+def test_config_keys_are_settings() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    fields = set(Settings.model_fields)
+    for values_file in [CHART / "values.yaml", *CI_VALUES]:
+        data = yaml.safe_load(values_file.read_text()) or {}
+        for section in ("config", "extraConfig"):
+            unknown = set(data.get(section) or {}) - fields
+            assert not unknown, f"{values_file.name}: {section} keys not in Settings: {unknown}"
+    assert values["config"]["grace_seconds"] < values["server"]["terminationGracePeriodSeconds"]
+
+
+def test_helm_lint_strict(helm: str) -> None:
+    for extra in [[], *(["-f", str(v)] for v in CI_VALUES)]:
+        result = subprocess.run(
+            [helm, "lint", "--strict", str(CHART), *extra], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=[v.stem for v in CI_VALUES])
+def test_rendered_manifests_are_valid(helm: str, values: Path, tmp_path: Path) -> None:
+    text, docs = render(helm, values)
+    kubeconform = find_tool("kubeconform")
+    schemas = kubernetes_schemas(KUBE_VERSION)
+    if kubeconform is None or schemas is None:
+        pytest.skip(
+            f"kubeconform or the kubernetes-validate schemas are not installed: {INSTALL_HINT}"
+        )
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(text)
+    location = f"{schemas}/{{{{ .NormalizedKubernetesVersion }}}}-standalone{{{{ .StrictSuffix }}}}"
+    location += "/{{ .ResourceKind }}{{ .KindSuffix }}.json"
+    result = subprocess.run(
+        [
+            kubeconform,
+            "-strict",
+            "-summary",
+            "-kubernetes-version",
+            KUBE_VERSION,
+            "-schema-location",
+            location,
+            "-skip",
+            ",".join(sorted(CRDS)),
+            str(manifest),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Invalid: 0, Errors: 0" in result.stdout
+    checked = len([d for d in docs if d["kind"] not in CRDS])
+    assert f"Valid: {checked}," in result.stdout
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=[v.stem for v in CI_VALUES])
+def test_rendered_manifests_do_what_the_values_say(helm: str, values: Path) -> None:
+    chosen = yaml.safe_load(values.read_text()) or {}
+    _, docs = render(helm, values)
+    for doc in docs:
+        labels = doc["metadata"]["labels"]
+        for key in ("name", "instance", "version", "managed-by"):
+            assert f"app.kubernetes.io/{key}" in labels, (doc["kind"], labels)
+
+    (server,) = [
+        d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-server")
+    ]
+    container = server["spec"]["template"]["spec"]["containers"][0]
+    port = container["ports"][0]["containerPort"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["grpc"]["port"] == port, probe
+    gpu = chosen.get("server", {}).get("gpu", {}).get("enabled", False)
+    assert ("nvidia.com/gpu" in container["resources"].get("limits", {})) == gpu
+    if node_selector := chosen.get("server", {}).get("nodeSelector"):
+        assert server["spec"]["template"]["spec"]["nodeSelector"] == node_selector
+
+    autoscaling = chosen.get("server", {}).get("autoscaling", {}).get("enabled", False)
+    assert bool(by_kind(docs, "HorizontalPodAutoscaler")) == autoscaling
+    assert ("replicas" not in server["spec"]) == autoscaling
+
+    learners = [
+        d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-learner")
+    ]
+    assert len(learners) == int(chosen.get("learner", {}).get("enabled", True))
+
+    (config,) = [
+        c for c in by_kind(docs, "ConfigMap") if not c["metadata"]["name"].endswith("-dashboard")
+    ]
+    env = config["data"]
+    assert all(k.startswith(("LORALOOP_", "AWS_")) for k in env)
+    assert all(isinstance(v, str) for v in env.values())
+    fields = {f.upper() for f in Settings.model_fields}
+    settings_keys = {k.removeprefix("LORALOOP_") for k in env if k.startswith("LORALOOP_")}
+    assert settings_keys - fields <= {"ADAPTER_STORE_URI"}, settings_keys - fields
+    store = chosen.get("adapterStore", {}).get("type", "pvc")
+    assert ("LORALOOP_ADAPTER_STORE" in env) == (store == "pvc")
+    claim = chosen.get("adapterStore", {}).get("pvc", {}).get("existingClaim")
+    assert bool(by_kind(docs, "PersistentVolumeClaim")) == (store == "pvc" and not claim)
+
+    dashboards = [
+        c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")
+    ]
+    (dashboard,) = dashboards
+    label = chosen.get("grafana", {}).get("dashboard", {}).get("sidecarLabelValue", "1")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == label
+    shipped = json.loads(dashboard["data"]["loraloop-dashboard.json"])
+    assert shipped == json.loads((ROOT / "ops/grafana/loraloop-dashboard.json").read_text())
+
+    monitors = by_kind(docs, "ServiceMonitor")
+    wanted = chosen.get("metrics", {}).get("serviceMonitor", {}).get("enabled", False)
+    assert len(monitors) == int(wanted)
+    for monitor in monitors:  # by hand: the prometheus-operator CRD is not in the schemas
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        spec = monitor["spec"]
+        assert set(spec) == {"selector", "endpoints"}
+        assert spec["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "demo"
+        for endpoint in spec["endpoints"]:
+            assert set(endpoint) <= {"port", "path", "interval"} and endpoint["port"] == "metrics"
+        services = by_kind(docs, "Service")
+        assert services and all(
+            any(p["name"] == "metrics" for p in s["spec"]["ports"]) for s in services
+        )
