@@ -6,7 +6,7 @@ export TOKENIZERS_PARALLELISM := false
 # glibc's allocator made torch step times wander on this machine kind; this steadies them.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184
 
-.PHONY: setup demo test lint protos clean
+.PHONY: setup demo test lint protos clean ops-tools local-stack
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m loraloop.cli demo
 
-test: setup lint
+test: setup lint ops-tools
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed
@@ -34,3 +34,10 @@ protos: $(VENV)/.installed
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache
+
+# promtool/prometheus (apt), helm and kubeconform (go install): what the ops tests use.
+ops-tools: $(VENV)/.installed
+	bash scripts/install-ops-tools.sh
+
+local-stack: setup
+	scripts/local-stack.sh up

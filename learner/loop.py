@@ -12,6 +12,7 @@ adapter (slow: a policy-gradient step, many users batched into one backward pass
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -233,10 +234,9 @@ class Learner:
             if not fresh:
                 continue
             rewards = [self._reward(s) for s in fresh]
+            # work on copies: the cached model changes only once its version is written
             model = dataclasses.replace(
-                model,
-                bandit=BanditState.from_json(model.bandit.to_json(), self.arms, DIM),
-                guard=guard.GuardState.from_json(model.guard.to_json()),
+                model, bandit=copy.deepcopy(model.bandit), guard=copy.deepcopy(model.guard)
             )
             for s, r in zip(fresh, rewards, strict=True):
                 self._learn_bandit(model, s, r)

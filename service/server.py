@@ -76,13 +76,14 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         prompt, messages = check_input(request)
         decoding = check_sampling(request.sampling, self.settings)
         is_chat = messages is not None
-        raw_tokens = len(self.engine.encode(prompt, messages))
-        context = context_features(raw_tokens, is_chat)
+        token_ids = self.engine.encode(prompt, messages)
+        context = context_features(len(token_ids), is_chat)
         choice = self.strategy.choose(user_id, context, pinned=request.arm or None)
         arm = choice.arm
         # The arm's system prompt goes in front of chat requests that bring none themselves.
         if messages is not None and arm.system_prompt and all(r != "system" for r, _ in messages):
             messages = [("system", arm.system_prompt), *messages]
+            token_ids = self.engine.encode(prompt, messages)
         sampling = request.sampling
         temperature = decoding.temperature
         if arm.temperature is not None and not sampling.HasField("temperature"):
@@ -90,7 +91,6 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         top_p = decoding.top_p
         if arm.top_p is not None and not sampling.HasField("top_p"):
             top_p = arm.top_p
-        token_ids = self.engine.encode(prompt, messages)
         if len(token_ids) > self.settings.max_prompt_tokens:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
