@@ -89,7 +89,7 @@ class LoadConfig:
         for burst in self.bursts:
             if burst.at <= t < burst.at + burst.seconds:
                 rate *= burst.factor
-        return max(rate, 1e-3)
+        return rate
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import random
 import signal
 import time
@@ -212,15 +213,20 @@ class LoadGenerator:
 
     async def _open_loop(self, stub: api_pb2_grpc.LoraLoopStub, tasks: set[asyncio.Task]) -> None:
         cfg = self.config
+        peak = cfg.rate * max([1.0, *(b.factor for b in cfg.bursts)])
+        end = math.inf if cfg.duration is None else cfg.duration
         next_at = 0.0
         while True:
-            # Poisson arrivals: exponential gaps at the rate in force at the last arrival.
-            next_at += self._rng.expovariate(cfg.rate_at(next_at))
-            delay = next_at - self.now()
+            # A Poisson process whose rate changes over time (ramp, bursts), by thinning:
+            # candidates at the peak rate, each kept with probability rate_at(t) / peak.
+            next_at += self._rng.expovariate(peak)
+            if next_at < end and self._rng.random() * peak > cfg.rate_at(next_at):
+                continue
+            delay = min(next_at, end) - self.now()  # never sleep past the end of the run
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
-            if cfg.duration is not None and next_at >= cfg.duration:
+            if next_at >= end:
                 return
             if not self._may_start():
                 return
