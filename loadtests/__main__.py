@@ -296,6 +296,49 @@ def cmd_capacity(ns: argparse.Namespace) -> int:
     return 0
 
 
+# --- profile ---------------------------------------------------------------------------------
+def cmd_profile(ns: argparse.Namespace) -> int:
+    from loadtests import profile, report
+    from loadtests.config import LoadConfig
+    from loadtests.generator import run_load
+    from loadtests.stack import Stack
+
+    profile.py_spy()
+    out = ns.out / "profile"
+    with console.status("starting Kafka, server and learner..."):
+        stack = Stack(out / "stack", **_stack_options(ns)).start()
+    try:
+        assert stack.server is not None
+        fields = _load_fields(ns, {**STACK_DEFAULTS, "duration": 40.0, "rate": 10.0})
+        config = LoadConfig(target=stack.target, **fields)
+        raw = out / "server.pyspy.txt"
+        warmup = 3.0  # sample the steady part, not the first requests
+        recorder = profile.start_recording(
+            stack.server.proc.pid, (config.duration or 30) - warmup, raw
+        )
+        with console.status(f"load + py-spy for {config.duration:g} s..."):
+            result = run_load(config)
+        recorder.wait(60)
+    finally:
+        stack.close()
+    summary = report.write(result, out, "profile-load", console=console)
+    shares = profile.summarize(raw)
+    t = Table(title=f"server process, py-spy: share of active samples "
+                    f"({shares['samples']['active']:.0f} samples)")  # fmt: skip
+    t.add_column("where")
+    t.add_column("share", justify="right")
+    for key in ("by_category", "by_thread"):
+        for name, share in shares[key].items():
+            t.add_row(name, f"{share:.1%}")
+        t.add_section()
+    console.print(t)
+    (out / "profile.json").write_text(
+        json.dumps({"shares": shares, "load": summary}, indent=2, default=str)
+    )
+    console.print(f"wrote {out / 'profile.json'} and {raw}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from loadtests.scenarios import scenario_names
 
@@ -327,14 +370,19 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("capacity", help="step the open-loop rate up to find the capacity")
     p.add_argument("--target", help="a running server; default: start the stack")
-    p.add_argument("--rates", default="0.5,1,1.5,2,2.5,3,4", help="comma-separated sessions/s")
-    p.add_argument("--step-seconds", type=float, default=40.0)
+    p.add_argument("--rates", default="2,5,10,15,20,25,30,40", help="comma-separated sessions/s")
+    p.add_argument("--step-seconds", type=float, default=30.0)
     p.add_argument("--p99-ms", type=float, default=2000.0, help="latency bound of 'sustainable'")
     p.add_argument("--pause", type=float, default=3.0, help="seconds between steps")
     p.add_argument("--name", default="capacity")
     _load_args(p)
     _stack_args(p)
     p.set_defaults(func=cmd_capacity)
+
+    p = sub.add_parser("profile", help="steady load while py-spy samples the server process")
+    _load_args(p)
+    _stack_args(p)
+    p.set_defaults(func=cmd_profile)
 
     ns = parser.parse_args(argv)
     try:

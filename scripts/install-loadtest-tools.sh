@@ -3,7 +3,7 @@
 # checks our figures against. Idempotent: does nothing when the pinned version is there.
 # Needs Go (1.21+) and the Go module proxy; installs into $(go env GOPATH)/bin.
 set -euo pipefail
-GHZ_VERSION="${GHZ_VERSION:-v0.93.0}"
+GHZ_VERSION="${GHZ_VERSION:-v0.120.0}"  # `@latest` resolves to the older v0.93.0, which cannot read proto3 `optional`
 command -v go >/dev/null || { echo "install-loadtest-tools: needs Go on PATH" >&2; exit 2; }
 bin="$(go env GOBIN)"
 [ -n "$bin" ] || bin="$(go env GOPATH)/bin"

@@ -1,0 +1,93 @@
+"""Where the server's time goes under load: py-spy samples of the server process, grouped.
+
+`python -m loadtests profile` starts the stack, drives steady open-loop load and records
+the server process with py-spy (sampling from outside, `--nonblocking`, so the server is
+not paused). Each sampled stack is put in the first category whose rule matches, reading
+from the innermost frame out, and the table shows each category's share of the samples
+in which a thread was running (idle waits are not sampled).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+# (category, substrings of a frame "function (path:line)"); the innermost match wins.
+RULES: list[tuple[str, tuple[str, ...]]] = [
+    ("sampling (top-p, multinomial)", ("sample_tokens",)),
+    ("detokenize (tokenizer.decode)", ("decode (transformers", "decode (tokenizers")),
+    ("tokenize prompt (chat template)", ("apply_chat_template", "encode (service/engines")),
+    ("LoRA: batched multi-LoRA matmuls", ("core/multi_lora.py",)),
+    ("attention (sdpa / eager)", ("attention_interface", "sdpa_attention", "eager_attention")),
+    ("base model forward (other layers)", ("modeling_llama.py", "torch/nn/modules")),
+    ("KV cache / batch bookkeeping", ("cache_utils.py", "service/engines/hf.py")),
+    ("adapter load (store, slots)", ("peft_format.py", "adapter_slots.py", "adapter_store.py")),
+    ("Kafka client (event log, registry)", ("kafka/",)),
+    ("protobuf + request handling", ("service/server.py", "service/validation.py", "protobuf")),
+    ("gRPC + asyncio", ("grpc", "asyncio")),
+]
+
+
+def py_spy() -> str:
+    found = shutil.which("py-spy")
+    if found is None:
+        raise RuntimeError("py-spy is not installed: pip install py-spy")
+    return found
+
+
+def start_recording(pid: int, seconds: float, out: Path, rate: int = 100) -> subprocess.Popen:
+    """py-spy record of `pid` for `seconds`, collapsed stacks ("raw") written to `out`."""
+    cmd = [
+        py_spy(), "record", "--pid", str(pid), "--duration", str(int(seconds)),
+        "--rate", str(rate), "--format", "raw", "--output", str(out), "--nonblocking",
+        "--threads",
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def categorize(stack: str) -> str:
+    frames = stack.split(";")
+    for frame in reversed(frames):  # innermost first
+        for name, needles in RULES:
+            if any(n in frame for n in needles):
+                return name
+    return "other"
+
+
+def thread_of(stack: str) -> str:
+    frames = stack.split(";")
+    joined = stack
+    if "service/engines/hf.py" in joined:
+        return "engine thread"
+    if "event_log.py" in joined:
+        return "event log thread (Kafka producer)"
+    if "adapter_registry.py" in joined:
+        return "adapter registry thread (Kafka consumer)"
+    if "kafka/" in joined:
+        return "Kafka client threads"
+    if any("asyncio" in f or "grpc" in f for f in frames):
+        return "gRPC / asyncio loop"
+    return "other threads"
+
+
+def summarize(raw: Path) -> dict[str, dict[str, float]]:
+    """Shares of active samples by category and by thread, from py-spy's raw output."""
+    by_category: Counter[str] = Counter()
+    by_thread: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        by_category[categorize(stack)] += n
+        by_thread[thread_of(stack)] += n
+    scale = 1.0 / total if total else 0.0
+    return {
+        "samples": {"active": float(total)},
+        "by_category": {k: v * scale for k, v in by_category.most_common()},
+        "by_thread": {k: v * scale for k, v in by_thread.most_common()},
+    }
