@@ -1,4 +1,4 @@
-"""`loraloop` command line: serve, learn, kafka, demo, build-model."""
+"""`loraloop` command line: serve, learn, kafka, demo, eval, ope, build-model."""
 
 from __future__ import annotations
 
@@ -69,6 +69,12 @@ def _demo(ns: argparse.Namespace) -> int:
     return run_demo(users=ns.users, rounds=ns.rounds, out_dir=ns.out, learning_rate=ns.lr)
 
 
+def _eval(ns: argparse.Namespace) -> int:
+    from loraloop.eval import run_eval
+
+    return run_eval(ns.seeds, ns.users, ns.rounds, ns.out, skip_model=ns.skip_model)
+
+
 def _ope(ns: argparse.Namespace) -> int:
     from core.settings import Settings
     from learner.ope_report import run_ope
@@ -103,10 +109,27 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="Kafka + server + learner + simulated users, end to end")
     p.add_argument("--users", type=int, default=6, help="simulated users")
-    p.add_argument("--rounds", type=int, default=150, help="interactions per user")
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the LoRA updates")
+    p.add_argument("--rounds", type=int, default=100, help="interactions per user")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate of the LoRA updates (default: LORALOOP_LEARNING_RATE)",
+    )
     p.add_argument("--out", default="out/demo", help="where the plot and logs go")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "eval", help="measure personalization on the demo world over seeds, with intervals"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per seed")
+    p.add_argument("--users", type=int, default=6, help="simulated users per run")
+    p.add_argument("--rounds", type=int, default=100, help="interactions per user")
+    p.add_argument("--out", default="out/eval", help="where eval.json and the logs go")
+    p.add_argument(
+        "--skip-model", action="store_true", help="skip the model's well-formedness report"
+    )
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("ope", help="off-policy estimates of arm policies from the logged events")
     p.set_defaults(func=_ope)
