@@ -34,13 +34,32 @@ def response_distributions(
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         ids[i, : lengths[i]] = torch.tensor(p + r, dtype=torch.long)
         mask[i, : lengths[i]] = 1
+    starts = [len(p) - 1 for p in prompts]
+    sizes = [len(r) for r in responses]
+    rows = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
+    cols = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, sizes, strict=True)])
     with bank.rows(slots):
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    logp = logits[:, :-1].float().log_softmax(-1)
-    return [
-        logp[i, len(p) - 1 : len(p) - 1 + len(r)]
-        for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
-    ]
+        if _head_on_hidden_states(model):
+            # Only response positions need the vocabulary projection: project those alone.
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = model.get_output_embeddings()(hidden[rows, cols])
+        else:
+            logits = model(input_ids=ids, attention_mask=mask).logits[rows, cols]
+    return list(logits.float().log_softmax(-1).split(sizes))
+
+
+def _head_on_hidden_states(model: torch.nn.Module) -> bool:
+    """True when logits are just the output embedding applied to the decoder's hidden
+    states (Llama, Qwen, Mistral...), not rescaled or soft-capped afterwards (Gemma...)."""
+    config = getattr(model, "config", None)
+    return (
+        hasattr(model, "get_decoder")
+        and hasattr(model, "get_output_embeddings")
+        and model.get_output_embeddings() is not None
+        and not getattr(config, "final_logit_softcapping", None)
+        and not getattr(config, "logit_scale", None)
+        and not hasattr(model, "logit_scale")
+    )
 
 
 def token_logprobs(
