@@ -159,6 +159,11 @@ class Settings(BaseSettings):
         600.0, gt=0, description="How long an interaction waits for its feedback."
     )
     seed: int = Field(0, description="Seed of the learner's adapter initialisation.")
+    reward_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Overrides of the reward function's weights (learner/rewards.py), e.g. "
+        '{"thumbs": 1.0, "copied": 0.5, "dwell": 0.0} as JSON in LORALOOP_REWARD_WEIGHTS.',
+    )
     default_reward: float | None = Field(
         None,
         description="Reward of an interaction whose feedback did not come within "

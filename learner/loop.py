@@ -36,7 +36,7 @@ from learner import guard
 from learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
 from learner.joiner import Joiner, Sample
 from learner.metrics import LearnerMetrics
-from learner.rewards import RewardConfig, reward
+from learner.rewards import reward, reward_config
 from learner.user_models import UserModel, UserModels
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Learner:
         self.guard = guard.GuardConfig(
             settings.kl_limit, settings.guard_window, settings.guard_drop
         )
-        self.rewards = RewardConfig()
+        self.rewards = reward_config(settings.reward_weights)
         self.max_users_per_step = max_users_per_step
         self._ready: dict[str, list[Sample]] = defaultdict(list)
         self._bandit_dirty: set[str] = set()

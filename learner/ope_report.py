@@ -19,7 +19,7 @@ from core.gen.loraloop.v1 import events_pb2
 from core.settings import Settings
 from learner import ope
 from learner.joiner import Joiner
-from learner.rewards import RewardConfig, reward
+from learner.rewards import reward, reward_config
 
 
 def read_logs(settings: Settings, timeout_s: float = 30.0) -> tuple[ope.Logs, list[str]]:
@@ -30,7 +30,7 @@ def read_logs(settings: Settings, timeout_s: float = 30.0) -> tuple[ope.Logs, li
     )
     joiner = Joiner(wait_seconds=1e9)  # offline: every feedback may still come
     rows: list[tuple[int, list[float], int, float, float]] = []
-    cfg = RewardConfig()
+    cfg = reward_config(settings.reward_weights)
     try:
         tps = [
             TopicPartition(t, p)

@@ -6,12 +6,14 @@ than dwell time. Explicit signals dominate by default; the implicit ones nudge.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.gen.loraloop.v1 import common_pb2
 
 
 class RewardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     thumbs: float = Field(1.0, description="Weight of thumbs (+1 up / -1 down).")
     rating: float = Field(1.0, description="Weight of the rating, mapped from [0,1] to [-1,1].")
     accepted: float = Field(0.5, description="Added when accepted, subtracted when not.")
@@ -21,6 +23,17 @@ class RewardConfig(BaseModel):
     follow_up: float = Field(0.1, description="Added when the user asked a follow-up.")
     dwell: float = Field(0.2, description="Weight of dwell time, saturating at dwell_full_ms.")
     dwell_full_ms: int = Field(30_000, gt=0, description="Dwell that earns the full weight.")
+
+
+def reward_config(weights: dict[str, float]) -> RewardConfig:
+    """The reward function with `weights` overriding its defaults (settings.reward_weights)."""
+    try:
+        return RewardConfig(**weights)
+    except ValidationError as exc:
+        known = ", ".join(RewardConfig.model_fields)
+        raise ValueError(
+            f"reward_weights {weights}: {exc.errors()[0]['msg']}; known weights: {known}"
+        ) from exc
 
 
 def reward(signals: common_pb2.FeedbackSignals, cfg: RewardConfig | None = None) -> float:

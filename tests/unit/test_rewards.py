@@ -6,7 +6,8 @@ import pydantic
 import pytest
 
 from core.gen.loraloop.v1 import common_pb2
-from learner.rewards import RewardConfig, reward
+from core.settings import Settings
+from learner.rewards import RewardConfig, reward, reward_config
 
 
 def sig(**kw) -> common_pb2.FeedbackSignals:
@@ -101,3 +102,12 @@ def test_none_config_means_defaults() -> None:
 def test_dwell_full_ms_must_be_positive() -> None:
     with pytest.raises(pydantic.ValidationError):
         RewardConfig(dwell_full_ms=0)
+
+
+def test_weights_come_from_settings_and_unknown_ones_are_refused() -> None:
+    settings = Settings(reward_weights={"thumbs": 0.25, "copied": 0.0})
+    cfg = reward_config(settings.reward_weights)
+    assert (cfg.thumbs, cfg.copied, cfg.accepted) == (0.25, 0.0, 0.5)
+    assert reward(common_pb2.FeedbackSignals(thumbs=1, copied=True), cfg) == 0.25
+    with pytest.raises(ValueError, match="known weights"):
+        reward_config({"thumbz": 1.0})
