@@ -17,6 +17,7 @@ from typing import Any
 from core.gen.loraloop.v1 import events_pb2
 from core.kafka.broker import KafkaBroker, ensure_loraloop_topics
 from core.settings import Settings
+from core.tiny_model import ensure_tiny_model
 from loraloop.client import LoraLoopClient
 from loraloop.processes import Process
 
@@ -106,6 +107,10 @@ class Stack:
             adapter_store=(self.out / "adapters").resolve(),
             **self.overrides,
         )
+        if self.settings.model == "tiny":
+            # Build (or find) it here: a child that had to build it would miss its start-up
+            # timeout, and the server and learner would wait on each other's build lock.
+            ensure_tiny_model(progress=False)
         ensure_loraloop_topics(self.settings)
         self.server = Process(["serve"], self.settings, SERVER_READY, log=self.out / "server.log")
         if self.with_learner:
