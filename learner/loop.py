@@ -30,6 +30,7 @@ from core.bandits.features import DIM
 from core.bandits.linear import POPULATION, BanditState
 from core.gen.loraloop.v1 import events_pb2
 from core.kafka.broker import ensure_loraloop_topics
+from core.kafka.replay import read_to_end
 from core.model_loading import LoadedModel, load_model
 from core.settings import Settings
 from learner import guard
@@ -121,26 +122,11 @@ class Learner:
     def _restore_population(self) -> None:
         """Pick up the pooled bandit statistics where the last learner left them."""
         s = self.settings
-        reader = KafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap, group_id=None, enable_auto_commit=False
-        )
-        try:
-            tps = [
-                TopicPartition(s.topic_bandit_state, p)
-                for p in sorted(reader.partitions_for_topic(s.topic_bandit_state) or ())
-            ]
-            reader.assign(tps)
-            reader.seek_to_beginning(*tps)
-            ends = reader.end_offsets(tps)
-            while any(reader.position(tp) < end for tp, end in ends.items()):
-                for batch in reader.poll(timeout_ms=500).values():
-                    for record in batch:
-                        if record.key == POPULATION.encode() and record.value is not None:
-                            msg = events_pb2.BanditState.FromString(record.value)
-                            if msg.seq > self.population.seq and msg.dim == DIM:
-                                self.population = BanditState.from_proto(msg, self.arms)
-        finally:
-            reader.close()
+        for record in read_to_end(s.kafka_bootstrap, [s.topic_bandit_state]):
+            if record.key == POPULATION.encode() and record.value is not None:
+                msg = events_pb2.BanditState.FromString(record.value)
+                if msg.seq > self.population.seq and msg.dim == DIM:
+                    self.population = BanditState.from_proto(msg, self.arms)
 
     def close(self) -> None:
         if self.producer is not None:

@@ -9,13 +9,13 @@ and a greedy linear policy fitted on the first half of the logs (evaluated on th
 from __future__ import annotations
 
 import numpy as np
-from kafka import KafkaConsumer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
 from core.bandits.arms import load_arms
 from core.bandits.features import DIM
 from core.gen.loraloop.v1 import events_pb2
+from core.kafka.replay import read_to_end
 from core.settings import Settings
 from learner import ope
 from learner.joiner import Joiner
@@ -25,59 +25,33 @@ from learner.rewards import reward, reward_config
 def read_logs(settings: Settings, timeout_s: float = 30.0) -> tuple[ope.Logs, list[str]]:
     """Joined (context, arm, propensity, reward) rows from Kafka, oldest first."""
     arms = [a.name for a in load_arms(settings.arms_file)]
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False
-    )
     joiner = Joiner(wait_seconds=1e9)  # offline: every feedback may still come
     rows: list[tuple[int, list[float], int, float, float]] = []
     cfg = reward_config(settings.reward_weights)
-    try:
-        tps = [
-            TopicPartition(t, p)
-            for t in (settings.topic_interactions, settings.topic_feedback)
-            for p in sorted(consumer.partitions_for_topic(t) or ())
-        ]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        ends = consumer.end_offsets(tps)
-        polls = int(timeout_s / 0.5)
-        while polls and any(consumer.position(tp) < end for tp, end in ends.items()):
-            polls -= 1
-            for tp, batch in consumer.poll(timeout_ms=500).items():
-                for rec in batch:
-                    pos = (tp.topic, tp.partition, rec.offset)
-                    try:
-                        if tp.topic == settings.topic_interactions:
-                            sample = joiner.add_interaction(
-                                events_pb2.Interaction.FromString(rec.value), pos
-                            )
-                        else:
-                            sample = joiner.add_feedback(
-                                events_pb2.FeedbackEvent.FromString(rec.value), pos
-                            )
-                    except Exception:  # malformed: the learner skips these too
-                        continue
-                    it = sample.interaction if sample else None
-                    if (
-                        it is None
-                        or sample is None
-                        or sample.feedback is None
-                        or it.arm not in arms
-                        or len(it.context) != DIM
-                        or it.arm_propensity <= 0
-                    ):
-                        continue
-                    rows.append(
-                        (
-                            it.timestamp_ms,
-                            list(it.context),
-                            arms.index(it.arm),
-                            it.arm_propensity,
-                            reward(sample.feedback.signals, cfg),
-                        )
-                    )
-    finally:
-        consumer.close()
+    topics = [settings.topic_interactions, settings.topic_feedback]
+    for rec in read_to_end(settings.kafka_bootstrap, topics, timeout_s):
+        pos = (rec.topic, rec.partition, rec.offset)
+        try:
+            if rec.topic == settings.topic_interactions:
+                sample = joiner.add_interaction(events_pb2.Interaction.FromString(rec.value), pos)
+            else:
+                sample = joiner.add_feedback(events_pb2.FeedbackEvent.FromString(rec.value), pos)
+        except Exception:  # malformed: the learner skips these too
+            continue
+        if sample is None or sample.feedback is None:
+            continue
+        it = sample.interaction
+        if it.arm not in arms or len(it.context) != DIM or it.arm_propensity <= 0:
+            continue
+        rows.append(
+            (
+                it.timestamp_ms,
+                list(it.context),
+                arms.index(it.arm),
+                it.arm_propensity,
+                reward(sample.feedback.signals, cfg),
+            )
+        )
     rows.sort(key=lambda row: row[0])
     logs = ope.Logs(
         contexts=np.array([r[1] for r in rows]).reshape(-1, DIM),

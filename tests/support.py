@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.kafka.replay import read_to_end
 from core.settings import Settings
 from loraloop.processes import Process, settings_env
 
@@ -71,24 +72,5 @@ class InProcessServer:
 
 
 def read_topic(bootstrap: str, topic: str, timeout: float = 20.0) -> list[Any]:
-    """Every record currently in `topic`, read with a plain consumer (no group)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        parts = [
-            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])
-        ]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        ends = consumer.end_offsets(parts)
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout
-        while any(consumer.position(tp) < end for tp, end in ends.items()):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"could not read {topic} to its end")
-            for batch in consumer.poll(timeout_ms=200).values():
-                records.extend(batch)
-        return records
-    finally:
-        consumer.close()
+    """Every record currently in `topic`."""
+    return list(read_to_end(bootstrap, [topic], timeout))

@@ -14,7 +14,9 @@ from core.adapter_store import AdapterStore
 from core.bandits.features import DIM
 from core.gen.loraloop.v1 import common_pb2, events_pb2
 from core.peft_format import read_peft_dir
+from learner import ope
 from learner.loop import Learner
+from learner.ope_report import read_logs, run_ope
 from loraloop.client import LoraLoopClient
 from loraloop.processes import ROOT
 from tests.support import InProcessServer, isolated_settings, read_topic, wait_until
@@ -92,6 +94,14 @@ def test_bandit_learns_the_users_arm_through_server_and_learner(
     assert len(events) == 24
     assert all(0 < e.arm_propensity <= 1 and len(e.context) == DIM for e in events)
     assert all(e.prompt.startswith("system: ") == (e.arm != "default") for e in events)
+
+    # off-policy evaluation from the same logs: always playing "brief" earned +1 each time
+    logs, arms = read_logs(settings)
+    assert len(logs.actions) == 24
+    brief = ope.fixed_arm(arms.index("brief"), len(arms))
+    assert ope.snips(logs, brief).value == pytest.approx(1.0)
+    assert ope.doubly_robust(logs, brief, len(arms)).value > 0.5
+    assert run_ope(settings) == 0
 
 
 def test_kl_guard_rolls_the_user_back_to_the_base(kafka_bootstrap: str, tmp_path: Path) -> None:
