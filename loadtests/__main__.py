@@ -128,11 +128,19 @@ def cmd_stack(ns: argparse.Namespace) -> int:
     from loadtests.scenarios import run_scenario, scenario_names
 
     names = scenario_names() if ns.scenario == "all" else [ns.scenario]
+    knobs = {
+        "burst": {"factor": ns.burst_factor},
+        "cold-users": {"slots": ns.cold_slots, "users": ns.cold_users},
+        "learner-restart": {"down": ns.learner_down},
+        "kafka-outage": {"seconds": ns.outage_seconds},
+    }
     summaries = {}
     for name in names:
         base = _load_fields(ns, STACK_DEFAULTS)
         base.setdefault("user_prefix", name)
-        summaries[name] = run_scenario(name, base, ns.out, console, _stack_options(ns))
+        summaries[name] = run_scenario(
+            name, base, ns.out, console, _stack_options(ns), knobs.get(name, {})
+        )
     if len(names) > 1:
         (ns.out / "scenarios.json").write_text(json.dumps(summaries, indent=2, default=str))
     return 0 if all(s["completed"] for s in summaries.values()) else 1
@@ -355,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("stack", help="start Kafka + server + learner, run a scenario, stop")
     p.add_argument("--scenario", default="steady", choices=[*scenario_names(), "all"])
+    g = p.add_argument_group("scenario knobs")
+    g.add_argument("--burst-factor", type=float, default=4.0, help="burst: rate multiplier")
+    g.add_argument("--cold-users", type=int, default=48, help="cold-users: users")
+    g.add_argument("--cold-slots", type=int, default=4, help="cold-users: adapter slots")
+    g.add_argument("--learner-down", type=float, default=2.0, help="learner-restart: s down")
+    g.add_argument("--outage-seconds", type=float, default=15.0, help="kafka-outage: s down")
     _load_args(p)
     _stack_args(p)
     p.set_defaults(func=cmd_stack)

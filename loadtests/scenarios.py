@@ -133,7 +133,7 @@ def kafka_outage(seconds: float = 15.0) -> Plan:
     return Plan(actions=actions, windows=_around("kafka-outage"), after=after)
 
 
-SCENARIOS: dict[str, Callable[[], Plan]] = {
+SCENARIOS: dict[str, Callable[..., Plan]] = {
     "steady": steady,
     "burst": burst,
     "cold-users": cold_users,
@@ -148,6 +148,7 @@ def run_scenario(
     out: Path,
     console: Console,
     stack_options: dict[str, Any] | None = None,
+    scenario_options: dict[str, Any] | None = None,
 ) -> dict:
     """Start a stack, run scenario `name` with `base` LoadConfig fields, stop everything.
 
@@ -155,7 +156,7 @@ def run_scenario(
     """
     import asyncio
 
-    plan = SCENARIOS[name]()
+    plan = SCENARIOS[name](**(scenario_options or {}))
     options = {**(stack_options or {}), **plan.stack}
     with console.status(f"[{name}] starting Kafka, server and learner..."):
         stack = Stack(out / name / "stack", **options).start()
