@@ -332,8 +332,9 @@ def cmd_profile(ns: argparse.Namespace) -> int:
         stack.close()
     summary = report.write(result, out, "profile-load", console=console)
     shares = profile.summarize(raw)
-    t = Table(title=f"server process, py-spy: share of active samples "
-                    f"({shares['samples']['active']:.0f} samples)")  # fmt: skip
+    n = shares["samples"]
+    t = Table(title=f"server process, py-spy: share of busy samples ({n['busy']:.0f} busy,"
+                    f" {n['waiting']:.0f} waiting)")  # fmt: skip
     t.add_column("where")
     t.add_column("share", justify="right")
     for key in ("by_category", "by_thread"):

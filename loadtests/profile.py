@@ -4,7 +4,8 @@
 the server process with py-spy (sampling from outside, `--nonblocking`, so the server is
 not paused). Each sampled stack is put in the first category whose rule matches, reading
 from the innermost frame out, and the table shows each category's share of the samples
-in which a thread was running (idle waits are not sampled).
+in which a thread was busy (stacks that end blocked in select / a condition / a queue are
+counted apart as waiting: with `--nonblocking` py-spy cannot always tell them idle).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ("LoRA: batched multi-LoRA matmuls", ("core/multi_lora.py",)),
     ("attention (sdpa / eager)", ("attention_interface", "sdpa_attention", "eager_attention")),
     ("base model forward (other layers)", ("modeling_llama.py", "torch/nn/modules")),
-    ("KV cache / batch bookkeeping", ("cache_utils.py", "service/engines/hf.py")),
+    ("engine bookkeeping (KV cache, batch, hf.py)", ("cache_utils.py", "service/engines/hf.py")),
     ("adapter load (store, slots)", ("peft_format.py", "adapter_slots.py", "adapter_store.py")),
     ("Kafka client (event log, registry)", ("kafka/",)),
     ("protobuf + request handling", ("service/server.py", "service/validation.py", "protobuf")),
@@ -47,8 +48,16 @@ def start_recording(pid: int, seconds: float, out: Path, rate: int = 100) -> sub
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+# Leaf frames of a thread that is blocked, not working: with --nonblocking py-spy cannot
+# always tell, so these samples are counted apart as waiting.
+IDLE_LEAVES = ("select (selectors.py", "wait (threading.py", "get (queue.py", "sleep (")
+WAITING = "waiting (select / condition / queue)"
+
+
 def categorize(stack: str) -> str:
     frames = stack.split(";")
+    if any(needle in frames[-1] for needle in IDLE_LEAVES):
+        return WAITING
     for frame in reversed(frames):  # innermost first
         for name, needles in RULES:
             if any(n in frame for n in needles):
@@ -57,17 +66,15 @@ def categorize(stack: str) -> str:
 
 
 def thread_of(stack: str) -> str:
-    frames = stack.split(";")
-    joined = stack
-    if "service/engines/hf.py" in joined:
+    if "service/engines/hf.py" in stack or "hf-engine" in stack:
         return "engine thread"
-    if "event_log.py" in joined:
+    if "event_log.py" in stack:
         return "event log thread (Kafka producer)"
-    if "adapter_registry.py" in joined:
+    if "adapter_registry.py" in stack:
         return "adapter registry thread (Kafka consumer)"
-    if "kafka/" in joined:
+    if "kafka/" in stack:
         return "Kafka client threads"
-    if any("asyncio" in f or "grpc" in f for f in frames):
+    if "asyncio" in stack or "grpc" in stack or "MainThread" in stack:
         return "gRPC / asyncio loop"
     return "other threads"
 
@@ -83,11 +90,15 @@ def summarize(raw: Path) -> dict[str, dict[str, float]]:
             continue
         n = int(count)
         total += n
-        by_category[categorize(stack)] += n
-        by_thread[thread_of(stack)] += n
-    scale = 1.0 / total if total else 0.0
+        category = categorize(stack)
+        by_category[category] += n
+        if category != WAITING:
+            by_thread[thread_of(stack)] += n
+    waiting = by_category.pop(WAITING, 0)
+    busy = total - waiting
+    scale = 1.0 / busy if busy else 0.0
     return {
-        "samples": {"active": float(total)},
+        "samples": {"sampled": float(total), "busy": float(busy), "waiting": float(waiting)},
         "by_category": {k: v * scale for k, v in by_category.most_common()},
         "by_thread": {k: v * scale for k, v in by_thread.most_common()},
     }
