@@ -86,7 +86,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--max-tokens", type=int, default=32)
     ns = parser.parse_args()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)
     tmp = Path(tempfile.mkdtemp(prefix="serving-breakdown-"))
     rows = []
     with KafkaBroker(data_dir=tmp / "kafka", log_level="WARN") as broker:
