@@ -6,6 +6,7 @@ import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from core.settings import Settings
 
@@ -46,6 +47,18 @@ class GenerationResult:
     text: str = ""
     finish_reason: str = "length"
     prompt_tokens: int = 0
+
+
+def encode_with(
+    tokenizer: Any, prompt: str | None, messages: list[tuple[str, str]] | None
+) -> list[int]:
+    """Token ids of a plain prompt, or of chat messages through the tokenizer's chat
+    template (with the generation prompt); every engine encodes this one way."""
+    if messages is not None:
+        chat = [{"role": r, "content": c} for r, c in messages]
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return list(tokenizer(prompt or "")["input_ids"])
 
 
 class AdapterLoadError(RuntimeError):
@@ -99,5 +112,7 @@ def build_engine(settings: Settings) -> Engine:
 
         return HFEngine(settings)
     if settings.engine == "vllm":
-        raise ValueError("engine 'vllm' is not available in this build yet: use engine=hf")
+        from service.engines.vllm import VLLMEngine  # imports vllm: only when chosen
+
+        return VLLMEngine(settings)
     raise ValueError(f"unknown engine {settings.engine!r}: use 'hf' or 'vllm'")

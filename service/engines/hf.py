@@ -33,6 +33,7 @@ from service.engines.base import (
     Engine,
     GenerationRequest,
     TokenChunk,
+    encode_with,
 )
 from service.engines.batching import RunningBatch
 
@@ -146,12 +147,7 @@ class HFEngine(Engine):
 
     # --- API ----------------------------------------------------------------------------
     def encode(self, prompt: str | None, messages: list[tuple[str, str]] | None) -> list[int]:
-        tok = self.lm.tokenizer
-        if messages is not None:
-            chat = [{"role": r, "content": c} for r, c in messages]
-            ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return list(tok(prompt or "")["input_ids"])
+        return encode_with(self.lm.tokenizer, prompt, messages)
 
     def finish_reason(self, token_ids: list[int], max_tokens: int) -> str:
         eos = self.lm.tokenizer.eos_token_id
