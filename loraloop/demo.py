@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,11 +43,12 @@ from loraloop.processes import ROOT, Process
 
 PROBE = "How do I cook pasta?"
 DEMO_ARMS = ROOT / "configs" / "demo-arms.toml"
-SERIES = ("base", "global", "personalized")
+SERIES = ("base", "global", "personalized", "oracle")
 ALL_SERIES = ("base", "global", "arm", "personalized", "oracle")
 MAX_TOKENS = 64  # the longest corpus replies are about 55 tokens
 TEMPERATURE = 1.0  # the same for every series: sampling, as in production
-console = Console()
+# Wide enough for the table when the output is not a terminal (rich then assumes 80).
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 Rewards = dict[str, dict[str, list[float]]]  # series -> user -> reward per interaction
 
@@ -92,9 +94,11 @@ def _round(
 
 
 def _probe(client: LoraLoopClient, users: list[SimulatedUser]) -> dict[str, str]:
+    """Each user's reply to the same question, sampled with a fixed seed (greedy decoding
+    of a tiny model repeats itself, which is not what users see)."""
     return {
         u.user_id: client.generate(
-            u.user_id, messages=[("user", PROBE)], max_tokens=MAX_TOKENS, temperature=0
+            u.user_id, messages=[("user", PROBE)], max_tokens=MAX_TOKENS, seed=7
         ).text.strip()
         for u in users
     }
@@ -307,7 +311,7 @@ def _run_users(
     table = Table(
         title=f"Reward per user (share of the liked attributes), last {tail} interactions"
     )
-    for col in ("user", "likes", "an arm expresses it", "adapter", "most played arm", *series):
+    for col in ("user", "likes", "an arm fits", "adapter", "top arm", *series):
         table.add_column(col)
     for u in people:
         arms = states[u.user_id].arms
