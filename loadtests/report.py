@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from loadtests.generator import RunResult
@@ -169,11 +170,12 @@ def table(summary: dict, title: str) -> Table:
     for name, w in summary["windows"].items():
         avail = "-" if w["availability"] is None else f"{w['availability']:.0%}"
         t.add_row(
-            f"[{name}] {w['from_s']:.0f}-{w['to_s']:.0f} s",
-            f"{w['ok']}/{w['sessions']} ok ({avail}), p99 {_ms(w['latency_ms']['p99'])} ms",
+            f"{name}: {w['from_s']:.0f}-{w['to_s']:.0f} s",
+            f"{w['ok']}/{w['sessions']} ok ({avail}), p99 {_ms(w['latency_ms']['p99'])} ms,"
+            f" newest adapter v{w['max_version']}",
         )
     for name, info in summary["actions"].items():
-        t.add_row(f"action {name}", ", ".join(f"{k}={v}" for k, v in info.items()))
+        t.add_row(f"action {name}", escape(", ".join(f"{k}={v}" for k, v in info.items())))
     return t
 
 
