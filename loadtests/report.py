@@ -266,5 +266,8 @@ def write(
     plot(result, out_dir / f"{name}.png", f"loadtests: {name}")
     if console is not None:
         console.print(table(summary, f"{name} ({result.config.target})"))
+        for key, value in (extra or {}).items():
+            if key != "stack":
+                console.print(f"{key}: {json.dumps(value, default=str)}", markup=False)
         console.print(f"wrote {out_dir / (name + '.json')} and {out_dir / (name + '.png')}")
     return summary
