@@ -327,7 +327,7 @@ def _run_users(
     means = {n: statistics.mean(r for s in rewards[n].values() for r in s[-tail:]) for n in series}
     table.add_row("all", "", "", "", "", *(f"{means[n]:.2f}" for n in series), style="bold")
     console.print(table)
-    console.print(f"greedy reply to {PROBE!r}, before -> after:")
+    console.print(f"a reply to {PROBE!r} (sampled, seed 7), before -> after:")
     for u in people:
         b, a = before[u.user_id], after[u.user_id]
         console.print(f"  {u.user_id} (likes {u.likes})", highlight=False)
