@@ -32,6 +32,7 @@ def isolated_settings(bootstrap: str, tmp: Path, **overrides: Any) -> Settings:
         "topic_interactions": f"interactions-{tag}",
         "topic_feedback": f"feedback-{tag}",
         "topic_adapter_updates": f"adapter-updates-{tag}",
+        "topic_bandit_state": f"bandit-state-{tag}",
         "topic_partitions": 2,
         "group_id": f"learner-{tag}",
         "adapter_store": tmp / "adapters",

@@ -99,7 +99,7 @@ def store_adapter(tmp_path: Path, w: LoRAWeights, lm: LoadedModel) -> Path:
 
 
 def test_bank_wraps_every_target(lm: LoadedModel) -> None:
-    assert len(lm.bank.layers) == 2 * 4  # 2 layers x q,k,v,o
+    assert len(lm.bank.layers) == lm.model.config.num_hidden_layers * 4  # q,k,v,o per layer
     assert lm.bank.rank == 8 and lm.bank.alpha == 16.0 and lm.bank.scaling == 2.0
     assert not any(p.requires_grad for p in lm.model.parameters())
 
