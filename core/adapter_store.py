@@ -8,6 +8,7 @@ fsynced, then renamed into place, so readers see a whole version or none.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -35,11 +36,15 @@ class StoredVersion:
     user_id: str
     version: int
     path: Path
-    checksum: str
 
     @property
     def uri(self) -> str:
         return self.path.resolve().as_uri()
+
+    @functools.cached_property
+    def checksum(self) -> str:
+        """SHA-256 of the weights, read only when asked for (serving never needs it)."""
+        return sha256_file(self.path / ADAPTER_WEIGHTS)
 
 
 def sha256_file(path: Path) -> str:
@@ -90,7 +95,7 @@ class AdapterStore:
         weights = path / ADAPTER_WEIGHTS
         if not weights.is_file():
             raise AdapterStoreError(f"{user_id} v{version}: no {ADAPTER_WEIGHTS} in {path}")
-        return StoredVersion(user_id, version, path, sha256_file(weights))
+        return StoredVersion(user_id, version, path)
 
     def write(
         self,
@@ -122,7 +127,7 @@ class AdapterStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return StoredVersion(user_id, version, final, sha256_file(final / ADAPTER_WEIGHTS))
+        return StoredVersion(user_id, version, final)
 
     def learner_state(self, user_id: str, version: int) -> dict[str, Any]:
         path = self.version_dir(user_id, version) / LEARNER_STATE
