@@ -1,8 +1,9 @@
 """Learning curves of each learning setup on the demo world, through the real stack.
 
 Each setup runs the demo (Kafka, `loraloop serve`, `loraloop learn`, simulated users with
-hidden tastes over the demo world's style attributes) and records reward per interaction; the same prompts are also
-served to a base-model twin, so every run carries its own baseline. Prints a table of mean
+hidden tastes over the demo world's style attributes) and records reward per interaction;
+the same prompts are also served to a base-model twin, so every run carries its own
+baseline. Prints a table of mean
 reward at checkpoints and interactions to reach 80 % of the best achievable reward, and
 saves the curves as a plot.
 

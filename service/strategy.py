@@ -42,7 +42,9 @@ class StrategyChooser:
         self._follower: TopicFollower | None = None
         if len(self.arms) > 1:
             self._follower = TopicFollower(
-                settings.kafka_bootstrap, [settings.topic_bandit_state], self._apply,
+                settings.kafka_bootstrap,
+                [settings.topic_bandit_state],
+                self._apply,
                 "bandit-state",
             )
 

@@ -380,9 +380,7 @@ def test_kl_value_and_loss_by_hand(lm, data) -> None:
     kls = _kl_by_hand(lm, w, prompts, responses)
     assert min(kls) > 1e-4  # the adapter really is away from the base
     lps = mean_logps(lm, w, prompts, responses)
-    (upd,) = reinforce_step(
-        lm, [batch(w, prompts, responses, rewards, b)], config(kl_coef=beta)
-    )
+    (upd,) = reinforce_step(lm, [batch(w, prompts, responses, rewards, b)], config(kl_coef=beta))
     assert upd.kl == pytest.approx(sum(kls) / 2, rel=1e-4)
     pg = -sum((r - b) * lp for r, lp in zip(rewards, lps, strict=True)) / 2
     assert upd.loss == pytest.approx(pg + beta * sum(kls) / 2, rel=1e-4)
