@@ -6,7 +6,7 @@ export TOKENIZERS_PARALLELISM := false
 # glibc's allocator made torch step times wander on this machine kind; this steadies them.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184
 
-.PHONY: setup demo test lint protos clean ops-tools local-stack vllm bench
+.PHONY: setup demo test lint protos clean ops-tools local-stack vllm bench loadtest-tools loadtest capacity
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +54,13 @@ bench: setup
 	$(PY) benchmarks/bench_adapter_cache.py
 	$(PY) benchmarks/bench_serving_overheads.py
 	$(PY) benchmarks/bench_learner_step.py
+
+# Load tests (loadtests/README.md): ghz for the comparison, the scenarios, the capacity sweep.
+loadtest-tools:
+	scripts/install-loadtest-tools.sh
+
+loadtest: setup
+	$(PY) -m loadtests stack --scenario all
+
+capacity: setup
+	$(PY) -m loadtests capacity

@@ -104,6 +104,10 @@ class Learner:
                 auto_offset_reset="earliest",
                 client_id="loraloop-learner",
                 bootstrap_timeout_ms=timeout_ms,
+                # A killed learner's partitions move to a live one after this long (the
+                # default 45 s left users without updates for about a minute).
+                session_timeout_ms=10_000,
+                heartbeat_interval_ms=3_000,
             )
             self.producer = KafkaProducer(
                 bootstrap_servers=s.kafka_bootstrap,

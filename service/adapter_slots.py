@@ -31,17 +31,22 @@ class AdapterSlots:
             self.hits += 1
             self._resident.move_to_end(key)
             return slot
-        self.misses += 1
-        weights = read()  # may raise: nothing changes then
-        # A slot freed by drop_user may still serve a running row: never hand that one out.
+        # Find room before reading anything: when every slot serves a running row, the
+        # caller waits, and nothing is read or counted again and again meanwhile.
         free = next((s for s in reversed(self._free) if s not in pinned), None)
-        if free is not None:
-            self._free.remove(free)
-            slot = free
-        else:
+        victim = None
+        if free is None:
             victim = next((k for k, s in self._resident.items() if s not in pinned), None)
             if victim is None:
                 raise SlotsPinned("every adapter slot is pinned: raise adapter_slots")
+        self.misses += 1
+        weights = read()  # may raise: nothing has changed yet
+        if free is not None:
+            # A slot freed by drop_user may still serve a running row: never that one.
+            self._free.remove(free)
+            slot = free
+        else:
+            assert victim is not None
             slot = self._resident.pop(victim)
             self.evictions += 1
         try:

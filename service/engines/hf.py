@@ -219,25 +219,25 @@ class HFEngine(Engine):
         running batch. Jobs whose adapter fails to load are answered with the error."""
         pinned = {r.slot for r in rows}
         new: list[_Row] = []
+        blocked: list[_Job] = []  # need a slot while all are pinned: keep their place
         with self._slot_lock:
             while waiting and len(rows) + len(new) < self.settings.max_batch_size:
-                job = waiting[0]
+                job = waiting.popleft()
                 if job.cancelled.is_set():
-                    waiting.popleft()
                     continue
                 try:
                     slot = self._slot_for(job.request, pinned)
                 except SlotsPinned:
-                    break  # every slot serves a running row: wait for one to finish
+                    blocked.append(job)  # others (base, resident adapters) may still go
+                    continue
                 except AdapterLoadError as exc:
-                    waiting.popleft()
                     job.emit(exc)
                     continue
-                waiting.popleft()
                 pinned.add(slot)
                 seed = job.request.seed
                 gen = torch.Generator().manual_seed(seed) if seed is not None else None
                 new.append(_Row(job, slot, gen))
+        waiting.extendleft(reversed(blocked))
         if not new:
             return
         self.prefills += 1

@@ -189,3 +189,17 @@ def test_drop_user_frees_their_slots() -> None:
     assert slots.acquire(("bob", 1), reader(3), set()) == sb
     slots.drop_user("nobody")
     assert len(slots) == 3
+
+
+def test_all_pinned_reads_nothing_and_counts_no_miss() -> None:
+    """While every slot serves a running row, a waiting adapter is not read (again and
+    again, each decoding step) nor counted as a miss: the caller just waits."""
+    rec = Recorder()
+    slots = AdapterSlots(3, rec)
+    pinned = {slots.acquire(("a", 1), reader(1), set()), slots.acquire(("b", 1), reader(2), set())}
+    calls: list = []
+    misses = slots.misses
+    for _ in range(5):
+        with pytest.raises(RuntimeError, match="pinned"):
+            slots.acquire(("c", 1), reader(3, calls), pinned)
+    assert calls == [] and slots.misses == misses
