@@ -71,12 +71,13 @@ class MultiLoRALinear(nn.Module):
             return out
         if not torch.is_grad_enabled():
             return self._serve(x, out, ids)
+        # Training: scale the small gathered B, not the [rows, seq, out] product, and add
+        # into the base output with one baddbmm (out-of-place: autograd needs `out`).
         a = self.lora_A[ids].transpose(1, 2)  # [rows, in, r]
-        b = self.lora_B[ids].transpose(1, 2)  # [rows, r, out]
-        squeeze = x.dim() == 2
-        x3 = x.unsqueeze(1) if squeeze else x
-        delta = torch.bmm(torch.bmm(x3, a), b) * self.scaling
-        return out + (delta.squeeze(1) if squeeze else delta)
+        b = self.lora_B[ids].transpose(1, 2) * self.scaling  # [rows, r, out]
+        if x.dim() == 2:
+            return torch.baddbmm(out.unsqueeze(1), torch.bmm(x.unsqueeze(1), a), b).squeeze(1)
+        return torch.baddbmm(out, torch.bmm(x, a), b)
 
     def _serve(self, x: torch.Tensor, out: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Inference: per-row A and scaled B gathered once per row assignment and reused by
