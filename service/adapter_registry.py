@@ -16,11 +16,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
-
 from core.adapter_store import AdapterStore
 from core.gen.loraloop.v1 import events_pb2
+from core.kafka.follow import TopicFollower
 from service.engines.base import AdapterRef
 
 log = logging.getLogger(__name__)
@@ -42,26 +40,29 @@ class AdapterRegistry:
         on_delete: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
-        self._bootstrap = bootstrap
-        self._topic = topic
         self._on_delete = on_delete
         self._lock = threading.Lock()
         self._latest: dict[str, AdapterRef | None] = {}
         self._published_at: dict[tuple[str, int], float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="adapter-updates", daemon=True)
-        self.caught_up = threading.Event()
-        self.updates_seen = 0
+        self._follower = TopicFollower(bootstrap, [topic], self._on_record, "adapter-updates")
         # Metrics hook: (user_id, version, published_s, live) for every version applied;
         # live = published while we were following (not replayed at start-up).
         self.on_applied: Callable[[str, int, float, bool], None] | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._follower.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self._follower.stop()
+
+    @property
+    def caught_up(self) -> threading.Event:
+        """Set once every update that existed at start-up has been applied."""
+        return self._follower.caught_up
+
+    @property
+    def updates_seen(self) -> int:
+        return self._follower.records
 
     def resolve(self, user_id: str) -> AdapterRef | None:
         """The version to serve `user_id` with (None: the base model)."""
@@ -102,42 +103,7 @@ class AdapterRegistry:
         with self._lock:
             self._latest[user_id] = None
 
-    def _follow(self) -> None:
-        while not self._stop.is_set():
-            try:
-                consumer = KafkaConsumer(
-                    bootstrap_servers=self._bootstrap,
-                    enable_auto_commit=False,
-                    group_id=None,
-                    client_id="loraloop-server-adapters",
-                    consumer_timeout_ms=-1,
-                )
-                partitions = consumer.partitions_for_topic(self._topic) or set()
-                if not partitions:
-                    raise KafkaError(f"topic {self._topic} has no partitions (yet)")
-                tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
-                consumer.assign(tps)
-                consumer.seek_to_beginning(*tps)
-                ends = consumer.end_offsets(tps)
-                self._consume(consumer, ends)
-                consumer.close()
-            except KafkaError as exc:
-                log.warning("adapter-updates unavailable (%s); retrying", exc)
-                self._stop.wait(2.0)
-
-    def _consume(self, consumer: KafkaConsumer, ends: dict[TopicPartition, int]) -> None:
-        while not self._stop.is_set():
-            for _tp, records in consumer.poll(timeout_ms=200).items():
-                for record in records:
-                    self._apply_record(record.key, record.value)
-                    self.updates_seen += 1
-            if not self.caught_up.is_set() and all(
-                consumer.position(tp) >= end for tp, end in ends.items()
-            ):
-                self.caught_up.set()
-                log.info("adapter view rebuilt from %s: %d users", self._topic, len(self._latest))
-
-    def _apply_record(self, key: bytes | None, value: bytes | None) -> None:
+    def _on_record(self, _topic: str, key: bytes | None, value: bytes | None) -> None:
         if key is None:
             log.warning("adapter update without a key skipped")
             return
