@@ -16,6 +16,7 @@ from typing import Any
 
 from core.gen.loraloop.v1 import events_pb2
 from core.kafka.broker import KafkaBroker, ensure_loraloop_topics
+from core.kafka.replay import read_to_end
 from core.settings import Settings
 from core.tiny_model import ensure_tiny_model
 from loraloop.client import LoraLoopClient
@@ -27,31 +28,12 @@ LEARNER_READY = r"learner consuming"
 
 def count_request_ids(bootstrap: str, topic: str, timeout: float = 30.0) -> set[str]:
     """Request ids of every Interaction/FeedbackEvent now in `topic` (read to its end)."""
-    from kafka import KafkaConsumer, TopicPartition
-
     parse = (
         events_pb2.FeedbackEvent.FromString
         if "feedback" in topic
         else events_pb2.Interaction.FromString
     )
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        parts = [
-            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])
-        ]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        ends = consumer.end_offsets(parts)
-        found: set[str] = set()
-        deadline = time.monotonic() + timeout
-        while any(consumer.position(tp) < end for tp, end in ends.items()):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"could not read {topic} to its end in {timeout:.0f}s")
-            for batch in consumer.poll(timeout_ms=200).values():
-                found.update(parse(r.value).request_id for r in batch if r.value)
-        return found
-    finally:
-        consumer.close()
+    return {parse(r.value).request_id for r in read_to_end(bootstrap, [topic], timeout) if r.value}
 
 
 def events_lost(bootstrap: str, topic: str, served: set[str], settle: float = 30.0) -> dict:
