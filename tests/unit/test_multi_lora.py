@@ -3,7 +3,6 @@ per-row adapters in mixed batches, rank padding, and per-slot gradients."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,23 +16,9 @@ from core.model_loading import LoadedModel, load_model
 from core.multi_lora import BASE_SLOT, LoRABank, LoRAWeights
 from core.peft_format import read_peft_dir, to_peft_files
 from core.settings import Settings
-from core.tiny_model import ensure_tiny_model
 
 SLOTS = 4
 ATOL = 1e-5  # float32 logits of magnitude ~10: a few ulps of summation-order noise
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _pin_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    return ensure_tiny_model(progress=False)
 
 
 @pytest.fixture(scope="module")

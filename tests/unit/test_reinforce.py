@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -32,14 +31,6 @@ def config(**kw) -> ReinforceConfig:
         kw.setdefault("kl_coef", 0.0)
     kw.setdefault("loo_baseline", False)
     return ReinforceConfig(**kw)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _pin_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ deterministic build, and training that actually learned the corpus."""
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,21 +25,6 @@ from core.tiny_model import (
 
 # A spec that builds in about a second: few corpus lines, three training steps.
 QUICK = dataclasses.replace(TinyModelSpec(), corpus_lines=300, train_steps=3)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _pin_threads() -> Iterator[None]:
-    """Two cores here; more intra-op threads than cores only slows tiny matmuls down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    """The default tiny model from the shared cache (built once, then reused across runs)."""
-    return ensure_tiny_model(progress=False)
 
 
 @pytest.fixture(scope="module")
