@@ -20,7 +20,7 @@ from loraloop.eval import sign_flip_p
 pytestmark = pytest.mark.kafka
 
 USERS = 3  # the shared tastes of loraloop.demo_world.TASTES
-ROUNDS = 24
+ROUNDS = 40  # enough that the second half holds 60 paired samples: p < 0.01 holds run to run
 
 
 def test_personalized_beats_base_for_users_with_a_clear_taste(
