@@ -44,7 +44,9 @@ RANK, ALPHA = 8, 16.0
 PAD = 0
 
 
-def build_model(hidden: int, layers: int, seed: int = 0) -> LlamaForCausalLM:
+def build_model(
+    hidden: int, layers: int, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=4096,
@@ -58,7 +60,9 @@ def build_model(hidden: int, layers: int, seed: int = 0) -> LlamaForCausalLM:
         pad_token_id=PAD,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
+    with torch.device(device):  # initialise in place: a GPU builds a 1B model in seconds
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval().requires_grad_(False)
 
 
 def random_adapter(model: torch.nn.Module, seed: int) -> LoRAWeights:
@@ -66,8 +70,9 @@ def random_adapter(model: torch.nn.Module, seed: int) -> LoRAWeights:
     weights = LoRAWeights(RANK, ALPHA)
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in TARGETS and isinstance(module, torch.nn.Linear):
-            weights.a[name] = torch.randn(RANK, module.in_features, generator=gen) * 0.05
-            weights.b[name] = torch.randn(module.out_features, RANK, generator=gen) * 0.05
+            a = torch.randn(RANK, module.in_features, generator=gen) * 0.05
+            b = torch.randn(module.out_features, RANK, generator=gen) * 0.05
+            weights.a[name], weights.b[name] = a.to(module.weight.dtype), b.to(module.weight.dtype)
     return weights
 
 
@@ -100,10 +105,18 @@ class PeftMixed(torch.nn.Module):
         return self.peft_model(**kwargs, adapter_names=self.names)
 
 
-def run_size(hidden: int, layers: int, n: int, steps: int, repeats: int) -> dict[str, float]:
+def run_size(
+    hidden: int,
+    layers: int,
+    n: int,
+    steps: int,
+    repeats: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, float]:
     from peft import PeftModel
 
-    base = build_model(hidden, layers)
+    base = build_model(hidden, layers, device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
     lengths = torch.randint(12, 33, (n,), generator=gen).tolist()
     prompts = [torch.randint(4, 4096, (k,), generator=gen).tolist() for k in lengths]
@@ -124,7 +137,7 @@ def run_size(hidden: int, layers: int, n: int, steps: int, repeats: int) -> dict
         peft_model = PeftModel.from_pretrained(copy.deepcopy(base), dirs[0], adapter_name="a0")
         for i in range(1, n):
             peft_model.load_adapter(dirs[i], adapter_name=f"a{i}")
-        peft_model.eval()
+        peft_model.eval().to(device)
     names = [f"a{i}" for i in range(n)]
     peft_mixed = PeftMixed(peft_model)
     peft_mixed.names = names
@@ -167,8 +180,9 @@ def run_size(hidden: int, layers: int, n: int, steps: int, repeats: int) -> dict
     differs_from_base = sum(a != b for a, b in zip(outputs["mixed"], outputs["base"], strict=True))
 
     print(
-        f"\n=== hidden {hidden}, {layers} layers: {n} requests x {n} rank-{RANK} adapters "
-        f"(q/k/v/o), {steps} greedy tokens, medians of {repeats} interleaved repeats ==="
+        f"\n=== hidden {hidden}, {layers} layers, {device} {str(dtype).removeprefix('torch.')}: "
+        f"{n} requests x {n} rank-{RANK} adapters (q/k/v/o), {steps} greedy tokens, "
+        f"medians of {repeats} interleaved repeats ==="
     )
     for name in methods:
         print(
@@ -198,12 +212,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
     results = {}
     for size in args.sizes.split(","):
         hidden, layers = (int(v) for v in size.split("x"))
-        results[size] = run_size(hidden, layers, args.requests, args.tokens, args.repeats)
+        results[size] = run_size(
+            hidden, layers, args.requests, args.tokens, args.repeats, args.device, dtype
+        )
     print(
         "\nsummary (targets: mixed >= 0.9x base, >= 0.95x from hidden 512; >= 10x switching;"
         " identical to peft):"

@@ -123,7 +123,8 @@ class LoRABank:
     def set_rows(self, slot_ids: torch.Tensor | list[int] | None) -> None:
         """Select the adapter of every batch row for the following forward passes."""
         if slot_ids is not None and not isinstance(slot_ids, torch.Tensor):
-            slot_ids = torch.tensor(slot_ids, dtype=torch.long)
+            device = next(iter(self.layers.values())).lora_A.device
+            slot_ids = torch.tensor(slot_ids, dtype=torch.long, device=device)
         self._rows.ids = slot_ids
         self._rows.generation += 1
 

@@ -97,14 +97,19 @@ class RunningBatch:
         self.model = model
         self.bank = bank
         self.pad_id = pad_id
+        self.device = next(model.parameters()).device
         self.cache: DynamicCache | None = None
-        self.mask = torch.zeros((0, 0), dtype=torch.long)
-        self.positions = torch.zeros(0, dtype=torch.long)  # next position of each row
+        self.mask = self._longs((0, 0))
+        self.positions = self._longs(0)  # next position of each row
         self.slots: list[int] = []
         self._bank_rows: list[int] | None = None  # what the bank was last told
 
     def __len__(self) -> int:
         return len(self.slots)
+
+    def _longs(self, shape: int | tuple[int, ...], fill: int = 0) -> torch.Tensor:
+        size = (shape,) if isinstance(shape, int) else shape
+        return torch.full(size, fill, dtype=torch.long, device=self.device)
 
     def _forward(
         self,
@@ -138,10 +143,11 @@ class RunningBatch:
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)  # built on the host, one copy each
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = _new_cache()
         logits = self._forward(ids, mask, positions, cache, list(slots))
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
         self._merge(cache, mask, lengths, list(slots))
         return logits
 
@@ -164,7 +170,7 @@ class RunningBatch:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (`[rows]`) and return next-token logits `[rows, vocab]`."""
         assert self.cache is not None
-        self.mask = torch.cat([self.mask, torch.ones((len(self), 1), dtype=torch.long)], dim=1)
+        self.mask = torch.cat([self.mask, self._longs((len(self), 1), 1)], dim=1)
         logits = self._forward(
             tokens.view(-1, 1), self.mask, self.positions[:, None], self.cache, self.slots
         )
@@ -177,10 +183,10 @@ class RunningBatch:
             return
         if not rows:
             self.cache, self.slots = None, []
-            self.mask = torch.zeros((0, 0), dtype=torch.long)
-            self.positions = torch.zeros(0, dtype=torch.long)
+            self.mask = self._longs((0, 0))
+            self.positions = self._longs(0)
             return
-        index = torch.tensor(rows, dtype=torch.long)
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
         mask = self.mask.index_select(0, index)
         # Columns that are padding in every remaining row are dropped from the left.
         first = int(mask.any(0).nonzero()[0])
