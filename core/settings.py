@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -119,9 +119,36 @@ class Settings(BaseSettings):
     vllm_gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="vllm engine on a GPU: share of its memory vLLM may use."
     )
-    request_id_secret: str = Field(
-        "loraloop-dev-secret",
+    request_id_secret: SecretStr = Field(
+        SecretStr("loraloop-dev-secret"),
         description="HMAC key binding request ids to users; set a real secret in production.",
+    )
+
+    # --- security (service/auth.py, service/tls.py) -----------------------------------------
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="API keys and the user ids each may act for: entries `KEY=SCOPES` "
+        "separated by ';' or newlines; SCOPES is a comma-separated list of `*` (any user), "
+        "`PREFIX*` (ids starting with PREFIX) or exact user ids; KEY is the key itself (16+ "
+        "characters) or `sha256:<hex digest>` of it. Example: `k-admin-...=*;k-acme-...=acme.*`. "
+        "Clients send the key as `x-api-key` (or `authorization: Bearer KEY`) metadata. "
+        "Empty: no key is asked for (the local demo).",
+    )
+    auth_required: bool = Field(
+        False,
+        description="Refuse to start without api_keys (production: set true so a missing "
+        "secret cannot silently open the API).",
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate chain of the gRPC server; set with tls_key_file."
+    )
+    tls_key_file: Path | None = Field(
+        None, description="PEM private key of tls_cert_file; unset: plaintext gRPC."
+    )
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle: when set, clients must present a certificate signed by "
+        "it (mutual TLS).",
     )
     event_queue_size: int = Field(
         10_000, ge=1, description="Events buffered for Kafka before new ones are dropped."

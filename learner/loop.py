@@ -33,8 +33,10 @@ from core.kafka.broker import ensure_loraloop_topics
 from core.kafka.replay import read_to_end
 from core.model_loading import LoadedModel, load_model
 from core.settings import Settings
+from core.user_ids import user_id_error
 from learner import guard
 from learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
+from learner.deletions import DeletedUsers
 from learner.joiner import Joiner, Sample
 from learner.metrics import LearnerMetrics
 from learner.rewards import reward, reward_config
@@ -71,6 +73,7 @@ class Learner:
         self.max_users_per_step = max_users_per_step
         self._ready: dict[str, list[Sample]] = defaultdict(list)
         self._bandit_dirty: set[str] = set()
+        self.deleted = DeletedUsers()  # events from before a user's deletion are dropped
         self.stats = {
             "updates": 0,
             "versions": 0,
@@ -78,6 +81,7 @@ class Learner:
             "skipped_applied": 0,
             "malformed": 0,
             "deleted_users": 0,
+            "skipped_deleted": 0,
             "rollbacks": 0,
             "default_rewards": 0,
             "unknown_arms": 0,
@@ -173,18 +177,25 @@ class Learner:
     def _ingest(self, record: Any) -> None:
         s = self.settings
         pos = (record.topic, record.partition, record.offset)
+        if record.topic == s.topic_adapter_updates:
+            # A tombstone deletes its user; a failure to delete (a disk error) is not
+            # skipped like a malformed record: it stops the learner, which replays it.
+            if record.value is None and record.key:
+                self._delete_user(record.key.decode(errors="replace"), int(record.timestamp or 0))
+            self.joiner.seen(pos)
+            return
         try:
             if record.topic == s.topic_interactions:
-                sample = self.joiner.add_interaction(
-                    events_pb2.Interaction.FromString(record.value), pos
-                )
+                interaction = events_pb2.Interaction.FromString(record.value)
+                if not self._admissible(interaction, record, pos):
+                    return
+                sample = self.joiner.add_interaction(interaction, pos)
             elif record.topic == s.topic_feedback:
-                sample = self.joiner.add_feedback(
-                    events_pb2.FeedbackEvent.FromString(record.value), pos
-                )
+                feedback = events_pb2.FeedbackEvent.FromString(record.value)
+                if not self._admissible(feedback, record, pos):
+                    return
+                sample = self.joiner.add_feedback(feedback, pos)
             else:
-                if record.topic == s.topic_adapter_updates and record.value is None and record.key:
-                    self._delete_user(record.key.decode(errors="replace"))
                 self.joiner.seen(pos)
                 return
         except Exception:  # protobuf DecodeError or garbage: skip and count, never crash
@@ -194,6 +205,20 @@ class Learner:
             return
         if sample is not None:
             self._ready[sample.user_id].append(sample)
+
+    def _admissible(self, event: Any, record: Any, pos: tuple[str, int, int]) -> bool:
+        """Raises ValueError (counted as malformed) for a user_id that could not name a
+        store directory; False, the record skipped, for an event from before its user's
+        deletion (it must not bring the user back)."""
+        error = user_id_error(event.user_id)
+        if error:
+            raise ValueError(error)
+        stamped = event.timestamp_ms or int(record.timestamp or 0)
+        if self.deleted.predates_deletion(event.user_id, stamped):
+            self.stats["skipped_deleted"] += 1
+            self.joiner.seen(pos)
+            return False
+        return True
 
     def _reward(self, sample: Sample) -> float:
         if sample.feedback is None:
@@ -349,18 +374,27 @@ class Learner:
             )
         self._bandit_dirty.clear()
 
-    def _delete_user(self, user_id: str) -> None:
+    def _delete_user(self, user_id: str, timestamp_ms: int = 0) -> None:
+        """Forget everything of a user: queued samples, cached model, stored versions.
+
+        Tombstones on both compacted topics follow, so the newest record of the user there
+        is a tombstone even when one of our versions or bandit updates was published after
+        the server's tombstone. Our own adapter-updates tombstone comes back to us and
+        finds nothing left to remove, so it is not answered again."""
+        if user_id_error(user_id):
+            return
+        self.deleted.record(user_id, timestamp_ms or int(time.time() * 1000))
         self._ready.pop(user_id, None)
         self._bandit_dirty.discard(user_id)
         self.joiner.forget_user(user_id)
         self.users.forget(user_id)
-        try:
-            self.store.delete_user(user_id)
-        except ValueError:
-            return
+        removed = self.store.delete_user(user_id)
         if self.producer is not None:
-            self.producer.send(self.settings.topic_bandit_state, key=user_id.encode(), value=None)
-        self.stats["deleted_users"] += 1
+            key = user_id.encode()
+            self.producer.send(self.settings.topic_bandit_state, key=key, value=None)
+            if removed:
+                self.producer.send(self.settings.topic_adapter_updates, key=key, value=None)
+        self.stats["deleted_users"] += int(removed)
 
     def _commit(self) -> None:
         if self.consumer is None:

@@ -51,7 +51,7 @@ STATS_COUNTERS = {
     ),
 }
 # Learner.stats key -> reason label of loraloop_learner_samples_skipped_total.
-SKIP_REASONS = {"skipped_applied": "already_applied"}
+SKIP_REASONS = {"skipped_applied": "already_applied", "skipped_deleted": "user_deleted"}
 # Joiner counter attributes -> outcome label of loraloop_learner_joiner_events_total.
 JOINER_OUTCOMES = ("duplicate", "expired", "late", "orphaned", "mismatched")
 

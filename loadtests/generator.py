@@ -28,6 +28,7 @@ import grpc
 
 from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2
 from loadtests.config import LoadConfig
+from loraloop.client import api_key_metadata, tls_credentials
 from loraloop.demo_world import SimulatedUser, make_users
 
 # Status names that are not gRPC codes: the client itself gave up or could not send.
@@ -117,6 +118,10 @@ class LoadGenerator:
         self._in_flight = 0
         self._stop = asyncio.Event()
         self.on_session: Callable[[Call], None] | None = None  # progress hook
+        # From the environment (LORALOOP_API_KEY, LORALOOP_TLS_*), never from the config,
+        # which is written into reports.
+        self._metadata = api_key_metadata()
+        self._credentials = tls_credentials()
 
     def now(self) -> float:
         return time.monotonic() - self._t0
@@ -141,7 +146,9 @@ class LoadGenerator:
         try:
             if stream:
                 final = None
-                async for msg in stub.GenerateStream(request, timeout=self.config.timeout):
+                async for msg in stub.GenerateStream(
+                    request, timeout=self.config.timeout, metadata=self._metadata
+                ):
                     if msg.HasField("final"):
                         final = msg.final
                     elif msg.delta and call.ttft is None:
@@ -150,7 +157,9 @@ class LoadGenerator:
                     raise RuntimeError("stream ended without its final message")
                 response = final
             else:
-                response = await stub.Generate(request, timeout=self.config.timeout)
+                response = await stub.Generate(
+                    request, timeout=self.config.timeout, metadata=self._metadata
+                )
             text = response.text
             call.request_id = response.request_id
             call.tokens = response.usage.completion_tokens
@@ -190,6 +199,7 @@ class LoadGenerator:
                         signals=common_pb2.FeedbackSignals(**signals),  # type: ignore[arg-type]
                     ),
                     timeout=self.config.timeout,
+                    metadata=self._metadata,
                 )
             except asyncio.CancelledError:
                 fb.code = ABANDONED
@@ -271,7 +281,12 @@ class LoadGenerator:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGINT, self._stop.set)  # Ctrl-C: stop issuing
         options = [("grpc.max_concurrent_streams", 10_000)]
-        async with grpc.aio.insecure_channel(cfg.target, options=options) as channel:
+        channel = (
+            grpc.aio.secure_channel(cfg.target, self._credentials, options=options)
+            if self._credentials is not None
+            else grpc.aio.insecure_channel(cfg.target, options=options)
+        )
+        async with channel:
             await asyncio.wait_for(channel.channel_ready(), 60)
             stub = api_pb2_grpc.LoraLoopStub(channel)
             self._t0 = time.monotonic()

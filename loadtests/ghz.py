@@ -19,6 +19,7 @@ from typing import Any
 
 from loadtests.config import check_loopback
 from loadtests.generator import make_load_users
+from loraloop.client import api_key_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "protos" / "loraloop" / "v1" / "api.proto"
@@ -68,6 +69,12 @@ def run_ghz(
         data = Path(tmp) / "data.json"
         data.write_text(json.dumps(messages))
         report = Path(tmp) / "report.json"
+        auth = []
+        if metadata := api_key_metadata():  # $LORALOOP_API_KEY, in a file: not on argv
+            meta = Path(tmp) / "metadata.json"
+            meta.touch(mode=0o600)
+            meta.write_text(json.dumps(dict(metadata)))
+            auth = [f"--metadata-file={meta}"]
         cmd = [
             binary,
             "--insecure",
@@ -80,6 +87,7 @@ def run_ghz(
             f"--timeout={timeout:g}s",
             "--connections=1",
             "--format=json",
+            *auth,
             f"--output={report}",
             target,
         ]

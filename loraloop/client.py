@@ -6,11 +6,17 @@
 
 Every call has a deadline; calls that fail with UNAVAILABLE (server restarting, not yet
 up) are retried with exponential backoff by gRPC's own retry policy.
+
+Security comes from arguments or, when they are not given, the environment:
+`LORALOOP_API_KEY` is sent as `x-api-key` metadata on every call, and
+`LORALOOP_TLS_CA_FILE` (the CA that signed the server's certificate) switches to TLS, with
+`LORALOOP_TLS_CLIENT_CERT_FILE` + `LORALOOP_TLS_CLIENT_KEY_FILE` for mutual TLS.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -33,6 +39,42 @@ def _service_config(retries: int) -> str:
     return json.dumps(
         {"methodConfig": [{"name": [{"service": "loraloop.v1.LoraLoop"}], "retryPolicy": policy}]}
     )
+
+
+API_KEY_ENV = "LORALOOP_API_KEY"
+TLS_CA_ENV = "LORALOOP_TLS_CA_FILE"
+TLS_CERT_ENV = "LORALOOP_TLS_CLIENT_CERT_FILE"
+TLS_KEY_ENV = "LORALOOP_TLS_CLIENT_KEY_FILE"
+
+
+def api_key_metadata(api_key: str | None = None) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata carrying `api_key` (default: $LORALOOP_API_KEY); None without a key."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
+    return (("x-api-key", key),) if key else None
+
+
+def tls_credentials(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials from PEM files (default: the LORALOOP_TLS_* variables); None
+    when no CA is given, i.e. plaintext."""
+    ca_file = ca_file or os.environ.get(TLS_CA_ENV) or None
+    cert_file = cert_file or os.environ.get(TLS_CERT_ENV) or None
+    key_file = key_file or os.environ.get(TLS_KEY_ENV) or None
+    if ca_file is None:
+        if cert_file or key_file:
+            raise ValueError(f"a client certificate needs the server's CA too: set {TLS_CA_ENV}")
+        return None
+    if bool(cert_file) != bool(key_file):
+        raise ValueError(f"mutual TLS needs both {TLS_CERT_ENV} and {TLS_KEY_ENV}")
+    return grpc.ssl_channel_credentials(_read(ca_file), _read(key_file), _read(cert_file))
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 @dataclass(frozen=True)
@@ -78,6 +120,7 @@ class LoraLoopClient:
         api_key: str | None = None,
     ) -> None:
         options = [("grpc.service_config", _service_config(retries)), ("grpc.enable_retries", 1)]
+        credentials = credentials or tls_credentials()
         self._channel = (
             grpc.secure_channel(target, credentials, options)
             if credentials
@@ -86,7 +129,7 @@ class LoraLoopClient:
         self._stub = api_pb2_grpc.LoraLoopStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout = timeout
-        self._metadata = (("x-api-key", api_key),) if api_key else None
+        self._metadata = api_key_metadata(api_key)
 
     # --- lifecycle ----------------------------------------------------------------------
     def wait_ready(self, timeout: float = 60.0) -> None:

@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 from typing import IO
 
+from pydantic import SecretStr
+
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,8 +25,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if value is None:
             env.pop(f"LORALOOP_{name.upper()}", None)
             continue
+        if isinstance(value, SecretStr):  # masked in reprs, handed over in full
+            value = value.get_secret_value()
         env[f"LORALOOP_{name.upper()}"] = (
-            json.dumps(value) if isinstance(value, list) else str(value)
+            json.dumps(value) if isinstance(value, list | dict) else str(value)
         )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"

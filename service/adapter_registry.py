@@ -84,7 +84,7 @@ class AdapterRegistry:
             if self._on_delete:
                 self._on_delete(user_id)
             return True
-        ref = AdapterRef(user_id, event.version, path_from_uri(event.uri))
+        ref = AdapterRef(user_id, event.version, self._checked_path(user_id, event.uri))
         with self._lock:
             current = self._latest.get(user_id)
             if current is not None and current.version >= ref.version:
@@ -97,11 +97,22 @@ class AdapterRegistry:
             )
         return True
 
+    def _checked_path(self, user_id: str, uri: str) -> Path:
+        """The version directory `uri` names, which must lie in this user's store directory:
+        an event can never make the server read files from anywhere else."""
+        path = path_from_uri(uri)
+        user_dir = self._store.user_dir(user_id).resolve()  # ValueError for a bad user_id
+        if not path.resolve().is_relative_to(user_dir):
+            raise ValueError(f"adapter URI {uri[:200]!r} is outside {user_dir}")
+        return path
+
     def forget(self, user_id: str) -> None:
         """Serve the base model to a deleted user, without consulting the store (the
         learner may not have removed the old versions yet); a new version re-enters."""
         with self._lock:
             self._latest[user_id] = None
+            for key in [k for k in self._published_at if k[0] == user_id]:
+                del self._published_at[key]
 
     def _on_record(self, _topic: str, key: bytes | None, value: bytes | None) -> None:
         if key is None:

@@ -166,6 +166,11 @@ class ServerMetrics:
         if live and delay is not None:
             self.adapter_swap.observe(max(0.0, delay))
 
+    def forget_user(self, user_id: str) -> None:
+        """A deleted user: drop the version whose hot swap we were waiting to time."""
+        with self._lock:
+            self._live.pop(user_id, None)
+
     # --- adapter-registry hook ------------------------------------------------------------
     def adapter_applied(self, user_id: str, version: int, published_s: float, live: bool) -> None:
         """The registry applied a new version; `live`: it was published while we followed

@@ -20,11 +20,14 @@ from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
 from core.metrics_exporter import start_metrics_exporter
 from core.settings import Settings
 from service.adapter_registry import AdapterRegistry
+from service.auth import build_interceptor
 from service.engines.base import AdapterLoadError, Engine, GenerationRequest, build_engine
 from service.event_log import EventLog
 from service.metrics import ServerMetrics
 from service.request_ids import RequestIds
 from service.strategy import Choice, StrategyChooser
+from service.tls import describe as describe_tls
+from service.tls import server_credentials
 from service.validation import (
     RequestError,
     check_input,
@@ -68,7 +71,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         self.events = events
         self.store = store
         self.strategy = strategy
-        self.request_ids = RequestIds(settings.request_id_secret)
+        self.request_ids = RequestIds(settings.request_id_secret.get_secret_value())
 
     # --- Generate -----------------------------------------------------------------------
     def _prepare(self, request: api_pb2.GenerateRequest) -> Prepared:
@@ -248,11 +251,20 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             user_id = check_user(request.user_id)
         except RequestError as err:
             await context.abort(err.code, err.message)
-        # The tombstone tells every replica and the learner (which owns the store) to forget.
-        self.registry.forget(user_id)
+        # Forget here at once (registry, engine slots and host cache, bandit state); the
+        # tombstones tell every replica and the learner (which owns the store) to forget.
+        self.registry.apply(user_id, None)
         self.strategy.forget(user_id)
-        self.engine.drop_user(user_id)
-        self.events.publish(self.settings.topic_adapter_updates, user_id, None)
+        s = self.settings
+        queued = all(
+            self.events.publish(topic, user_id, None)
+            for topic in (s.topic_adapter_updates, s.topic_bandit_state)
+        )
+        if not queued:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "event queue is full, the deletion was not recorded: retry with backoff",
+            )
         return api_pb2.DeleteUserResponse(deleted=True)
 
 
@@ -278,19 +290,31 @@ class RunningServer:
 
 async def create_server(settings: Settings, engine: Engine | None = None) -> RunningServer:
     """Start the engine, Kafka follower and event log, then serve on settings.host:port."""
+    # Security settings first: a misconfiguration fails before the model loads.
+    auth = build_interceptor(
+        settings.api_keys.get_secret_value(), settings.auth_required, SERVICE_NAME
+    )
+    credentials = server_credentials(settings)
     engine = engine or build_engine(settings)
     await engine.start()
     store = AdapterStore(settings.adapter_store)
+    strategy = StrategyChooser(settings)
+    metrics = ServerMetrics()
+
+    def forget_user(user_id: str) -> None:
+        """A tombstone (ours or another replica's): drop what this process holds of the user."""
+        engine.drop_user(user_id)
+        strategy.forget(user_id)
+        metrics.forget_user(user_id)
+
     registry = AdapterRegistry(
-        store, settings.kafka_bootstrap, settings.topic_adapter_updates, engine.drop_user
+        store, settings.kafka_bootstrap, settings.topic_adapter_updates, forget_user
     )
     registry.start()
     events = EventLog(settings.kafka_bootstrap, settings.event_queue_size)
     events.start()
-    strategy = StrategyChooser(settings)
     strategy.start()
     service = LoraLoopService(settings, engine, registry, events, store, strategy)
-    metrics = ServerMetrics()
     metrics.watch(
         engine=engine,
         registry=registry,
@@ -298,18 +322,33 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
         adapter_slots=settings.adapter_slots,
         queue_size=settings.event_queue_size,
     )
-    server = grpc.aio.server(interceptors=[metrics.interceptor])
+    interceptors: list[grpc.aio.ServerInterceptor] = [metrics.interceptor]
+    if auth is not None:
+        interceptors.append(auth)  # inside metrics: refused calls are counted with their code
+    server = grpc.aio.server(interceptors=interceptors)
     api_pb2_grpc.add_LoraLoopServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    port = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
     await server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d", engine.model_id, settings.host, port)
+    log.info(
+        "serving %s on %s:%d (%s, API keys %s)",
+        engine.model_id,
+        settings.host,
+        port,
+        describe_tls(settings),
+        "required" if auth is not None else "off",
+    )
     return RunningServer(server, port, service, health_servicer, metrics)
 
 
