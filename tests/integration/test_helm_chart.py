@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from core.settings import Settings
+from service.auth import parse_api_keys
 from tests.ops_tools import INSTALL_HINT, find_tool, kubernetes_schemas
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,3 +203,33 @@ def test_rendered_manifests_do_what_the_values_say(helm: str, values: Path) -> N
         assert services and all(
             any(p["name"] == "metrics" for p in s["spec"]["ports"]) for s in services
         )
+
+
+def test_api_keys_are_required_unless_turned_off(helm: str, tmp_path: Path) -> None:
+    """auth.required (on by default) renders LORALOOP_AUTH_REQUIRED, a Secret whose keys the
+    server accepts, and no chart at all when the keys are missing."""
+    bare = tmp_path / "no-keys.yaml"
+    bare.write_text("{}\n")
+    result = subprocess.run(
+        [helm, "template", "demo", str(CHART), "-f", str(bare), "--kube-version", KUBE_VERSION],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "secrets.apiKeys is empty" in result.stderr
+    for values in CI_VALUES:
+        chosen = yaml.safe_load(values.read_text()) or {}
+        required = chosen.get("auth", {}).get("required", True)
+        _, docs = render(helm, values)
+        (config,) = [
+            c
+            for c in by_kind(docs, "ConfigMap")
+            if not c["metadata"]["name"].endswith("-dashboard")
+        ]
+        assert config["data"]["LORALOOP_AUTH_REQUIRED"] == str(required).lower(), values.name
+        secrets = by_kind(docs, "Secret")
+        if chosen.get("secrets", {}).get("create", True):
+            (secret,) = secrets
+            keys = parse_api_keys(secret["stringData"]["LORALOOP_API_KEYS"])
+            assert bool(keys) or not required, values.name
+        else:  # an existing Secret: the server itself refuses to start without keys
+            assert not secrets
