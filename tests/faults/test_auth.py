@@ -18,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc
+from loadtests.config import LoadConfig
+from loadtests.generator import run_load
 from loraloop.client import LoraLoopClient
 from service.auth import ApiKeyConfigError, ApiKeys, parse_api_keys
 from service.server import create_server
@@ -226,3 +228,30 @@ def test_key_lookup_cost() -> None:
         per_call = (time.perf_counter() - started) / rounds
         print(f"\nAPI key lookup with {n} keys configured: {per_call * 1e6:.1f} us per call")
         assert keys.lookup(f"k{n - 1:04d}-{'x' * 16}") is not None
+
+
+def test_load_generator_sends_the_key_from_the_environment(server, monkeypatch) -> None:
+    def load() -> dict[str, int]:
+        config = LoadConfig(
+            target=server.target,
+            concurrency=2,
+            users=2,
+            user_prefix="acme.load",
+            duration=None,
+            requests=4,
+            max_tokens=4,
+            stream_share=0.5,
+        )
+        codes: dict[str, int] = {}
+        for call in run_load(config).calls:
+            codes[f"{call.kind}:{call.code}"] = codes.get(f"{call.kind}:{call.code}", 0) + 1
+        return codes
+
+    monkeypatch.delenv("LORALOOP_API_KEY", raising=False)
+    without = load()
+    monkeypatch.setenv("LORALOOP_API_KEY", ACME)
+    with_key = load()
+    print(f"\nload run without a key: {without}; with LORALOOP_API_KEY: {with_key}")
+    assert all(code.endswith(":UNAUTHENTICATED") for code in without)
+    assert all(code.endswith(":OK") for code in with_key)
+    assert any(code.startswith("feedback:") for code in with_key)
