@@ -14,7 +14,9 @@
 #     --implementation cp --platform manylinux_2_17_x86_64 -d .whl transformers==5.19.0 \
 #     peft==0.21.2 tokenizers==0.23.3 safetensors==0.8.0 huggingface_hub==2.4.0
 #   (plus huggingface_hub's own requirements: pip download without --no-deps lists them)
-#   run(command="bash scripts/gpu-check.sh", carry=[".whl"], timeout_s=480)
+#   run(command="bash scripts/gpu-check.sh", carry=[".whl"], timeout_s=420)
+# On an H200 (2026-11-26) the two benchmark runs took about 3.5 minutes; peft's mixed batch
+# is the slow part (~11 s a run), hence 32 tokens and 3 repeats.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
@@ -32,8 +34,8 @@ torch.cuda.is_available(), '| transformers', transformers.__version__, '| peft',
 status=0
 bench() { timeout "$1" "$PY" benchmarks/bench_mixed_lora.py --device cuda --threads 8 "${@:2}" \
   2>&1 | tee -a "$OUT/bench_mixed_lora_gpu.txt" || status=1; }
-bench 200 --dtype bfloat16 --sizes 1024x8,2048x16 --repeats 5
-bench 150 --dtype float32 --sizes 2048x16 --repeats 3
+bench 170 --dtype bfloat16 --sizes 1024x8,2048x16 --tokens 32 --repeats 3
+bench 120 --dtype float32 --sizes 2048x16 --tokens 32 --repeats 3
 if "$PY" -c "import vllm, torch; assert torch.cuda.is_available()" 2>/dev/null; then
   LORALOOP_DTYPE=float32 timeout 300 "$PY" -m pytest tests/integration/test_engine_contract.py \
     -m vllm -q -rs -p no:cacheprovider || status=$?

@@ -112,6 +112,9 @@ class VLLMEngine(Engine):
             gpu_memory_utilization=s.vllm_gpu_memory_utilization,
             enforce_eager=True,
             disable_log_stats=True,
+            # The log-probs of the distribution actually sampled (after temperature and
+            # top-p), as the hf engine reports: the learner's behaviour policy.
+            logprobs_mode="processed_logprobs",
         )
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self._tmp = tempfile.TemporaryDirectory(prefix="loraloop-zero-lora-")

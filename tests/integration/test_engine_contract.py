@@ -103,6 +103,29 @@ class Reference:
         self.lm.bank.load(1, weights)
         return response_logprobs(self.lm.model, self.lm.bank, [prompt], [response], [1])[0].tolist()
 
+    @torch.no_grad()
+    def sampled_logprobs(
+        self,
+        prompt: list[int],
+        response: list[int],
+        weights: LoRAWeights,
+        temperature: float,
+        top_p: float,
+    ) -> list[float]:
+        """Log-probs of `response` under the distribution a sampler draws from: logits over
+        `temperature`, cut to the smallest top-probability set reaching `top_p`, renormalised
+        (the behaviour policy that off-policy corrections need)."""
+        self.lm.bank.load(1, weights)
+        with self.lm.bank.rows([1]):
+            logits = self.lm.model(input_ids=torch.tensor([prompt + response])).logits[0].float()
+        out = []
+        for k, token in enumerate(response):
+            probs = (logits[len(prompt) + k - 1] / temperature).softmax(-1)
+            ranked, order = probs.sort(descending=True)
+            keep = order[(ranked.cumsum(-1) - ranked) < top_p]
+            out.append(float((probs[token] / probs[keep].sum()).log()) if token in keep else -1e9)
+        return out
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -209,6 +232,24 @@ def test_logprobs_match_a_forward_pass(engine, world) -> None:
     result = loop.run(eng.generate(req))
     expected = world["ref"].logprobs(req.prompt_token_ids, result.token_ids, world["weights"][key])
     assert len(result.logprobs) == len(result.token_ids)
+    assert result.logprobs == pytest.approx(expected, abs=2e-3)
+
+
+def test_sampled_logprobs_are_the_distribution_sampled(engine, world) -> None:
+    """With temperature and top-p, each reported log-prob is the sampled token's under the
+    tempered, nucleus-cut distribution: the behaviour policy the learner's importance
+    weights divide by (vLLM's default reports the raw temperature-1 log-probs instead)."""
+    eng, loop = engine
+    key, temperature, top_p = (0, 2), 0.7, 0.8
+    ids = list(world["tokenizer"](PROMPTS[0])["input_ids"])
+    req = GenerationRequest(
+        "contract-sampled", ids, world["refs"][key], TOKENS, temperature, top_p, seed=7
+    )
+    result = loop.run(eng.generate(req))
+    expected = world["ref"].sampled_logprobs(
+        ids, result.token_ids, world["weights"][key], temperature, top_p
+    )
+    assert len(result.logprobs) == len(result.token_ids) > 1
     assert result.logprobs == pytest.approx(expected, abs=2e-3)
 
 
