@@ -6,20 +6,26 @@ model): hot-swap latency, the cost of event logging, and the gRPC layer's share 
   keeps asking, max_tokens=1). Target p95 <= 250 ms.
 - event logging: time spent building, serialising and queueing the Interaction event of a
   Generate (the server's `_response`, which also builds the reply). Target p99 <= 1 ms.
-- gRPC TTFT: time to the first streamed token through GenerateStream vs `engine.stream` on
-  the server's own loop, same prompts, interleaved. Target <= 5 % more.
+- gRPC TTFT: time to the first streamed token through GenerateStream, from a client in its
+  own process (as a real client is: it does not share the server's GIL), vs `engine.stream`
+  on the server's own loop, same prompt, interleaved. Target <= 5 % more. Measured for the
+  tiny model and for larger untrained Llamas with the tiny tokenizer (`--ttft-sizes`), with
+  a chat-sized prompt (~130 tokens): gRPC's cost is fixed, so its share depends on how long
+  the model takes to its first token.
 
-    python benchmarks/bench_serving_overheads.py      # starts its own broker; ~2 minutes
+    python benchmarks/bench_serving_overheads.py      # starts its own broker; ~3 minutes
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing as mp
 import statistics
 import sys
 import tempfile
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +38,8 @@ from core.gen.loraloop.v1 import events_pb2
 from core.kafka.broker import KafkaBroker, ensure_loraloop_topics
 from core.multi_lora import LoRAWeights
 from core.peft_format import to_peft_files
+from core.settings import Settings
+from core.tiny_model import TinyModelSpec, ensure_tiny_model, init_model, make_config
 from loraloop.client import LoraLoopClient
 from service.engines.base import GenerationRequest
 from tests.support import InProcessServer, isolated_settings
@@ -41,10 +49,86 @@ def ms(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values) * 1000, q))
 
 
+PROMPT = (
+    "I am planning a week in Tokyo in the spring with my partner and our two children. "
+    "We like food markets, gardens, and quiet museums, and we would rather avoid long queues "
+    "and very crowded places. We are staying near Shinjuku and can use the trains. What "
+    "should we see, in which order, and where should we eat on the way? Please keep it short "
+    "and practical, with one idea for a rainy day."
+)
+
+
+def build_untrained(size: str, out: Path) -> Path:
+    """An untrained Llama of `size` ("hidden x layers", head size 64) with the tiny
+    model's tokenizer, saved where the server can load it: latency needs no training."""
+    from transformers import AutoTokenizer
+
+    hidden, layers = (int(v) for v in size.split("x"))
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model(progress=False))
+    spec = TinyModelSpec(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        intermediate_size=hidden * 8 // 3 // 64 * 64,
+    )
+    init_model(spec, make_config(spec, tokenizer)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _ttft_client(conn: Connection, target: str, prompt: str) -> None:
+    """Child process: one streamed Generate per request from the parent, reply its TTFT."""
+    with LoraLoopClient(target, timeout=120) as client:
+        client.wait_ready()
+        while conn.recv():
+            start = time.perf_counter()
+            for _ in client.stream("ttft", prompt, max_tokens=8, temperature=0.0):
+                break
+            conn.send(time.perf_counter() - start)
+
+
+def grpc_vs_direct_ttft(server: InProcessServer, pairs: int) -> tuple[list[float], list[float]]:
+    """Interleaved TTFT pairs: gRPC from a client process, then the engine called directly."""
+    engine = server.running.service.engine
+    ids = engine.encode(PROMPT, None)
+
+    async def direct() -> float:
+        req = GenerationRequest("direct", ids, None, 8, temperature=0.0)
+        start = time.perf_counter()
+        async for _ in engine.stream(req):
+            return time.perf_counter() - start
+        return float("nan")
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_ttft_client, args=(child, server.target, PROMPT), daemon=True)
+    proc.start()
+    grpc_t, direct_t = [], []
+    try:
+        for i in range(pairs + 5):  # the first 5 pairs warm both paths up
+            parent.send(True)
+            g = parent.recv()
+            d = asyncio.run_coroutine_threadsafe(direct(), server.loop).result(120)
+            if i >= 5:
+                grpc_t.append(g)
+                direct_t.append(d)
+    finally:
+        parent.send(False)
+        proc.join(30)
+    return grpc_t, direct_t
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--swaps", type=int, default=30)
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--ttft-pairs", type=int, default=60)
+    parser.add_argument(
+        "--ttft-sizes",
+        default="512x8,1024x8",
+        help="untrained Llama sizes (hidden x layers) for the TTFT comparison, besides tiny",
+    )
     args = parser.parse_args()
     from kafka import KafkaProducer
 
@@ -78,29 +162,6 @@ def main() -> None:
             for i in range(args.requests):
                 client.generate(f"log{i % 20}", "How do I cook rice?", max_tokens=4, seed=i)
         service._response = original  # type: ignore[method-assign]
-
-        # --- gRPC vs direct TTFT ------------------------------------------------------------
-        ids = engine.encode("What should I see in Tokyo?", None)
-
-        async def direct_ttft() -> float:
-            req = GenerationRequest("direct", ids, None, 8, temperature=0.0)
-            start = time.perf_counter()
-            async for _ in engine.stream(req):
-                return time.perf_counter() - start
-            return float("nan")
-
-        grpc_t, direct_t = [], []
-        with LoraLoopClient(server.target, timeout=60) as client:
-            for i in range(args.requests // 2):
-                start = time.perf_counter()
-                for _ in client.stream(
-                    "ttft", "What should I see in Tokyo?", max_tokens=8, temperature=0.0
-                ):
-                    grpc_t.append(time.perf_counter() - start)
-                    break
-                fut = asyncio.run_coroutine_threadsafe(direct_ttft(), server.loop)
-                direct_t.append(fut.result(60))
-                del i
 
         # --- hot swap through Kafka ---------------------------------------------------------
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=0)
@@ -152,16 +213,34 @@ def main() -> None:
             f"p50 {ms(timings, 50):.3f} ms  p99 {ms(timings, 99):.3f} ms   "
             f"(target p99 <= 1 ms)"
         )
-        g, d = statistics.median(grpc_t), statistics.median(direct_t)
-        print(
-            f"  TTFT median, {len(grpc_t)} interleaved pairs: gRPC {g * 1000:.2f} ms, engine "
-            f"direct {d * 1000:.2f} ms -> gRPC adds {100 * (g / d - 1):.1f} % "
-            f"({(g - d) * 1000:.2f} ms)   (target <= 5 %)"
-        )
+        server.stop()
+        server = None
+        ttft(settings, tmp, args.ttft_sizes, args.ttft_pairs)
     finally:
         if server is not None:
             server.stop()
         broker.stop()
+
+
+def ttft(settings: Settings, tmp: Path, sizes: str, pairs: int) -> None:
+    print(
+        f"\n  TTFT, GenerateStream from a client process vs engine.stream in the server, "
+        f"{pairs} interleaved pairs, {len(PROMPT)}-character prompt, medians (target <= 5 %):"
+    )
+    for size in ["tiny", *filter(None, sizes.split(","))]:
+        model = "tiny" if size == "tiny" else str(build_untrained(size, tmp / f"llama-{size}"))
+        server = InProcessServer(settings.model_copy(update={"model": model}))
+        try:
+            tokens = len(server.running.service.engine.encode(PROMPT, None))
+            grpc_t, direct_t = grpc_vs_direct_ttft(server, pairs)
+        finally:
+            server.stop()
+        g, d = statistics.median(grpc_t), statistics.median(direct_t)
+        print(
+            f"    {size:<8} ({tokens} prompt tokens)  gRPC {g * 1000:7.2f} ms   engine direct "
+            f"{d * 1000:7.2f} ms   -> gRPC adds {100 * (g / d - 1):5.1f} % "
+            f"({(g - d) * 1000:.2f} ms)"
+        )
 
 
 if __name__ == "__main__":

@@ -176,6 +176,18 @@ class Settings(BaseSettings):
     learning_rate: float = Field(2e-3, gt=0, description="Adam step size of the LoRA update.")
     kl_coef: float = Field(
         0.05, ge=0, description="Weight of the exact KL penalty to the base model."
+    spill_dir: Path | None = Field(
+        None,
+        description="Local directory of the event spill journal, where events wait on disk "
+        "while Kafka is unreachable (and across restarts); unset: 'event-spill' next to "
+        "the adapter store directory.",
+    )
+    spill_max_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="Cap of the event spill journal in bytes; events beyond it are dropped "
+        "and counted (loraloop_server_events_dropped_total{reason=\"spill_full\"}).",
+    )
     )
     min_batch: int = Field(1, ge=1, description="Joined samples a user needs before an update.")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-user gradient-norm clip.")

@@ -2,8 +2,11 @@
 
 `Learner.process` is the commit order, top to bottom. Offsets are committed only after
 every sample they cover has been written to the store and its AdapterUpdated
-acknowledged by Kafka, and each version records the request_ids it learnt from, so a
-crash at any point replays events without applying any of them twice.
+acknowledged by Kafka, and each version records, atomically with its weights, which
+interactions it and its predecessors learnt from (by Kafka position, see learner/applied.py,
+and by request_id), so a crash at any point (kill -9 included) replays events without
+applying any of them twice. A version written just before a crash, whose AdapterUpdated
+never went out, is announced again when the replay finds its samples already applied.
 
 Each joined sample teaches a user two things at once: the bandit statistics of the arm
 that was played (fast: adapts within a handful of interactions) and the user's LoRA
@@ -24,10 +27,11 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
-from core.adapter_store import AdapterStore
+from core.adapter_store import AdapterStore, AdapterStoreError
 from core.bandits.arms import load_arms
 from core.bandits.features import DIM
 from core.bandits.linear import POPULATION, BanditState
+from core.fault_points import pause_point
 from core.gen.loraloop.v1 import events_pb2
 from core.kafka.broker import ensure_loraloop_topics
 from core.kafka.replay import read_to_end
@@ -40,7 +44,7 @@ from learner.deletions import DeletedUsers
 from learner.joiner import Joiner, Sample
 from learner.metrics import LearnerMetrics
 from learner.rewards import reward, reward_config
-from learner.user_models import UserModel, UserModels
+from learner.user_models import UserModel, UserModels, position_text
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,9 @@ class Learner:
         self.lm: LoadedModel = load_model(settings, slots=max_users_per_step + 1)
         self.store = AdapterStore(settings.adapter_store)
         self.arms = [a.name for a in load_arms(settings.arms_file)]
-        self.users = UserModels(self.store, self.lm.bank, settings.seed, self.arms)
+        self.users = UserModels(
+            self.store, self.lm.bank, settings.seed, self.arms, on_unreadable=self._unreadable
+        )
         self.population = BanditState(self.arms, DIM)
         self.joiner = Joiner(settings.reward_wait_seconds)
         self.algo = ReinforceConfig(
@@ -85,7 +91,10 @@ class Learner:
             "rollbacks": 0,
             "default_rewards": 0,
             "unknown_arms": 0,
+            "unreadable_versions": 0,
+            "reannounced": 0,
         }
+        self._announced: set[str] = set()  # users whose newest version this process announced
         self.last_step_seconds = 0.0
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
@@ -110,8 +119,8 @@ class Learner:
                 bootstrap_timeout_ms=timeout_ms,
                 # A killed learner's partitions move to a live one after this long (the
                 # default 45 s left users without updates for about a minute).
-                session_timeout_ms=10_000,
-                heartbeat_interval_ms=3_000,
+                session_timeout_ms=int(s.learner_session_timeout_seconds * 1000),
+                heartbeat_interval_ms=int(s.learner_session_timeout_seconds * 300),
             )
             self.producer = KafkaProducer(
                 bootstrap_servers=s.kafka_bootstrap,
@@ -167,11 +176,14 @@ class Learner:
             else:
                 self._ready[sample.user_id].append(sample)
         due = [u for u, samples in self._ready.items() if len(samples) >= self.settings.min_batch]
+        versions = self.stats["versions"]
         for i in range(0, len(due), self.max_users_per_step):
             self._update(due[i : i + self.max_users_per_step])
         self._publish_bandits()
         if self.producer is not None:
             self.producer.flush(timeout=30)
+        if self.stats["versions"] != versions:
+            pause_point("learner.before_commit")
         self._commit()
 
     def _ingest(self, record: Any) -> None:
@@ -241,11 +253,15 @@ class Learner:
             samples = self._ready.pop(user_id)
             model = self.users.get(user_id)
             applied = set(model.applied)
-            fresh = [s for s in samples if s.request_id not in applied]
+            fresh = []
             for s in samples:
-                if s.request_id in applied:
+                if s.request_id in applied or model.offsets.contains(s.interaction_position):
                     self.stats["skipped_applied"] += 1
                     self.joiner.release(s.positions)
+                else:
+                    fresh.append(s)
+            if len(fresh) < len(samples):
+                self._reannounce(model)  # a replay: its last version may not be announced
             if not fresh:
                 continue
             rewards = [self._reward(s) for s in fresh]
@@ -277,6 +293,7 @@ class Learner:
         results = reinforce_step(self.lm, stepped, self.algo) if stepped else []
         self.last_step_seconds = time.perf_counter() - started
         self.metrics.observe_step(self.last_step_seconds, stepped)
+        pause_point("learner.after_step")
         updates = iter(results)
         self.stats["updates"] += 1
         for model, (samples, rewards), batch in zip(models, kept, batches, strict=True):
@@ -310,6 +327,13 @@ class Learner:
             guard.record(new.guard, rewards, model.version, self.guard)
         new.updates = model.updates + 1
         new.applied = model.applied + [s.request_id for s in samples]
+        positions = [s.interaction_position for s in samples]
+        # Every interaction below the partition's safe commit point is done (this batch's
+        # are still held, so the floor stays below them): recorded with the weights.
+        new.offsets = model.offsets.with_applied(positions, self.joiner.commit_offsets())
+        new.learnt_from = [
+            (s.request_id, position_text(p)) for s, p in zip(samples, positions, strict=True)
+        ]
         try:
             stored = self.users.commit(new, self.lm.model_id, self.settings.lora_targets)
         except Exception:
@@ -318,6 +342,7 @@ class Learner:
                 "writing %s's new version failed; samples will be replayed", model.user_id
             )
             return
+        pause_point("learner.after_write")
         self._publish_update(stored, upd, len(samples), rewards, reason)
         for s in samples:
             self.joiner.release(s.positions)
@@ -335,6 +360,18 @@ class Learner:
         if upd is not None:
             metrics.mean_advantage, metrics.loss = upd.mean_advantage, upd.loss
             metrics.grad_norm, metrics.baseline, metrics.kl = upd.grad_norm, upd.baseline, upd.kl
+        self._announce(stored, metrics)
+        log.info(
+            "%s -> v%d (reward %.2f, kl %.4f, %d samples%s)",
+            stored.user_id,
+            stored.version,
+            metrics.mean_reward,
+            metrics.kl,
+            n,
+            f", rolled back: {rollback}" if rollback else "",
+        )
+
+    def _announce(self, stored: Any, metrics: events_pb2.UpdateMetrics) -> None:
         event = events_pb2.AdapterUpdated(
             user_id=stored.user_id,
             version=stored.version,
@@ -350,15 +387,25 @@ class Learner:
                 key=stored.user_id.encode(),
                 value=event.SerializeToString(),
             )
-        log.info(
-            "%s -> v%d (reward %.2f, kl %.4f, %d samples%s)",
-            stored.user_id,
-            stored.version,
-            metrics.mean_reward,
-            metrics.kl,
-            n,
-            f", rolled back: {rollback}" if rollback else "",
-        )
+        self._announced.add(stored.user_id)
+
+    def _reannounce(self, model: UserModel) -> None:
+        """Announce a user's newest stored version again, once per process: a learner
+        killed between writing a version and announcing it leaves serving unaware of it,
+        and its replay is the only sign. Serving ignores versions it already has."""
+        if model.version == 0 or model.user_id in self._announced:
+            return
+        try:
+            stored = self.store.get(model.user_id, model.version)
+        except (ValueError, AdapterStoreError) as exc:  # gone or incomplete: nothing to say
+            log.warning("cannot re-announce %s v%d: %s", model.user_id, model.version, exc)
+            return
+        self._announce(stored, events_pb2.UpdateMetrics())
+        self.stats["reannounced"] += 1
+        log.info("%s v%d announced again after a replay", model.user_id, model.version)
+
+    def _unreadable(self, user_id: str, version: int) -> None:
+        self.stats["unreadable_versions"] += 1
 
     def _publish_bandits(self) -> None:
         if self.producer is None or not self._bandit_dirty:

@@ -49,6 +49,16 @@ STATS_COUNTERS = {
         "loraloop_learner_rollbacks",
         "Adapter versions rolled back by the rollback guard.",
     ),
+    "unreadable_versions": (
+        "loraloop_learner_adapter_versions_unreadable",
+        "Stored adapter versions the learner could not read (corrupt, truncated, failing "
+        "their checksum) and learnt on past, from an older version or the initial adapter.",
+    ),
+    "reannounced": (
+        "loraloop_learner_versions_reannounced",
+        "Newest versions announced again on adapter-updates after a replay (a learner "
+        "killed between writing a version and announcing it).",
+    ),
 }
 # Learner.stats key -> reason label of loraloop_learner_samples_skipped_total.
 SKIP_REASONS = {"skipped_applied": "already_applied", "skipped_deleted": "user_deleted"}

@@ -3,27 +3,40 @@
 Loaded from the newest version in the adapter store (the store is the truth; what is held
 here is a cache), or initialised like peft does for a new user: A uniform in
 ±1/sqrt(in_features), B zero, so a new adapter starts exactly at the base model.
+
+A version whose files no longer read (truncated, corrupt, failing their checksum) never
+stops the learner: it learns on from the newest older version that reads, or from the
+initial adapter, logs that and counts it; the next version is still numbered after the
+newest one, since versions are immutable.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from core.adapter_store import AdapterStore, StoredVersion
+from core.adapter_store import AdapterStore, AdapterStoreError, StoredVersion
 from core.bandits.features import DIM
 from core.bandits.linear import BanditState
 from core.multi_lora import LoRABank, LoRAWeights
 from core.peft_format import read_peft_dir, to_peft_files
 from learner.algos.reinforce import AdamState
+from learner.applied import AppliedOffsets, Position
 from learner.guard import GuardState
 
+log = logging.getLogger(__name__)
 MAX_APPLIED_IDS = 4096
+
+
+def position_text(pos: Position) -> str:
+    return f"{pos[0]}:{pos[1]}:{pos[2]}"
 
 
 @dataclass
@@ -38,14 +51,23 @@ class UserModel:
     rollbacks: int = 0
     applied: list[str] = field(default_factory=list)  # request_ids already learnt from
     guard: GuardState = field(default_factory=GuardState)
+    offsets: AppliedOffsets = field(default_factory=AppliedOffsets)  # interactions learnt from
+    learnt_from: list[tuple[str, str]] = field(default_factory=list)  # this version's samples
 
     def state(self) -> dict[str, Any]:
-        """What is stored with each version, so a version restores the whole user."""
+        """What is stored with each version, so a version restores the whole user.
+
+        Replays are recognised by Kafka position (`applied_offsets`, exact and unbounded)
+        and, for an event produced twice at different offsets, by request_id (the most
+        recent MAX_APPLIED_IDS). `learnt_from` lists this version's own samples as
+        (request_id, "topic:partition:offset"): an audit of what each version applied."""
         return {
             "baseline": self.baseline,
             "updates": self.updates,
             "rollbacks": self.rollbacks,
             "applied_request_ids": self.applied[-MAX_APPLIED_IDS:],
+            "applied_offsets": self.offsets.to_json(),
+            "learnt_from": [list(item) for item in self.learnt_from],
             "bandit": self.bandit.to_json(),
             "guard": self.guard.to_json(),
             "written_at_ms": int(time.time() * 1000),
@@ -74,13 +96,16 @@ class UserModels:
         seed: int,
         arms: list[str],
         capacity: int = 1024,
+        on_unreadable: Callable[[str, int], None] | None = None,
     ):
         self.arms = arms
         self.store = store
         self.bank = bank
         self.seed = seed
         self.capacity = capacity
+        self.on_unreadable = on_unreadable  # (user_id, version), once per version
         self._cache: OrderedDict[str, UserModel] = OrderedDict()
+        self._unreadable: set[tuple[str, int]] = set()
 
     def get(self, user_id: str) -> UserModel:
         latest = self.store.latest(user_id)
@@ -102,24 +127,50 @@ class UserModels:
                 initial_weights(self.bank, user_id, self.seed),
                 BanditState(self.arms, DIM),
             )
-        state = self.store.learner_state(user_id, latest.version)
+        state = self._newest_state(user_id, latest.version)
         return UserModel(
             user_id,
             latest.version,
-            read_peft_dir(latest.path),
+            self.weights_of(user_id, latest.version),
             BanditState.from_json(state.get("bandit"), self.arms, DIM),
             baseline=float(state.get("baseline", 0.0)),
             updates=int(state.get("updates", 0)),
             rollbacks=int(state.get("rollbacks", 0)),
             applied=list(state.get("applied_request_ids", [])),
             guard=GuardState.from_json(state.get("guard")),
+            offsets=AppliedOffsets.from_json(state.get("applied_offsets")),
         )
 
+    def _unreadable_version(self, user_id: str, version: int, error: Exception) -> None:
+        if (user_id, version) in self._unreadable:
+            return
+        self._unreadable.add((user_id, version))
+        log.error(
+            "%s v%d is unreadable, learning on from an older version: %s", user_id, version, error
+        )
+        if self.on_unreadable is not None:
+            self.on_unreadable(user_id, version)
+
+    def _newest_state(self, user_id: str, version: int) -> dict[str, Any]:
+        """The learner state of `version`, or of the newest older version that reads."""
+        for v in sorted((v for v in self.store.versions(user_id) if v <= version), reverse=True):
+            try:
+                return self.store.learner_state(user_id, v)
+            except AdapterStoreError as exc:
+                self._unreadable_version(user_id, v, exc)
+        return {}
+
     def weights_of(self, user_id: str, version: int) -> LoRAWeights:
-        """A stored version's weights (version 0: the user's initial adapter, the base)."""
-        if version == 0:
-            return initial_weights(self.bank, user_id, self.seed)
-        return read_peft_dir(self.store.get(user_id, version).path)
+        """A stored version's weights (version 0: the user's initial adapter, the base).
+
+        An unreadable version is skipped for the newest older one that reads, down to the
+        initial adapter: a corrupt file costs that version's progress, never the learner."""
+        for v in sorted((v for v in self.store.versions(user_id) if v <= version), reverse=True):
+            try:
+                return read_peft_dir(self.store.get(user_id, v).path)
+            except (ValueError, AdapterStoreError) as exc:
+                self._unreadable_version(user_id, v, exc)
+        return initial_weights(self.bank, user_id, self.seed)
 
     def commit(self, model: UserModel, base_model: str, targets: list[str]) -> StoredVersion:
         """Write the model as its next version (atomic) and cache it under that version."""

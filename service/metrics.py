@@ -8,9 +8,9 @@ What is measured where:
 - batches, time to first token, tokens, adapter loads and hot-swaps: the engine calls the
   `decode_step`/`first_token`/... methods (the hf engine does; an engine without the
   hooks simply leaves those series at zero);
-- adapter-cache hits/misses/evictions, adapters resident, the event queue and the
-  adapter-updates follower: read at scrape time from the objects that already count them
-  (`AdapterSlots`, `EventLog`, `AdapterRegistry`), by `_StateCollector`.
+- adapter-cache hits/misses/evictions, adapters resident, the event queue, the spill
+  journal and the adapter-updates follower: read at scrape time from the objects that
+  already count them (`AdapterSlots`, `EventLog`, `AdapterRegistry`), by `_StateCollector`.
 
 All names start with `loraloop_server_`; times are in seconds.
 """
@@ -228,15 +228,56 @@ class _StateCollector(Collector):
             self.events,
             {
                 "accepted": "Events (interactions, feedback, tombstones) queued for Kafka.",
-                "sent": "Queued events handed to the Kafka producer.",
-                "dropped": "Events refused because the queue was full.",
+                "sent": "Events handed to the Kafka producer (from the queue or the spill "
+                "journal; retries included).",
+                "delivered": "Events Kafka acknowledged (acks=all).",
+                "spilled": "Events written to the local spill journal while Kafka was "
+                "unreachable or behind.",
+                "drained": "Spilled events Kafka acknowledged later.",
             },
         )
         events = self.events
+        family = CounterMetricFamily(
+            "loraloop_server_events_dropped",
+            "Events lost, by reason: queue_full (request refused), spill_full (journal at "
+            "spill_max_bytes), spill_error (journal write failed), rejected (Kafka refused "
+            "it for good), journal_torn (a journal tail torn by a crash, at least one event).",
+            labels=("reason",),
+        )
+        for reason, count in (events.dropped_by if events is not None else {}).items():
+            family.add_metric([reason], count)
+        yield family
         yield _gauge(
             "loraloop_server_event_queue_depth",
-            "Events waiting in the queue for Kafka.",
+            "Events waiting in the in-memory queue for the sender thread.",
             events.depth if events is not None else None,
+        )
+        yield _gauge(
+            "loraloop_server_event_backlog",
+            "Events accepted and not yet acknowledged by Kafka nor dropped (queue, "
+            "producer and spill journal).",
+            events.backlog if events is not None else None,
+        )
+        journal = events.journal if events is not None else None
+        yield _gauge(
+            "loraloop_server_event_spill_records",
+            "Events in the spill journal waiting for Kafka.",
+            journal.pending if journal is not None else None,
+        )
+        yield _gauge(
+            "loraloop_server_event_spill_bytes",
+            "Bytes of the spill journal's files on disk.",
+            journal.bytes if journal is not None else None,
+        )
+        yield _gauge(
+            "loraloop_server_event_spill_capacity_bytes",
+            "Cap of the spill journal (setting spill_max_bytes).",
+            journal.max_bytes if journal is not None else None,
+        )
+        yield _gauge(
+            "loraloop_server_event_spill_active",
+            "1 while events go to the spill journal instead of straight to Kafka.",
+            int(events.spilling) if events is not None else None,
         )
         yield _gauge(
             "loraloop_server_event_queue_capacity",

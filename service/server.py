@@ -311,7 +311,7 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
         store, settings.kafka_bootstrap, settings.topic_adapter_updates, forget_user
     )
     registry.start()
-    events = EventLog(settings.kafka_bootstrap, settings.event_queue_size)
+    events = EventLog.from_settings(settings)
     events.start()
     strategy.start()
     service = LoraLoopService(settings, engine, registry, events, store, strategy)
