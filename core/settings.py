@@ -153,6 +153,18 @@ class Settings(BaseSettings):
     event_queue_size: int = Field(
         10_000, ge=1, description="Events buffered for Kafka before new ones are dropped."
     )
+    spill_dir: Path | None = Field(
+        None,
+        description="Local directory of the event spill journal, where events wait on disk "
+        "while Kafka is unreachable (and across restarts); unset: 'event-spill' next to "
+        "the adapter store directory.",
+    )
+    spill_max_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="Cap of the event spill journal in bytes; events beyond it are dropped "
+        "and counted (loraloop_server_events_dropped_total{reason=\"spill_full\"}).",
+    )
     grace_seconds: float = Field(5.0, ge=0, description="Drain time on shutdown.")
 
     # --- bandit over response strategies -----------------------------------------------------
@@ -176,18 +188,6 @@ class Settings(BaseSettings):
     learning_rate: float = Field(2e-3, gt=0, description="Adam step size of the LoRA update.")
     kl_coef: float = Field(
         0.05, ge=0, description="Weight of the exact KL penalty to the base model."
-    spill_dir: Path | None = Field(
-        None,
-        description="Local directory of the event spill journal, where events wait on disk "
-        "while Kafka is unreachable (and across restarts); unset: 'event-spill' next to "
-        "the adapter store directory.",
-    )
-    spill_max_bytes: int = Field(
-        1 << 30,
-        ge=0,
-        description="Cap of the event spill journal in bytes; events beyond it are dropped "
-        "and counted (loraloop_server_events_dropped_total{reason=\"spill_full\"}).",
-    )
     )
     min_batch: int = Field(1, ge=1, description="Joined samples a user needs before an update.")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-user gradient-norm clip.")

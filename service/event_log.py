@@ -1,56 +1,269 @@
-"""Interaction and feedback events to Kafka without ever blocking a request.
+"""Interaction and feedback events to Kafka without blocking a request, and without losing
+them while Kafka is away.
 
-Requests put events on a bounded in-memory queue and return; one sender thread owns the
-Kafka producer (idempotent, acks=all). While Kafka is unreachable the thread keeps
-retrying and events wait in the queue; when the queue is full, new events are dropped and
-counted. Serving keeps answering either way.
+`publish` (the request path) only puts the event on a bounded in-memory queue. One sender
+thread takes events off it and either
+
+- hands them to the Kafka producer (idempotent, acks=all) while Kafka keeps up, or
+- appends them to the local spill journal (`service/spill_journal.py`) while it does not:
+  no producer is connected, the journal still holds older events, or an event handed to
+  the producer has waited `stall_seconds` for its acknowledgement. At that point the events
+  still waiting in the producer are copied to the journal too (a copy is skipped later if
+  Kafka does acknowledge the original), so a crash during an outage loses little.
+
+When nothing has been acknowledged for `abandon_seconds`, the sender gives up on that
+producer (what it held is in the journal) and connects a new one in the background:
+kafka-python's I/O thread spins at full CPU while it holds records for a broker that is
+gone, and that CPU is the engine's. Once a producer is connected and nothing handed to it
+is outstanding, the sender drains the journal oldest first, one chunk at a time, and
+commits what Kafka acknowledged; when the journal is empty, events go straight to the
+producer again. An event counts as delivered only on its delivery callback's success
+(acks=all). Whatever a stopped or crashed process leaves in the journal, the next one
+delivers.
+
+Nothing is dropped silently. A full queue (reason `queue_full`), a full journal
+(`spill_full`), a journal write error (`spill_error`), an event Kafka rejects for good
+(`rejected`) and a journal tail torn by a crash (`journal_torn`) are counted in
+`dropped_by`, logged at most every few seconds, and exported by service/metrics.py.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import (
+    IllegalStateError,
+    InvalidRecordError,
+    InvalidTopicError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
+
+from service.spill_journal import Position, Record, SpilledEvent, SpillJournal
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+
+__all__ = ["DROP_REASONS", "EventLog"]
 
 log = logging.getLogger(__name__)
 
+DROP_REASONS = ("queue_full", "spill_full", "spill_error", "rejected", "journal_torn")
+# Errors no retry can fix: the event is counted as rejected instead of retried forever.
+_PERMANENT = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    InvalidTopicError,
+    InvalidRecordError,
+    TypeError,
+    ValueError,
+)
+_STOP = object()
+_SKIPPED = object()  # a journal record whose event Kafka acknowledged before it was read
+_TAKE = 512  # events taken off the queue per turn of the sender loop
+
+
+@dataclass
+class _InFlight:
+    """An event handed to the producer, not acknowledged yet."""
+
+    event: SpilledEvent
+    sent_at: float
+    copy: Position | None = None  # its copy in the journal, made when Kafka stalled
+
+
+@dataclass
+class _Chunk:
+    """Journal records handed to the producer together; results[i] is None while waiting,
+    then True (acknowledged), _SKIPPED or the exception it failed with."""
+
+    id: int
+    records: list[Record]
+    sent_at: float
+    results: list[Any] = field(default_factory=list)
+
+    def done(self) -> bool:
+        return all(r is not None for r in self.results)
+
+
+class _Warn:
+    """A warning logged at most once per `period` seconds, with the count in between."""
+
+    def __init__(self, period: float = 10.0) -> None:
+        self.period = period
+        self._last = -period
+        self._count = 0
+
+    def __call__(self, msg: str, *args: Any) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now - self._last < self.period:
+            return
+        if self._count > 1:
+            msg, args = msg + " (%d times since the last such warning)", (*args, self._count)
+        log.warning(msg, *args)
+        self._last, self._count = now, 0
+
 
 class EventLog:
-    def __init__(self, bootstrap: str, max_queue: int, client_id: str = "loraloop-server"):
+    """Events to Kafka from a bounded queue, a sender thread and a spill journal."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        max_queue: int,
+        *,
+        spill_dir: Path | str,
+        spill_max_bytes: int,
+        client_id: str = "loraloop-server",
+        stall_seconds: float = 1.0,
+        abandon_seconds: float = 2.0,
+        chunk_records: int = 1000,
+        sync_seconds: float = 0.05,
+    ) -> None:
         self._bootstrap = bootstrap
         self._client_id = client_id
-        self._queue: queue.Queue[tuple[str, bytes, bytes | None] | None] = queue.Queue(max_queue)
+        self._stall = stall_seconds
+        self._abandon_after = max(abandon_seconds, stall_seconds)
+        self._chunk_records = chunk_records
+        self._sync_every = sync_seconds
+        self._queue: queue.Queue[Any] = queue.Queue(max_queue)
+        self.journal = SpillJournal(spill_dir, spill_max_bytes)
         self._producer: KafkaProducer | None = None
         self._thread = threading.Thread(target=self._run, name="event-log", daemon=True)
+        self._connector: threading.Thread | None = None
+        self._connect_started = time.monotonic()
         self._stopping = threading.Event()
-        self.accepted = 0  # queued
-        self.sent = 0  # handed to the producer
-        self.dropped = 0  # refused because the queue was full
+        self._stop_timeout = 10.0
+        # (kind, tag, exception or None) from delivery callbacks on the producer's thread
+        self._completions: collections.deque[tuple[str, Any, BaseException | None]] = (
+            collections.deque()
+        )
+        self._inflight: dict[int, _InFlight] = {}  # token -> event, oldest first
+        self._inflight_copied = True  # every in-flight event has been offered to the journal
+        self._copies = 0  # in-flight events with a copy in the journal
+        self._next_token = 0
+        self._chunk: _Chunk | None = None
+        self._skip: set[Position] = set()  # journal records acknowledged as originals
+        self._retry_at = 0.0
+        self._failures = 0
+        self._needs_reset = False
+        self._last_sync = 0.0
+        self._routed = 0
+        self.accepted = 0  # queued by publish()
+        self.sent = 0  # handed to the producer (from the queue or the journal; retries too)
+        self.delivered = 0  # acknowledged by Kafka
+        self.spilled = 0  # appended to the journal
+        self.drained = 0  # acknowledged by Kafka after a stay in the journal
+        self._dropped = dict.fromkeys(DROP_REASONS, 0)
         self.connected = threading.Event()
+        self._warn = {reason: _Warn() for reason in ("spill", "kafka", *DROP_REASONS)}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EventLog:
+        return cls(
+            settings.kafka_bootstrap,
+            settings.event_queue_size,
+            spill_dir=settings.spill_dir or settings.adapter_store.parent / "event-spill",
+            spill_max_bytes=settings.spill_max_bytes,
+        )
 
     def start(self) -> None:
+        self._start_connector()
         self._thread.start()
 
+    # --- the request path ---------------------------------------------------------------
     def publish(self, topic: str, key: str, value: bytes | None) -> bool:
         """Queue an event (None: a tombstone); False, and counted, when the queue is full."""
         try:
-            self._queue.put_nowait((topic, key.encode(), value))
-            self.accepted += 1
-            return True
+            self._queue.put_nowait(SpilledEvent(topic, key.encode(), value))
         except queue.Full:
-            self.dropped += 1
+            self._dropped["queue_full"] += 1
+            self._warn["queue_full"](
+                "event queue full (%d): an event for %s dropped", self._queue.maxsize, topic
+            )
             return False
+        self.accepted += 1
+        return True
 
+    # --- state, read by metrics and tests from any thread --------------------------------
     @property
     def depth(self) -> int:
+        """Events waiting in the in-memory queue."""
         return self._queue.qsize()
 
-    def _connect(self) -> KafkaProducer:
+    @property
+    def backlog(self) -> int:
+        """Events accepted and neither acknowledged by Kafka nor dropped yet."""
+        in_producer_only = len(self._inflight) - self._copies
+        return self._queue.qsize() + in_producer_only + self.journal.pending - len(self._skip)
+
+    @property
+    def dropped_by(self) -> dict[str, int]:
+        """Events lost, by reason (see the module's docstring)."""
+        return self._dropped | {"journal_torn": self.journal.torn}
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.dropped_by.values())
+
+    @property
+    def spilling(self) -> bool:
+        """Whether new events go to the journal rather than straight to Kafka."""
+        return self._producer is None or self.journal.pending > 0 or self._stalled()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every accepted event was acknowledged by Kafka or dropped."""
+        deadline = time.monotonic() + timeout
+        while not self._settled():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Deliver what is queued within `timeout` while Kafka answers; keep the rest in the
+        journal for the next start; close the producer and the journal."""
+        self._stop_timeout = timeout
+        self._stopping.set()
+        with contextlib.suppress(queue.Full):
+            self._queue.put(_STOP, timeout=timeout)
+        self._thread.join(timeout + 5)
+        if self._connector is not None:
+            self._connector.join(5)
+
+    def _settled(self) -> bool:
+        accepted = self.accepted
+        return (
+            self._routed == accepted
+            and not self._inflight
+            and self._chunk is None
+            and self.journal.pending == 0
+        )
+
+    # --- the producer -------------------------------------------------------------------
+    def _start_connector(self) -> None:
+        if self._connector is not None and self._connector.is_alive():
+            return
+        self._connect_started = time.monotonic()
+        self._connector = threading.Thread(
+            target=self._connect, name="event-log-connect", daemon=True
+        )
+        self._connector.start()
+
+    def _connect(self) -> None:
+        """Create a producer (its constructor waits for Kafka), off the sender thread."""
         while not self._stopping.is_set():
             try:
                 producer = KafkaProducer(
@@ -59,51 +272,349 @@ class EventLog:
                     acks="all",
                     enable_idempotence=True,
                     linger_ms=5,
-                    retries=2**31 - 1,
-                    max_block_ms=2000,
+                    max_block_ms=1000,  # send() waiting for metadata, on the sender thread
+                    request_timeout_ms=10_000,
+                    delivery_timeout_ms=30_000,
+                    reconnect_backoff_max_ms=1000,
                     bootstrap_timeout_ms=2000,
                 )
-                self.connected.set()
-                return producer
             except KafkaError as exc:
-                log.warning("Kafka at %s unreachable (%s); events queue up", self._bootstrap, exc)
-                self._stopping.wait(2.0)
-        raise RuntimeError("stopped before Kafka was reachable")
-
-    def _run(self) -> None:
-        try:
-            self._producer = self._connect()
-        except RuntimeError:
-            return
-        while True:
-            item = self._queue.get()
-            if item is None:
-                break
-            topic, key, value = item
-            while True:
-                try:
-                    self._producer.send(topic, key=key, value=value)
-                    self.sent += 1
-                    break
-                except KafkaError as exc:  # metadata unavailable: keep the event, retry
-                    log.warning("Kafka send to %s failed (%s); retrying", topic, exc)
-                    time.sleep(0.5)
-        self._producer.flush(timeout=10)
-        self._producer.close(timeout=10)
-
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait until every queued event has been handed to Kafka and acknowledged."""
-        deadline = time.monotonic() + timeout
-        while self.sent < self.accepted:
-            if time.monotonic() > deadline:
+                self._warn["kafka"]("Kafka at %s unreachable: %s", self._bootstrap, exc)
+                self._stopping.wait(0.5)
+                continue
+            if self._stopping.is_set():
+                producer.close(timeout=1)
                 return
-            time.sleep(0.01)
-        if self._producer is not None:
-            self._producer.flush(timeout=max(0.0, deadline - time.monotonic()))
+            self._producer = producer
+            self.connected.set()
+            log.info("event log connected to Kafka at %s", self._bootstrap)
+            return
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Send what is queued (within `timeout`), then close the producer."""
-        self._stopping.set()
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
-        self._thread.join(timeout)
+    def _abandon(self, why: str) -> None:
+        """Give up on the producer: what it holds counts as failed (copies of it are in the
+        journal); a new one connects in the background."""
+        self._settle()  # results the producer reported before we gave up still count
+        producer, self._producer = self._producer, None
+        self.connected.clear()
+        self._needs_reset = False
+        if producer is not None:
+            _force_close(producer)
+        gone = KafkaTimeoutError(f"producer abandoned: {why}")
+        for token, pending in list(self._inflight.items()):
+            if pending.copy is None:
+                self._failed(pending.event, gone)
+            del self._inflight[token]
+            self._copies -= pending.copy is not None
+        if self._chunk is not None:
+            chunk, self._chunk = self._chunk, None
+            chunk.results = [gone if r is None else r for r in chunk.results]
+            self._finish(chunk)
+        self._warn["kafka"]("event log: %s; events spill while a new producer connects", why)
+        if not self._stopping.is_set():
+            self._start_connector()
+
+    def _on_done(self, tag: tuple[str, Any], exc: BaseException | None) -> None:
+        """Delivery callback (on the producer's thread): hand the result to the sender."""
+        self._completions.append((tag[0], tag[1], exc))
+
+    # --- the sender thread --------------------------------------------------------------
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            self._settle()
+            if self._waiting_for_first_connection():
+                time.sleep(0.02)
+                continue
+            for item in self._take(timeout=0.02 if self._busy() else 0.1):
+                if item is _STOP:
+                    stopping = True
+                    break
+                self._route(item)
+            self._settle()
+            self._watch()
+            self._drain()
+            self._sync(force=False)
+        self._shutdown(self._stop_timeout)
+
+    def _waiting_for_first_connection(self) -> bool:
+        """Right after start, events wait in memory (up to stall_seconds) for the producer."""
+        return (
+            self._producer is None
+            and self.delivered == 0
+            and not self._stopping.is_set()
+            and time.monotonic() - self._connect_started < self._stall
+        )
+
+    def _busy(self) -> bool:
+        return bool(self._inflight or self._chunk or self._completions)
+
+    def _take(self, timeout: float) -> list[Any]:
+        try:
+            items = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        with contextlib.suppress(queue.Empty):
+            while len(items) < _TAKE and items[-1] is not _STOP:
+                items.append(self._queue.get_nowait())
+        return items
+
+    def _oldest_outstanding(self) -> float | None:
+        """When the oldest event still waiting for Kafka's acknowledgement was sent."""
+        try:
+            oldest = next(iter(self._inflight.values())).sent_at
+        except (StopIteration, RuntimeError):  # RuntimeError: changed by the sender thread
+            oldest = None
+        chunk = self._chunk
+        if chunk is not None and (oldest is None or chunk.sent_at < oldest):
+            oldest = chunk.sent_at
+        return oldest
+
+    def _stalled(self) -> bool:
+        """Kafka has not acknowledged an outstanding event for stall_seconds."""
+        oldest = self._oldest_outstanding()
+        return oldest is not None and time.monotonic() - oldest > self._stall
+
+    def _route(self, event: SpilledEvent) -> None:
+        if (
+            self._producer is None
+            or self._needs_reset
+            or self.journal.pending > 0
+            or self._chunk is not None
+            or self._stalled()
+        ):
+            self._copy_inflight()  # older events first: the journal keeps their order
+            self._spill(event)
+        else:
+            self._send(event)
+        self._routed += 1
+
+    def _send(self, event: SpilledEvent) -> None:
+        assert self._producer is not None
+        token = self._next_token
+        self._next_token += 1
+        self._inflight[token] = _InFlight(event, time.monotonic())
+        self._inflight_copied = False
+        try:
+            future = self._producer.send(event.topic, key=event.key, value=event.value)
+        except Exception as exc:  # no metadata within max_block_ms, a closed producer, ...
+            del self._inflight[token]
+            self._failed(event, exc)
+            return
+        self.sent += 1
+        tag = ("direct", token)
+        future.add_callback(lambda _meta, tag=tag: self._on_done(tag, None))
+        future.add_errback(lambda exc, tag=tag: self._on_done(tag, exc))
+
+    def _spill(self, event: SpilledEvent, count_drop: bool = True) -> Position | None:
+        """Append to the journal; None (and, if `count_drop`, a counted drop) if it failed."""
+        try:
+            position = self.journal.append(event)
+        except OSError as exc:
+            if count_drop:
+                self._dropped["spill_error"] += 1
+            self._warn["spill_error"]("spill journal write failed (%s): event dropped", exc)
+            return None
+        if position is None:
+            if count_drop:
+                self._dropped["spill_full"] += 1
+            self._warn["spill_full"](
+                "spill journal full (%d of %d bytes): an event for %s dropped",
+                self.journal.bytes,
+                self.journal.max_bytes,
+                event.topic,
+            )
+            return None
+        self.spilled += 1
+        self._warn["spill"]("Kafka unreachable or behind: events spill to %s", self.journal.dir)
+        return position
+
+    def _failed(self, event: SpilledEvent, exc: BaseException) -> None:
+        """An event Kafka did not take: into the journal, unless it can never go."""
+        if isinstance(exc, _PERMANENT):
+            self._dropped["rejected"] += 1
+            self._warn["rejected"]("Kafka rejected an event for %s for good: %s", event.topic, exc)
+            return
+        if isinstance(exc, IllegalStateError) or not getattr(exc, "retriable", True):
+            self._needs_reset = True  # e.g. a fatal idempotence error: use a new producer
+        self._spill(event)
+
+    def _copy_inflight(self) -> None:
+        """Copy the events waiting in the producer to the journal (once each). A copy that
+        does not fit is not a drop yet: the original may still be delivered."""
+        if self._inflight_copied:
+            return
+        for pending in list(self._inflight.values()):
+            if pending.copy is None:
+                pending.copy = self._spill(pending.event, count_drop=False)
+                self._copies += pending.copy is not None
+        self._inflight_copied = True
+
+    def _watch(self) -> None:
+        """Copy to the journal when Kafka stalls; abandon the producer when it is gone."""
+        oldest = self._oldest_outstanding()
+        waited = 0.0 if oldest is None else time.monotonic() - oldest
+        if waited > self._stall:
+            self._copy_inflight()
+        if self._producer is not None and waited > self._abandon_after:
+            self._abandon(f"no acknowledgement from Kafka for {waited:.1f} s")
+        elif self._needs_reset and not self._inflight and self._chunk is None:
+            self._abandon("the producer failed fatally")
+
+    def _settle(self) -> None:
+        """Apply the delivery results the producer's thread reported."""
+        while self._completions:
+            kind, tag, exc = self._completions.popleft()
+            if kind == "chunk":
+                chunk_id, index = tag
+                if self._chunk is not None and self._chunk.id == chunk_id:
+                    self._chunk.results[index] = True if exc is None else exc
+                continue
+            pending = self._inflight.get(tag)
+            if pending is None:  # given up on when the producer was abandoned
+                continue
+            if exc is None:
+                self.delivered += 1
+                if pending.copy is not None:
+                    self._skip.add(pending.copy)  # delivered: its copy is not sent again
+            elif pending.copy is None:
+                self._failed(pending.event, exc)
+            elif isinstance(exc, _PERMANENT):  # its copy would fail the same way
+                self._skip.add(pending.copy)
+                self._failed(pending.event, exc)
+            del self._inflight[tag]  # after the journal has it: flush() never sees a gap
+            self._copies -= pending.copy is not None
+
+    def _drain(self) -> None:
+        """Finish the current chunk of the journal, or hand the next one to the producer."""
+        chunk = self._chunk
+        if chunk is not None:
+            if not chunk.done():
+                return
+            self._chunk = None
+            self._finish(chunk)
+        if (
+            self._producer is None
+            or self._needs_reset
+            or self._inflight
+            or self.journal.pending == 0
+            or time.monotonic() < self._retry_at
+        ):
+            return
+        records = self.journal.read(self._chunk_records)
+        if not records:
+            return
+        chunk = _Chunk(self._next_token, records, time.monotonic(), [None] * len(records))
+        self._next_token += 1
+        self._chunk = chunk
+        for i, (position, event) in enumerate(records):
+            if position in self._skip:
+                chunk.results[i] = _SKIPPED
+                continue
+            try:
+                future = self._producer.send(event.topic, key=event.key, value=event.value)
+            except Exception as exc:
+                chunk.results[i:] = [exc if r is None else r for r in chunk.results[i:]]
+                break
+            self.sent += 1
+            tag = ("chunk", (chunk.id, i))
+            future.add_callback(lambda _meta, tag=tag: self._on_done(tag, None))
+            future.add_errback(lambda exc, tag=tag: self._on_done(tag, exc))
+
+    def _finish(self, chunk: _Chunk) -> None:
+        """Commit the chunk's acknowledged prefix; the rest is read again after a pause."""
+        commit: Position | None = None
+        failures: list[BaseException] = []
+        for (position, event), result in zip(chunk.records, chunk.results, strict=True):
+            if result is True:
+                self.delivered += 1
+                self.drained += 1
+            elif isinstance(result, _PERMANENT):
+                self._failed(event, result)  # counted as rejected: done with it
+            elif isinstance(result, BaseException):
+                failures.append(result)
+                continue
+            if failures:
+                self._skip.add(position)  # done, behind a failure: skipped when read again
+            else:
+                commit = position
+        if commit is not None:
+            self.journal.commit(commit)
+            self._skip = {p for p in self._skip if p > commit}
+        if not failures:
+            self._failures = 0
+            return
+        self.journal.rewind()
+        self._failures += 1
+        self._retry_at = time.monotonic() + min(5.0, 0.25 * 2**self._failures)
+        if any(isinstance(e, IllegalStateError) or not _retriable(e) for e in failures):
+            self._needs_reset = True
+        self._warn["kafka"](
+            "%d of %d spilled events not delivered (%s); retrying",
+            len(failures),
+            len(chunk.records),
+            failures[0],
+        )
+
+    def _sync(self, force: bool) -> None:
+        now = time.monotonic()
+        if force or now - self._last_sync >= self._sync_every:
+            try:
+                self.journal.sync()
+            except OSError as exc:
+                self._warn["spill_error"]("spill journal fsync failed: %s", exc)
+            self._last_sync = now
+
+    def _shutdown(self, timeout: float) -> None:
+        """Deliver what Kafka takes within `timeout`; leave the rest in the journal; close."""
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(queue.Empty):
+            while True:  # published after stop() began
+                item = self._queue.get_nowait()
+                if item is not _STOP:
+                    self._route(item)
+        while time.monotonic() < deadline:
+            self._settle()
+            self._watch()
+            self._drain()
+            if self._producer is None or self._retry_at > time.monotonic():
+                break  # Kafka is not answering: what is left stays in the journal
+            if not self._inflight and self._chunk is None and self.journal.pending == 0:
+                break
+            time.sleep(0.01)
+        self._settle()
+        self._inflight_copied = False
+        self._copy_inflight()  # not acknowledged yet: the next start sends it (again)
+        self._sync(force=True)
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            if self._inflight or self._chunk is not None:
+                _force_close(producer)
+            else:
+                with contextlib.suppress(Exception):
+                    producer.close(timeout=2)
+        if left := self.journal.pending:
+            log.warning(
+                "event log stopped with %d events in the spill journal %s; the next start "
+                "delivers them",
+                left,
+                self.journal.dir,
+            )
+        self.journal.close()
+
+
+def _retriable(exc: BaseException) -> bool:
+    return bool(getattr(exc, "retriable", True))
+
+
+def _force_close(producer: KafkaProducer) -> None:
+    """Close at once, abandoning what the producer still holds.
+
+    kafka-python 3.0's `close(timeout=0)` first flushes, and that flush raises when records
+    are pending before close gets to force-closing its I/O thread; so force it ourselves.
+    """
+    try:
+        producer.close(timeout=0)
+    except Exception:
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()

@@ -219,7 +219,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_server_without_kafka_keeps_serving_and_queues_events(tmp_path: Path) -> None:
+def test_server_without_kafka_keeps_serving_and_spills_events(tmp_path: Path) -> None:
     settings = isolated_settings(f"127.0.0.1:{_closed_port()}", tmp_path)
     server = InProcessServer(settings)
     try:
@@ -228,7 +228,8 @@ def test_server_without_kafka_keeps_serving_and_queues_events(tmp_path: Path) ->
             reply = client.generate("hank", "How do I cook rice?", max_tokens=4)
             assert client.feedback(reply.request_id, "hank", thumbs=1)
         events = server.running.service.events
-        wait_until(lambda: events.depth == 2, 5, "two queued events")
+        wait_until(lambda: events.journal.pending == 2, 10, "two events in the spill journal")
+        assert events.backlog == 2 and events.spilled == 2
         assert events.sent == 0 and events.dropped == 0
     finally:
         server.stop()

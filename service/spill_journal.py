@@ -1,0 +1,420 @@
+"""A local, append-only journal of events that could not go to Kafka yet.
+
+The event log's sender thread appends an event here when Kafka is unreachable (or too slow
+to keep up) and, once Kafka answers again, reads the journal back oldest first, produces
+each event, and commits what Kafka acknowledged; fully committed segments are deleted.
+What a crashed process left behind is found by the next one that claims the directory.
+
+Layout. `root/slot-<k>/` is one journal; a process claims the lowest slot whose `lock`
+file it can `flock`, so two servers on one host never share a journal and a restarted
+server usually takes over its predecessor's slot. A slot holds segment files
+`<seq>.spill` (16 digits); each starts with the 8-byte magic `LLSPILL1` and then holds
+records
+
+    u32 length | u32 crc32(payload) | payload
+    payload = u16 topic length | i32 key length | i32 value length | topic | key | value
+
+(little-endian; a length of -1 is None). A record is written with one `write` call; `sync`
+fsyncs. A tail torn by a crash mid-write (or any bad length/CRC) ends its segment: what
+follows is skipped and counted in `torn`, never raised. `cursor` (written after each
+commit inside a segment) says how far the oldest segment was delivered, so a restart
+redelivers at most the events of one unacknowledged read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, NamedTuple
+
+__all__ = ["JournalBusy", "Position", "Record", "SpillJournal", "SpilledEvent"]
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"LLSPILL1"
+_RECORD = struct.Struct("<II")  # payload length, crc32 of the payload
+_FIELDS = struct.Struct("<Hii")  # topic length, key length, value length (-1: None)
+MAX_RECORD = 64 * 1024 * 1024  # a longer length field can only be corruption
+MAX_SLOTS = 64
+_SUFFIX = ".spill"
+
+
+@dataclass(frozen=True)
+class SpilledEvent:
+    """One event as the producer sends it: already serialized."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+
+
+class Position(NamedTuple):
+    """Where a record ends: its segment, the offset just past it, and how many records of
+    the segment it completes (positions order as the records do)."""
+
+    seq: int
+    offset: int
+    count: int
+
+
+Record = tuple[Position, SpilledEvent]
+
+
+class JournalBusy(RuntimeError):
+    """Every slot of the spill directory is claimed by a running process."""
+
+
+def encode(event: SpilledEvent) -> bytes:
+    """The record (header and payload) of `event`."""
+    topic = event.topic.encode()
+    key, value = event.key, event.value
+    payload = b"".join(
+        (
+            _FIELDS.pack(
+                len(topic),
+                -1 if key is None else len(key),
+                -1 if value is None else len(value),
+            ),
+            topic,
+            key or b"",
+            value or b"",
+        )
+    )
+    return _RECORD.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _decode(payload: bytes) -> SpilledEvent | None:
+    """The event in a CRC-checked payload; None when its lengths do not add up."""
+    if len(payload) < _FIELDS.size:
+        return None
+    topic_len, key_len, value_len = _FIELDS.unpack_from(payload)
+    if key_len < -1 or value_len < -1:
+        return None
+    if _FIELDS.size + topic_len + max(key_len, 0) + max(value_len, 0) != len(payload):
+        return None
+    at = _FIELDS.size
+    topic = payload[at : at + topic_len]
+    at += topic_len
+    key = None if key_len < 0 else payload[at : at + key_len]
+    at += max(key_len, 0)
+    value = None if value_len < 0 else payload[at : at + value_len]
+    try:
+        return SpilledEvent(topic.decode(), key, value)
+    except UnicodeDecodeError:
+        return None
+
+
+def _next_record(fh: IO[bytes], offset: int, end: int) -> tuple[SpilledEvent, int] | None:
+    """The record at `offset` of an open segment and the offset after it; None at the end
+    (`end`) or at anything that is not a whole, intact record."""
+    if offset + _RECORD.size > end:
+        return None
+    fh.seek(offset)
+    header = fh.read(_RECORD.size)
+    if len(header) < _RECORD.size:
+        return None
+    length, crc = _RECORD.unpack(header)
+    stop = offset + _RECORD.size + length
+    if length > MAX_RECORD or stop > end:
+        return None
+    payload = fh.read(length)
+    if len(payload) != length or zlib.crc32(payload) != crc:
+        return None
+    event = _decode(payload)
+    return None if event is None else (event, stop)
+
+
+@dataclass
+class _Segment:
+    seq: int
+    path: Path
+    size: int  # bytes on disk
+    end: int  # offset just past the last intact record
+    count: int  # intact records
+
+
+class SpillJournal:
+    """The journal in one claimed slot of `root`; used by one thread.
+
+    `append` refuses (returns None) what would take the journal's files past `max_bytes`.
+    `read` hands out records oldest first from a read cursor; `commit` marks everything up
+    to a position delivered (deleting finished segments); `rewind` moves the read cursor
+    back to the commit point, to read again what was not delivered.
+    """
+
+    def __init__(self, root: Path | str, max_bytes: int, segment_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes or min(max(max_bytes // 8, 64 * 1024), 16 << 20)
+        self.torn = 0  # torn or corrupt segment tails skipped since this journal opened
+        self.torn_bytes = 0
+        self.recovered = 0  # records a previous process left, found when opening
+        self.dir, self._lock_fd = _claim(self.root)
+        self._segments: dict[int, _Segment] = {}
+        self._writer: IO[bytes] | None = None  # the active (newest) segment, append-only
+        self._active: _Segment | None = None
+        self._reader: tuple[int, IO[bytes]] | None = None
+        self._dirty = False
+        self._bytes = 0  # sum of the segments' sizes
+        self._records = 0  # sum of the segments' intact records
+        self._commit = Position(0, 0, 0)
+        self._read = self._commit
+        self._load()
+
+    # --- state --------------------------------------------------------------------------
+    # Plain counters, so that other threads (metrics, flush) can read them at any time.
+    @property
+    def bytes(self) -> int:
+        """Bytes of segment files on disk (what `max_bytes` caps)."""
+        return self._bytes
+
+    @property
+    def pending(self) -> int:
+        """Records appended (or found at start-up) and not committed yet."""
+        commit = self._commit
+        return self._records - (commit.count if commit.seq in self._segments else 0)
+
+    # --- writing ------------------------------------------------------------------------
+    def append(self, event: SpilledEvent) -> Position | None:
+        """Append `event`; its position, or None when the cap leaves no room for it."""
+        record = encode(event)
+        if len(record) > MAX_RECORD:
+            return None
+        roll = self._active is None or self._active.size >= self.segment_bytes
+        if self.bytes + len(record) + (len(MAGIC) if roll else 0) > self.max_bytes:
+            return None
+        if roll:
+            self._roll()
+        assert self._writer is not None and self._active is not None
+        self._writer.write(record)  # unbuffered: one write, so a crash can only tear the tail
+        seg = self._active
+        seg.size += len(record)
+        seg.end = seg.size
+        seg.count += 1
+        self._bytes += len(record)
+        self._records += 1
+        self._dirty = True
+        return Position(seg.seq, seg.end, seg.count)
+
+    def sync(self) -> None:
+        """fsync what was appended since the last sync."""
+        if self._dirty and self._writer is not None:
+            os.fsync(self._writer.fileno())
+        self._dirty = False
+
+    # --- reading and committing ---------------------------------------------------------
+    def read(
+        self, max_records: int, max_bytes: int = 1 << 20
+    ) -> list[tuple[Position, SpilledEvent]]:
+        """Up to `max_records` records (about `max_bytes`) after the read cursor, oldest first."""
+        out: list[Record] = []
+        size = 0
+        while len(out) < max_records and size < max_bytes:
+            seg = self._segments.get(self._read.seq)
+            if seg is None or self._read.offset >= seg.end:
+                later = [s for s in self._segments if s > self._read.seq]
+                if not later:
+                    break
+                self._read = Position(min(later), len(MAGIC), 0)
+                continue
+            fh = self._reader_for(seg)
+            found = _next_record(fh, self._read.offset, seg.end)
+            if found is None:  # corrupted since it was checked: end the segment here
+                self._torn(seg, self._read.offset, self._read.count, "while reading")
+                continue
+            event, stop = found
+            size += stop - self._read.offset
+            self._read = Position(seg.seq, stop, self._read.count + 1)
+            out.append((self._read, event))
+        return out
+
+    def rewind(self) -> None:
+        """Read again from the commit point."""
+        self._read = self._commit
+
+    def commit(self, position: Position) -> None:
+        """Everything up to and including the record ending at `position` is delivered."""
+        if position <= self._commit:
+            return
+        self._commit = position
+        self._read = max(self._read, position)
+        for seq in sorted(self._segments):
+            seg = self._segments[seq]
+            done = seq < position.seq or (seq == position.seq and position.offset >= seg.end)
+            if not done:
+                break
+            if seg is self._active:
+                if self._writer is not None:
+                    self._writer.close()
+                self._writer, self._active = None, None
+            self._delete(seg)
+        if self._commit.seq in self._segments:
+            self._write_cursor()
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / "cursor").unlink()
+
+    def close(self) -> None:
+        """fsync, close the files and release the slot."""
+        if self._writer is not None:
+            self.sync()
+            self._writer.close()
+            self._writer = None
+        if self._reader is not None:
+            self._reader[1].close()
+            self._reader = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+    # --- internals ----------------------------------------------------------------------
+    def _load(self) -> None:
+        """Index the segments a previous process left; check every record."""
+        cursor = self._read_cursor()
+        trusted = False
+        for path in sorted(self.dir.glob(f"*{_SUFFIX}")):
+            try:
+                seq = int(path.name.removesuffix(_SUFFIX))
+            except ValueError:
+                continue
+            seg, at_boundary = self._scan(seq, path, cursor)
+            if seg.count == 0:  # nothing intact in it
+                self._delete(seg)
+                continue
+            self._add(seg)
+            trusted = trusted or at_boundary
+        first = min(self._segments, default=0)
+        if cursor is not None and trusted and cursor.seq == first:
+            self._commit = cursor  # delivered up to here before the previous process ended
+        else:
+            self._commit = Position(first, len(MAGIC), 0)
+        self._read = self._commit
+        self.recovered = self.pending
+        if self.recovered or self.torn:
+            log.warning(
+                "spill journal %s: %d events left by a previous process to deliver; %d torn "
+                "tail(s) (%d bytes) skipped",
+                self.dir,
+                self.recovered,
+                self.torn,
+                self.torn_bytes,
+            )
+
+    def _scan(self, seq: int, path: Path, cursor: Position | None) -> tuple[_Segment, bool]:
+        """The segment's intact extent, and whether `cursor` falls on one of its records."""
+        size = path.stat().st_size
+        seg = _Segment(seq, path, size, len(MAGIC), 0)
+        at_boundary = False
+        with open(path, "rb") as fh:
+            if fh.read(len(MAGIC)) != MAGIC:
+                self._torn(seg, 0, 0, "bad segment header")
+                return seg, False
+            while (found := _next_record(fh, seg.end, size)) is not None:
+                seg.end = found[1]
+                seg.count += 1
+                if cursor is not None and cursor == (seq, seg.end, seg.count):
+                    at_boundary = True
+        if seg.end < size:
+            self._torn(seg, seg.end, seg.count, "torn tail")
+        return seg, at_boundary
+
+    def _torn(self, seg: _Segment, offset: int, count: int, why: str) -> None:
+        self.torn += 1
+        self.torn_bytes += seg.size - offset
+        log.warning(
+            "spill journal %s: %s at byte %d (%d bytes skipped)",
+            seg.path,
+            why,
+            offset,
+            seg.size - offset,
+        )
+        if seg.seq in self._segments:
+            self._records -= seg.count - count
+        seg.end, seg.count = max(offset, len(MAGIC)), count
+        if seg is self._active:  # never append behind damage: the next append rolls
+            assert self._writer is not None
+            self._writer.close()
+            self._writer, self._active = None, None
+
+    def _roll(self) -> None:
+        """Start a new segment (after syncing the current one)."""
+        if self._writer is not None:
+            self.sync()
+            self._writer.close()
+        seq = max(self._segments, default=self._commit.seq) + 1
+        path = self.dir / f"{seq:016d}{_SUFFIX}"
+        self._writer = open(path, "xb", buffering=0)  # noqa: SIM115 - lives until the next roll
+        self._writer.write(MAGIC)
+        self._active = _Segment(seq, path, len(MAGIC), len(MAGIC), 0)
+        self._add(self._active)
+        if not self._segments.keys() - {seq}:  # an empty journal starts here
+            self._commit = self._read = Position(seq, len(MAGIC), 0)
+        _fsync_dir(self.dir)
+
+    def _reader_for(self, seg: _Segment) -> IO[bytes]:
+        if self._reader is None or self._reader[0] != seg.seq:
+            if self._reader is not None:
+                self._reader[1].close()
+            self._reader = (seg.seq, open(seg.path, "rb"))  # noqa: SIM115 - closed on change
+        return self._reader[1]
+
+    def _delete(self, seg: _Segment) -> None:
+        if self._reader is not None and self._reader[0] == seg.seq:
+            self._reader[1].close()
+            self._reader = None
+        with contextlib.suppress(FileNotFoundError):
+            seg.path.unlink()
+        if self._segments.pop(seg.seq, None) is not None:
+            self._bytes -= seg.size
+            self._records -= seg.count
+
+    def _add(self, seg: _Segment) -> None:
+        self._segments[seg.seq] = seg
+        self._bytes += seg.size
+        self._records += seg.count
+
+    def _read_cursor(self) -> Position | None:
+        try:
+            seq, offset, count = (int(x) for x in (self.dir / "cursor").read_text().split())
+        except (OSError, ValueError):
+            return None
+        return Position(seq, offset, count)
+
+    def _write_cursor(self) -> None:
+        tmp = self.dir / "cursor.tmp"
+        tmp.write_text("{} {} {}\n".format(*self._commit))
+        os.replace(tmp, self.dir / "cursor")
+
+
+def _claim(root: Path) -> tuple[Path, int]:
+    """The first slot directory of `root` this process can lock, and the lock's fd."""
+    for k in range(MAX_SLOTS):
+        slot = root / f"slot-{k}"
+        slot.mkdir(parents=True, exist_ok=True)
+        fd = os.open(slot / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return slot, fd
+    raise JournalBusy(
+        f"all {MAX_SLOTS} spill journal slots under {root} are held by running processes; "
+        "give this server its own LORALOOP_SPILL_DIR"
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,298 @@
+"""Kafka goes away under the real server: Generate keeps answering, interaction events
+spill to the local journal, and once the broker is back every one of them reaches the
+topic. A dedicated broker (not the session one), so stopping it disturbs no other test.
+
+Figures are printed (`pytest -s`); the assertions are about availability and events.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
+from core.kafka.broker import KafkaBroker, create_topics, ensure_loraloop_topics
+from service.event_log import EventLog
+from service.metrics import ServerMetrics
+from tests.support import InProcessServer, isolated_settings, read_topic, wait_until
+
+pytestmark = pytest.mark.kafka
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """A broker of this module's own, which its tests stop and start (same port and data)."""
+    missing = [tool for tool in ("java", "mvn") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the Kafka broker needs {' and '.join(missing)} on PATH")
+    kafka = KafkaBroker(data_dir=tmp_path_factory.mktemp("outage-kafka"))
+    kafka.start(timeout=120)
+    try:
+        yield kafka
+    finally:
+        kafka.stop()
+
+
+@dataclass
+class Call:
+    phase: str  # before / down / restarting (the broker is starting) / after (it is back)
+    seconds: float
+    code: grpc.StatusCode
+    request_id: str
+
+
+class Traffic:
+    """Closed-loop Generate callers on their own threads, tagging calls with a phase."""
+
+    def __init__(self, target: str, callers: int = 3) -> None:
+        self.phase = "before"
+        self.calls: list[Call] = []
+        self._stop = threading.Event()
+        self._channel = grpc.insecure_channel(target)
+        self._stub = api_pb2_grpc.LoraLoopStub(self._channel)
+        self._threads = [
+            threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(callers)
+        ]
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+        self._channel.close()
+
+    def _loop(self, caller: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            phase = self.phase
+            request = api_pb2.GenerateRequest(
+                user_id=f"outage-{caller}-{n % 5}",
+                prompt=f"Tell me something about city number {n}",
+                sampling=common_pb2.SamplingParams(max_tokens=4, seed=n),
+            )
+            start = time.perf_counter()
+            try:
+                reply = self._stub.Generate(request, timeout=30)
+                code, request_id = grpc.StatusCode.OK, reply.request_id
+            except grpc.RpcError as err:
+                code, request_id = err.code(), ""
+            self.calls.append(Call(phase, time.perf_counter() - start, code, request_id))
+            n += 1
+
+    def of(self, phase: str) -> list[Call]:
+        return [c for c in self.calls if c.phase == phase]
+
+
+def p99_ms(calls: list[Call]) -> float:
+    seconds = sorted(c.seconds for c in calls)
+    return 1000 * seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))]
+
+
+def interaction_ids(bootstrap: str, topic: str) -> Counter[str]:
+    return Counter(
+        events_pb2.Interaction.FromString(r.value).request_id for r in read_topic(bootstrap, topic)
+    )
+
+
+def test_generate_stays_available_and_no_event_is_lost_while_kafka_is_down(
+    broker: KafkaBroker, tmp_path: Path
+) -> None:
+    settings = isolated_settings(
+        broker.bootstrap, tmp_path, max_new_tokens=8, spill_dir=tmp_path / "spill"
+    )
+    ensure_loraloop_topics(settings)
+    server = InProcessServer(settings)
+    events = server.running.service.events
+    try:
+        with Traffic(server.target) as traffic:
+            wait_until(lambda: len(traffic.of("before")) >= 30, 60, "traffic before the outage")
+            traffic.phase = "down"
+            down_at = time.monotonic()
+            broker.stop()  # SIGTERM: the broker process goes away
+            stopped_s = time.monotonic() - down_at
+            wait_until(lambda: events.spilled > 0, 30, "events spilling to the journal")
+            spill_s = time.monotonic() - down_at
+            time.sleep(3.0)  # the outage goes on while requests keep coming
+            traffic.phase = "restarting"
+            broker.start(timeout=120)  # same port, same data directory
+            back_at = time.monotonic()
+            traffic.phase = "after"
+            outage_s = back_at - down_at
+            spilled_in_outage = events.spilled
+            wait_until(lambda: len(traffic.of("after")) >= 10, 60, "traffic after the outage")
+        assert events.flush(timeout=60), f"events not delivered: backlog {events.backlog}"
+        drain_s = time.monotonic() - back_at
+    finally:
+        server.stop()
+
+    calls = traffic.calls
+    ok = [c for c in calls if c.code == grpc.StatusCode.OK]
+    outage = traffic.of("down") + traffic.of("restarting")
+    seen = interaction_ids(settings.kafka_bootstrap, settings.topic_interactions)
+    served = [c.request_id for c in ok]
+    lost = [rid for rid in served if rid not in seen]
+    duplicates = sum(n - 1 for n in seen.values())
+    journal = events.journal
+    print(
+        f"\nKafka outage: broker down {outage_s:.1f} s (stop {stopped_s:.1f} s, spilling "
+        f"{spill_s:.1f} s after the stop began, 3 s more, restart); "
+        f"{len(outage)} Generate calls during the outage, {len(calls)} in all\n"
+        f"  availability {100 * len(ok) / len(calls):.1f} % ({len(ok)}/{len(calls)} OK)\n"
+        f"  events spilled {events.spilled} ({spilled_in_outage} by the broker's return), "
+        f"drained {events.drained}, dropped {events.dropped_by}\n"
+        f"  all delivered {drain_s:.1f} s after the broker was back; "
+        f"lost {len(lost)}, duplicates {duplicates}\n"
+        f"  Generate p99 {p99_ms(traffic.of('before')):.0f} ms before, "
+        f"{p99_ms(outage):.0f} ms during the outage ({p99_ms(traffic.of('down')):.0f} ms while "
+        f"down, {p99_ms(traffic.of('restarting')):.0f} ms while the broker's JVM started), "
+        f"{p99_ms(traffic.of('after')):.0f} ms after; median "
+        f"{1000 * statistics.median(c.seconds for c in traffic.of('before')):.0f} / "
+        f"{1000 * statistics.median(c.seconds for c in outage):.0f} ms before / during"
+    )
+    assert len(ok) == len(calls), Counter(c.code.name for c in calls)  # 100 % available
+    assert len(outage) >= 5
+    assert spilled_in_outage > 0 and events.drained > 0  # the journal really was used
+    assert not lost, f"{len(lost)} of {len(served)} interactions never reached Kafka"
+    assert set(seen) == set(served)  # and nothing that was not served
+    assert events.dropped == 0
+    assert journal.pending == 0 and journal.bytes == 0  # drained segments are deleted
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dropped_metric(events: EventLog) -> dict[str, float]:
+    metrics = ServerMetrics()
+    metrics.watch(engine=None, registry=None, events=events, adapter_slots=0, queue_size=100)
+    from prometheus_client import generate_latest
+
+    text = generate_latest(metrics.registry).decode()
+    name = "loraloop_server_events_dropped"
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == name]
+    return {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
+def test_overflow_beyond_the_spill_cap_is_counted_exactly(
+    broker: KafkaBroker, tmp_path: Path
+) -> None:
+    topic = f"spill-cap-{os.getpid()}-{time.monotonic_ns()}"
+    create_topics(broker.bootstrap, [topic], partitions=2)
+    events = EventLog(
+        broker.bootstrap,
+        max_queue=10_000,
+        spill_dir=tmp_path / "spill",
+        spill_max_bytes=4096,  # room for about 60 of these events
+    )
+    events.start()
+    produced = 0
+
+    def publish(n: int) -> None:
+        nonlocal produced
+        for _ in range(n):
+            assert events.publish(topic, f"user-{produced % 3}", b"event-%05d" % produced)
+            produced += 1
+
+    try:
+        wait_until(events.connected.is_set, 30, "the producer to connect")
+        publish(20)
+        assert events.flush(30)
+        broker.stop()
+        publish(20)  # handed to the producer, then stalled: copied into the journal
+        wait_until(lambda: events.spilling, 30, "Kafka to count as stalled")
+        publish(400)  # far more than 4 KiB of journal
+        wait_until(lambda: events.backlog + events.dropped == 420, 30, "every event placed")
+        broker.start(timeout=120)
+        assert events.flush(60), f"not delivered: backlog {events.backlog}"
+    finally:
+        events.stop()
+    values = [r.value for r in read_topic(broker.bootstrap, topic)]
+    delivered = set(values)
+    dropped = _dropped_metric(events)
+    print(
+        f"\nspill cap 4096 B: {produced} events produced, {len(delivered)} delivered "
+        f"({events.spilled} spilled, {events.drained} drained), dropped {dropped}, "
+        f"{len(values) - len(delivered)} duplicates"
+    )
+    assert dropped["spill_full"] > 0 and events.drained > 0
+    assert dropped["spill_full"] == produced - len(delivered)
+    assert sum(dropped.values()) == dropped["spill_full"]  # no other losses
+    assert delivered <= {b"event-%05d" % i for i in range(produced)}
+
+
+def test_a_killed_servers_journal_is_delivered_by_the_next_start(
+    broker: KafkaBroker, tmp_path: Path
+) -> None:
+    """A real crash: a child process spills events (its Kafka is unreachable) and is
+    SIGKILLed; a new event log on the same directory delivers them, in order per key,
+    and counts the tail we tear off on top as lost."""
+    topic = f"spill-restart-{os.getpid()}-{time.monotonic_ns()}"
+    create_topics(broker.bootstrap, [topic], partitions=2)
+    spill = tmp_path / "spill"
+    code = textwrap.dedent(
+        f"""
+        import os, signal, time
+        from service.event_log import EventLog
+        events = EventLog("127.0.0.1:{_closed_port()}", 1000, spill_dir={str(spill)!r},
+                          spill_max_bytes=1 << 20, stall_seconds=0.2)
+        events.start()
+        for i in range(300):
+            events.publish({topic!r}, "user-%d" % (i % 4), b"event-%05d" % i)
+        deadline = time.monotonic() + 30
+        while events.journal.pending < 300 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # past one fsync interval
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=os.environ.copy(), timeout=120
+    )
+    assert child.returncode == -signal.SIGKILL
+    (segment,) = sorted((spill / "slot-0").glob("*.spill"))
+    with open(segment, "ab") as fh:
+        fh.write(b"\x40\x00\x00\x00torn")  # the start of a record a crash cut short
+
+    started = time.monotonic()
+    events = EventLog(broker.bootstrap, 1000, spill_dir=spill, spill_max_bytes=1 << 20)
+    assert events.journal.recovered == 300
+    events.start()
+    try:
+        assert events.flush(60), f"not delivered: backlog {events.backlog}"
+        took = time.monotonic() - started
+    finally:
+        events.stop()
+    records = read_topic(broker.bootstrap, topic)
+    print(
+        f"\nrestart: 300 events left by a SIGKILLed process delivered {took:.2f} s after "
+        f"start; torn tails {events.journal.torn}"
+    )
+    assert sorted(r.value for r in records) == [b"event-%05d" % i for i in range(300)]
+    for key in {r.key for r in records}:
+        ours = [r.value for r in records if r.key == key]  # one partition per key: in order
+        assert ours == sorted(ours)
+    assert events.dropped_by["journal_torn"] == 1 and events.dropped == 1
+    assert list((spill / "slot-0").glob("*.spill")) == []
