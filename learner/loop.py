@@ -434,7 +434,8 @@ class Learner:
         self._ready.pop(user_id, None)
         self._bandit_dirty.discard(user_id)
         self.joiner.forget_user(user_id)
-        self.users.forget(user_id)
+        self.users.drop_user(user_id)
+        self._announced.discard(user_id)
         removed = self.store.delete_user(user_id)
         if self.producer is not None:
             key = user_id.encode()

@@ -184,3 +184,8 @@ class UserModels:
 
     def forget(self, user_id: str) -> None:
         self._cache.pop(user_id, None)
+
+    def drop_user(self, user_id: str) -> None:
+        """A deleted user: forget the cached model and every note about their versions."""
+        self.forget(user_id)
+        self._unreadable = {key for key in self._unreadable if key[0] != user_id}
