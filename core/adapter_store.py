@@ -1,9 +1,11 @@
 """Versioned, immutable per-user adapter store on a local filesystem.
 
 Layout: `<root>/<user_id>/v<N>/` holding PEFT's `adapter_config.json` and
-`adapter_model.safetensors`, plus `learner_state.json` (the learner's per-user state that
-belongs with that version). A version is written into a temporary sibling directory,
-fsynced, then renamed into place, so readers see a whole version or none.
+`adapter_model.safetensors`, the weights' SHA-256 in `adapter_model.safetensors.sha256`,
+plus `learner_state.json` (the learner's per-user state that belongs with that version). A
+version is written into a temporary sibling directory (`.v<N>.<random>`), fsynced, then
+renamed into place, so readers see a whole version or none; what a writer killed half-way
+leaves behind is never listed, and is removed by the next successful write of that user.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.fault_points import pause_point
 from core.user_ids import check_user_id
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+WEIGHTS_CHECKSUM = ADAPTER_WEIGHTS + ".sha256"
 ADAPTER_CONFIG = "adapter_config.json"
 LEARNER_STATE = "learner_state.json"
 _VERSION_DIR = re.compile(r"v(\d+)")
+_TEMP_DIR = re.compile(r"\.v(\d+)\..+")
 
 
 class AdapterStoreError(RuntimeError):
@@ -43,8 +48,17 @@ class StoredVersion:
 
     @functools.cached_property
     def checksum(self) -> str:
-        """SHA-256 of the weights, read only when asked for (serving never needs it)."""
-        return sha256_file(self.path / ADAPTER_WEIGHTS)
+        """SHA-256 of the weights as written (serving never needs it): the recorded one,
+        else (a version written without it) computed from the file."""
+        return expected_checksum(self.path) or sha256_file(self.path / ADAPTER_WEIGHTS)
+
+
+def expected_checksum(version_dir: Path) -> str | None:
+    """The SHA-256 the weights had when this version was written (None: not recorded)."""
+    try:
+        return (version_dir / WEIGHTS_CHECKSUM).read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def sha256_file(path: Path) -> str:
@@ -114,24 +128,57 @@ class AdapterStore:
         tmp = Path(tempfile.mkdtemp(prefix=f".v{version}.", dir=final.parent))
         try:
             contents = dict(files)
+            contents[WEIGHTS_CHECKSUM] = hashlib.sha256(files[ADAPTER_WEIGHTS]).hexdigest().encode()
             if learner_state is not None:
                 contents[LEARNER_STATE] = json.dumps(learner_state, sort_keys=True).encode()
-            for name, data in contents.items():
+            for i, (name, data) in enumerate(contents.items()):
                 with (tmp / name).open("wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                if i == 0:
+                    pause_point("store.mid_write")
             _fsync_dir(tmp)
+            pause_point("store.before_rename")
             os.rename(tmp, final)
             _fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        self._sweep_partial(final.parent, version)
         return StoredVersion(user_id, version, final)
 
+    def partial_writes(self, user_id: str) -> list[Path]:
+        """Temporary directories of writes that never completed (a writer killed half-way)."""
+        udir = self.user_dir(user_id)
+        if not udir.is_dir():
+            return []
+        return sorted(p for p in udir.iterdir() if _TEMP_DIR.fullmatch(p.name))
+
+    def _sweep_partial(self, udir: Path, written: int) -> None:
+        """Remove leftovers of writes of versions up to `written`: whoever wrote them died,
+        since a version is written once and `written` is now in place."""
+        for path in udir.iterdir():
+            m = _TEMP_DIR.fullmatch(path.name)
+            if m and int(m.group(1)) <= written:
+                shutil.rmtree(path, ignore_errors=True)
+
     def learner_state(self, user_id: str, version: int) -> dict[str, Any]:
+        """The learner state stored with a version ({} when there is none).
+
+        Raises AdapterStoreError when the file is there but unreadable."""
         path = self.version_dir(user_id, version) / LEARNER_STATE
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            state = json.loads(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise AdapterStoreError(
+                f"{user_id} v{version}: unreadable {LEARNER_STATE}: {exc}"
+            ) from exc
+        if not isinstance(state, dict):
+            raise AdapterStoreError(f"{user_id} v{version}: {LEARNER_STATE} is not an object")
+        return state
 
     def delete_user(self, user_id: str) -> bool:
         """Remove every version of a user; True when something was removed."""

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from core.adapter_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from core.adapter_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, expected_checksum
 from core.multi_lora import LoRAWeights
 
 _PREFIX = "base_model.model."
@@ -46,10 +47,17 @@ def to_peft_files(weights: LoRAWeights, base_model: str, targets: list[str]) -> 
 
 
 def read_peft_dir(path: Path) -> LoRAWeights:
-    """Load a PEFT LoRA adapter directory; raises ValueError on anything malformed."""
+    """Load a PEFT LoRA adapter directory; raises ValueError on anything malformed,
+    including weights that no longer match the checksum the store recorded with them."""
     try:
         config = json.loads((path / ADAPTER_CONFIG).read_text())
-        tensors = load((path / ADAPTER_WEIGHTS).read_bytes())
+        data = (path / ADAPTER_WEIGHTS).read_bytes()
+        expected = expected_checksum(path)
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            raise ValueError(
+                f"{ADAPTER_WEIGHTS} does not match its recorded SHA-256: the file is corrupt"
+            )
+        tensors = load(data)
     except (OSError, ValueError, SafetensorError) as exc:
         raise ValueError(f"unreadable adapter in {path}: {exc}") from exc
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":

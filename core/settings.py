@@ -185,6 +185,13 @@ class Settings(BaseSettings):
 
     # --- learner ---------------------------------------------------------------------------
     group_id: str = Field("loraloop-learner", description="Learner consumer group.")
+    learner_session_timeout_seconds: float = Field(
+        10.0,
+        ge=1,
+        description="Kafka consumer session timeout of the learner: a learner that dies "
+        "(kill -9) keeps its partitions this long before they move to a live one or its "
+        "restart. The broker bounds it (group.min.session.timeout.ms, 6 s by default).",
+    )
     learning_rate: float = Field(2e-3, gt=0, description="Adam step size of the LoRA update.")
     kl_coef: float = Field(
         0.05, ge=0, description="Weight of the exact KL penalty to the base model."

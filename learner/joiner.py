@@ -45,6 +45,11 @@ class Sample:
     def request_id(self) -> str:
         return self.interaction.request_id
 
+    @property
+    def interaction_position(self) -> Position:
+        """Where the interaction was read: the sample's identity in the stream."""
+        return self.positions[0]
+
 
 @dataclass
 class _Pending:

@@ -1,9 +1,15 @@
 """The newest adapter version of every user, as this server knows it.
 
 A background thread reads the compacted `adapter-updates` topic from the beginning (so a
-restarted server rebuilds its view) and then follows it; a user the topic has not told
-us about is looked up once in the adapter store. Versions only ever go up: a stale or
-replayed event never makes a user's responses older. A tombstone forgets the user.
+restarted server rebuilds its view) and then follows it; the first time a user is served,
+the adapter store is listed as well, because a learner killed between writing a version
+and announcing it leaves the store ahead of the topic (and this server may have served
+that version before it restarted). Versions only ever go up: a stale or replayed event
+never makes a user's responses older. A tombstone forgets the user.
+
+The one exception is a version that does not load (truncated, corrupt, failing its
+checksum): `reject` marks it unservable here, logs and counts it, and the user is served
+the newest older version that is not rejected (or the base model) until a newer one comes.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ class AdapterRegistry:
         self._on_delete = on_delete
         self._lock = threading.Lock()
         self._latest: dict[str, AdapterRef | None] = {}
+        self._checked: set[str] = set()  # users whose store directory was listed
+        self._rejected: set[tuple[str, int]] = set()  # versions that failed to load
+        self.rejected = 0
         self._published_at: dict[tuple[str, int], float] = {}
         self._follower = TopicFollower(bootstrap, [topic], self._on_record, "adapter-updates")
         # Metrics hook: (user_id, version, published_s, live) for every version applied;
@@ -67,15 +76,51 @@ class AdapterRegistry:
     def resolve(self, user_id: str) -> AdapterRef | None:
         """The version to serve `user_id` with (None: the base model)."""
         with self._lock:
-            if user_id in self._latest:
-                return self._latest[user_id]
-        latest = self._store.latest(user_id)
-        ref = AdapterRef(user_id, latest.version, latest.path) if latest else None
+            if user_id in self._checked:
+                return self._latest.get(user_id)
+        stored = self._newest_stored(user_id)  # one directory listing per user and start
         with self._lock:
-            current = self._latest.get(user_id)
-            if current is None or (ref is not None and ref.version > current.version):
-                self._latest[user_id] = ref
-            return self._latest[user_id]
+            if user_id not in self._checked:  # a tombstone meanwhile wins
+                self._checked.add(user_id)
+                current = self._latest.get(user_id)
+                if stored is not None and (current is None or stored.version > current.version):
+                    self._latest[user_id] = stored
+            return self._latest.get(user_id)
+
+    def _newest_stored(self, user_id: str, below: int | None = None) -> AdapterRef | None:
+        """The newest complete version in the store (below `below`) not rejected here."""
+        for version in reversed(self._store.versions(user_id)):
+            if below is not None and version >= below:
+                continue
+            with self._lock:
+                if (user_id, version) in self._rejected:
+                    continue
+            return AdapterRef(user_id, version, self._store.version_dir(user_id, version))
+        return None
+
+    def reject(self, ref: AdapterRef, error: str) -> AdapterRef | None:
+        """`ref` failed to load: never serve it again here, and return what to serve
+        instead (the newest older version not rejected, or None: the base model)."""
+        key = (ref.user_id, ref.version)
+        with self._lock:
+            first = key not in self._rejected
+            self._rejected.add(key)
+            self.rejected += first
+        if first:
+            log.error(
+                "adapter %s v%d cannot be served (%s): serving an older version instead",
+                ref.user_id,
+                ref.version,
+                error,
+            )
+        older = self._newest_stored(ref.user_id, below=ref.version)
+        with self._lock:
+            current = self._latest.get(ref.user_id)
+            if current is not None and current.version == ref.version:
+                self._latest[ref.user_id] = current = older
+            if current is not None and (ref.user_id, current.version) in self._rejected:
+                return older  # (a race with another rejection: take the safe one)
+            return current  # the fallback, a newer version that came meanwhile, or None
 
     def apply(self, user_id: str, event: events_pb2.AdapterUpdated | None) -> bool:
         """Apply one update (None = tombstone); True when it changed the served version."""
@@ -89,6 +134,8 @@ class AdapterRegistry:
             current = self._latest.get(user_id)
             if current is not None and current.version >= ref.version:
                 return False
+            if (user_id, ref.version) in self._rejected:
+                return False  # announced again (a learner's replay): still unservable
             self._latest[user_id] = ref
             self._published_at[(user_id, ref.version)] = event.timestamp_ms / 1000
         if self.on_applied is not None:
@@ -111,6 +158,7 @@ class AdapterRegistry:
         learner may not have removed the old versions yet); a new version re-enters."""
         with self._lock:
             self._latest[user_id] = None
+            self._checked.add(user_id)
             for key in [k for k in self._published_at if k[0] == user_id]:
                 del self._published_at[key]
 

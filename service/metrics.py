@@ -297,6 +297,14 @@ class _StateCollector(Collector):
         if reg is not None:
             family.add_metric([], reg.updates_seen)
         yield family
+        family = CounterMetricFamily(
+            "loraloop_server_adapter_versions_rejected",
+            "Adapter versions that failed to load here (corrupt, truncated, failing their "
+            "checksum): their users are served the newest older version that loads.",
+        )
+        if reg is not None:
+            family.add_metric([], getattr(reg, "rejected", 0))
+        yield family
         yield _gauge(
             "loraloop_server_adapter_view_caught_up",
             "1 once the adapter-updates topic has been read to its end since start-up.",

@@ -19,6 +19,7 @@ from core.bandits.features import context_features
 from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
 from core.metrics_exporter import start_metrics_exporter
 from core.settings import Settings
+from service import adapter_fallback
 from service.adapter_registry import AdapterRegistry
 from service.auth import build_interceptor
 from service.engines.base import AdapterLoadError, Engine, GenerationRequest, build_engine
@@ -164,7 +165,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
     async def Generate(self, request, context):
         try:
             prepared = self._prepare(request)
-            result = await self.engine.generate(prepared.gen)
+            result = await adapter_fallback.generate(self.engine, self.registry, prepared.gen)
         except RequestError as err:
             await context.abort(err.code, err.message)
         except AdapterLoadError as err:
@@ -182,7 +183,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         logprobs: list[float] = []
         text = ""
         try:
-            async for chunk in self.engine.stream(prepared.gen):
+            async for chunk in adapter_fallback.stream(self.engine, self.registry, prepared.gen):
                 token_ids += chunk.token_ids
                 logprobs += chunk.logprobs
                 text += chunk.text

@@ -1,0 +1,55 @@
+"""Serve a request with an older adapter version when its own does not load.
+
+A version can be unreadable on disk (truncated, corrupt, failing its checksum) even though
+it was announced. The engine reports that as AdapterLoadError before it produces a token;
+the registry then marks the version unservable (logged, counted in
+`loraloop_server_adapter_versions_rejected_total`) and names what to serve instead: the
+newest older version that loads, down to the base model, which always loads. The response
+reports the version it was actually generated with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from service.adapter_registry import AdapterRegistry
+from service.engines.base import (
+    AdapterLoadError,
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    TokenChunk,
+)
+
+MAX_FALLBACKS = 8  # older versions tried before answering with the error
+
+
+async def generate(
+    engine: Engine, registry: AdapterRegistry, request: GenerationRequest
+) -> GenerationResult:
+    """`engine.generate`, falling back (in `request.adapter`) past versions that fail to load."""
+    for _ in range(MAX_FALLBACKS):
+        try:
+            return await engine.generate(request)
+        except AdapterLoadError as err:
+            if request.adapter is None:
+                raise
+            request.adapter = registry.reject(request.adapter, str(err))
+    return await engine.generate(request)
+
+
+async def stream(
+    engine: Engine, registry: AdapterRegistry, request: GenerationRequest
+) -> AsyncIterator[TokenChunk]:
+    """`engine.stream` with the same fallback (the error always comes before a token)."""
+    for attempt in range(MAX_FALLBACKS + 1):
+        started = False
+        try:
+            async for chunk in engine.stream(request):
+                started = True
+                yield chunk
+            return
+        except AdapterLoadError as err:
+            if started or request.adapter is None or attempt == MAX_FALLBACKS:
+                raise
+            request.adapter = registry.reject(request.adapter, str(err))
