@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     topic_bandit_state: str = Field(
         "bandit-state", description="Compacted topic of per-user bandit statistics."
     )
+    topic_dead_letter: str = Field(
+        "dead-letter",
+        description="Topic where the learner forwards events it cannot read (with headers "
+        "naming their source topic/partition/offset and the error).",
+    )
     topic_partitions: int = Field(4, ge=1, description="Partitions of each topic when created.")
 
     # --- adapter store ---------------------------------------------------------------------
@@ -94,6 +99,24 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, description="Most requests decoded in one batch.")
     max_prompt_tokens: int = Field(512, ge=1, description="Longest prompt accepted, in tokens.")
     max_new_tokens: int = Field(256, ge=1, description="Upper bound on a request's max_tokens.")
+    max_prompt_chars: int = Field(
+        100_000,
+        ge=1,
+        description="Longest prompt accepted, in characters (all chat messages together); "
+        "checked before encoding, so an oversized prompt costs no tokenizer time.",
+    )
+    max_concurrent_requests: int = Field(
+        256,
+        ge=1,
+        description="Generate/GenerateStream calls served at once (running or waiting for a "
+        "batch slot); one more is refused with RESOURCE_EXHAUSTED so clients back off.",
+    )
+    max_message_bytes: int = Field(
+        4 * 2**20,
+        ge=1024,
+        description="Largest gRPC request message the server reads, in bytes; a bigger one "
+        "is refused with RESOURCE_EXHAUSTED.",
+    )
     adapter_slots: int = Field(
         64, ge=1, description="Adapters resident in the engine at once (LRU beyond that)."
     )

@@ -21,7 +21,9 @@ from core.metrics_exporter import start_metrics_exporter
 from core.settings import Settings
 from service import adapter_fallback
 from service.adapter_registry import AdapterRegistry
+from service.admission import ConcurrencyLimit
 from service.auth import build_interceptor
+from service.call_guard import CallGuard
 from service.engines.base import AdapterLoadError, Engine, GenerationRequest, build_engine
 from service.event_log import EventLog
 from service.metrics import ServerMetrics
@@ -31,6 +33,7 @@ from service.tls import describe as describe_tls
 from service.tls import server_credentials
 from service.validation import (
     RequestError,
+    check_arm,
     check_input,
     check_sampling,
     check_signals,
@@ -72,17 +75,20 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         self.events = events
         self.store = store
         self.strategy = strategy
+        # Generate/GenerateStream in flight; admitted by the CallGuard interceptor
+        self.limit = ConcurrencyLimit(settings.max_concurrent_requests)
         self.request_ids = RequestIds(settings.request_id_secret.get_secret_value())
 
     # --- Generate -----------------------------------------------------------------------
     def _prepare(self, request: api_pb2.GenerateRequest) -> Prepared:
         user_id = check_user(request.user_id)
-        prompt, messages = check_input(request)
+        prompt, messages = check_input(request, self.settings.max_prompt_chars)
+        pinned = check_arm(request.arm)
         decoding = check_sampling(request.sampling, self.settings)
         is_chat = messages is not None
         token_ids = self.engine.encode(prompt, messages)
         context = context_features(len(token_ids), is_chat)
-        choice = self.strategy.choose(user_id, context, pinned=request.arm or None)
+        choice = self.strategy.choose(user_id, context, pinned=pinned)
         arm = choice.arm
         # The arm's system prompt goes in front of chat requests that bring none themselves.
         if messages is not None and arm.system_prompt and all(r != "system" for r, _ in messages):
@@ -326,7 +332,12 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
     interceptors: list[grpc.aio.ServerInterceptor] = [metrics.interceptor]
     if auth is not None:
         interceptors.append(auth)  # inside metrics: refused calls are counted with their code
-    server = grpc.aio.server(interceptors=interceptors)
+    # innermost: it sees the servicer's exceptions, metrics and auth see its answers
+    interceptors.append(CallGuard(SERVICE_NAME, service.limit, ("Generate", "GenerateStream")))
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", settings.max_message_bytes)],
+    )
     api_pb2_grpc.add_LoraLoopServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

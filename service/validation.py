@@ -7,12 +7,24 @@ from dataclasses import dataclass
 
 import grpc
 
+from core.event_checks import signals_error
 from core.gen.loraloop.v1 import api_pb2, common_pb2
 from core.settings import Settings
 from core.user_ids import user_id_error
 
 ROLES = ("system", "user", "assistant")
-MAX_PROMPT_CHARS = 100_000
+MAX_PROMPT_CHARS = 100_000  # default of Settings.max_prompt_chars
+MAX_MESSAGES = 1_000
+MAX_ARM_CHARS = 128
+_SHOWN_CHARS = 40  # how much of a refused value a message quotes back
+
+
+def shown(value: str) -> str:
+    """`value` quoted for an error message, cut short: a status message stays small
+    (gRPC carries it in a header) whatever the client sent."""
+    if len(value) <= _SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:_SHOWN_CHARS]!r}... ({len(value)} characters)"
 
 
 class RequestError(Exception):
@@ -61,49 +73,70 @@ def check_sampling(params: common_pb2.SamplingParams, settings: Settings) -> Dec
 
 
 def check_input(
-    request: api_pb2.GenerateRequest,
+    request: api_pb2.GenerateRequest, max_chars: int = MAX_PROMPT_CHARS
 ) -> tuple[str | None, list[tuple[str, str]] | None]:
-    """(prompt, None) or (None, messages) from a GenerateRequest."""
+    """(prompt, None) or (None, messages) from a GenerateRequest.
+
+    A prompt, or all chat messages together, may hold at most `max_chars` characters (the
+    token limit is checked once the text is encoded; this bound keeps the encoding cheap).
+    """
     which = request.WhichOneof("input")
     if which is None:
         raise invalid("no input: set either prompt or messages")
     if which == "prompt":
         if not request.prompt.strip():
             raise invalid("prompt is empty: send the text to respond to")
-        if len(request.prompt) > MAX_PROMPT_CHARS:
+        if len(request.prompt) > max_chars:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"prompt has {len(request.prompt)} characters: the limit is {MAX_PROMPT_CHARS}",
+                f"prompt has {len(request.prompt)} characters: the limit is {max_chars};"
+                " shorten it",
             )
         return request.prompt, None
     messages = [(m.role, m.content) for m in request.messages.messages]
     if not messages:
         raise invalid("messages is empty: send at least one message")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"messages has {len(messages)} entries: the limit is {MAX_MESSAGES}; send the"
+            " most recent turns only",
+        )
+    total = 0
     for i, (role, content) in enumerate(messages):
         if role not in ROLES:
-            raise invalid(f"messages[{i}].role={role!r} is unknown: use one of {', '.join(ROLES)}")
-        if len(content) > MAX_PROMPT_CHARS:
+            raise invalid(
+                f"messages[{i}].role={shown(role)} is unknown: use one of {', '.join(ROLES)}"
+            )
+        if len(content) > max_chars:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"messages[{i}] is too long: the limit is {MAX_PROMPT_CHARS}",
+                f"messages[{i}] is too long: the limit is {max_chars} characters",
             )
+        total += len(content)
+    if total > max_chars:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"messages hold {total} characters together: the limit is {max_chars}; send"
+            " fewer or shorter turns",
+        )
     if not any(content.strip() for _, content in messages):
         raise invalid("every message is empty: send some text")
     return None, messages
 
 
-def check_signals(signals: common_pb2.FeedbackSignals) -> None:
-    present = [f.name for f, _ in signals.ListFields()]
-    if not present:
+def check_arm(arm: str) -> str | None:
+    """The pinned arm name, or None to let the bandit choose (the arm list is the
+    strategy's to check; this only bounds the name)."""
+    if len(arm) > MAX_ARM_CHARS:
         raise invalid(
-            "signals is empty: send at least one of thumbs, rating, accepted, copied,"
-            " regenerated, edited, follow_up, dwell_ms"
+            f"arm is {len(arm)} characters long: arm names have at most {MAX_ARM_CHARS};"
+            " leave it empty to let the bandit choose"
         )
-    if signals.HasField("thumbs") and signals.thumbs not in (-1, 1):
-        raise invalid(f"signals.thumbs={signals.thumbs}: use +1 (up) or -1 (down)")
-    if signals.HasField("rating") and not (
-        math.isfinite(signals.rating) and 0 <= signals.rating <= 1
-    ):
-        raise invalid(f"signals.rating={signals.rating}: use a value in [0, 1]")
-    if signals.HasField("dwell_ms") and signals.dwell_ms < 0:
-        raise invalid(f"signals.dwell_ms={signals.dwell_ms}: must be >= 0")
+    return arm or None
+
+
+def check_signals(signals: common_pb2.FeedbackSignals) -> None:
+    error = signals_error(signals)
+    if error:
+        raise invalid(error)

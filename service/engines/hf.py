@@ -39,6 +39,10 @@ from service.engines.batching import RunningBatch
 
 log = logging.getLogger(__name__)
 _DONE = object()
+# Sampling temperatures below this are sampled at this one: logits divided by a
+# (valid, float32) temperature of 1e-38 overflow to inf, and the softmax of inf is NaN.
+# At 1e-4 the distribution is already one-hot for any logit gap a model produces.
+MIN_SAMPLING_TEMPERATURE = 1e-4
 
 
 @dataclass
@@ -84,7 +88,7 @@ def sample_tokens(
     if not sampled:
         return tokens, logprobs
     rows = torch.tensor(sampled, dtype=torch.long)
-    scaled = logits[rows] / temperature[rows, None]
+    scaled = logits[rows] / temperature[rows, None].clamp(min=MIN_SAMPLING_TEMPERATURE)
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     sorted_probs = sorted_logits.softmax(-1)
     # Keep the smallest prefix whose mass reaches top_p (always at least one token).
@@ -113,6 +117,11 @@ class HFEngine(Engine):
         self.prefills = 0  # forwards that admitted new rows
         self.steps = 0  # decoding forwards over the running rows
         self.peak_rows = 0
+        self.running_rows = 0  # rows in the running batch now
+        # Requests whose caller went away (deadline passed, client cancelled) before they
+        # finished: dropped from the batch, or from the queue before they got a row.
+        self.cancelled = 0
+        self.cancelled_tokens = 0  # tokens those had produced when they were dropped
         self.metrics: Any = None  # service.metrics.ServerMetrics, set by the server
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -201,6 +210,7 @@ class HFEngine(Engine):
                 else:
                     waiting.append(nxt)
             try:
+                self._drop_cancelled(batch, rows)  # their slots go to waiting jobs at once
                 if waiting and len(rows) < self.settings.max_batch_size:
                     if not rows:
                         self.batches += 1
@@ -213,6 +223,19 @@ class HFEngine(Engine):
                     row.job.emit(RuntimeError(f"generation failed: {exc}"))
                 rows.clear()
                 batch.keep([])
+            self.running_rows = len(rows)
+
+    def _drop_cancelled(self, batch: RunningBatch, rows: list[_Row]) -> None:
+        """Rows whose caller went away leave the batch before the next forward pass."""
+        keep = [i for i, r in enumerate(rows) if not r.job.cancelled.is_set()]
+        if len(keep) == len(rows):
+            return
+        for row in rows:
+            if row.job.cancelled.is_set():
+                self.cancelled += 1
+                self.cancelled_tokens += len(row.produced)
+        batch.keep(keep)
+        rows[:] = [rows[i] for i in keep]
 
     def _admit(self, batch: RunningBatch, rows: list[_Row], waiting: deque[_Job]) -> None:
         """Give waiting jobs an adapter slot, prefill them together and add them to the
@@ -224,6 +247,7 @@ class HFEngine(Engine):
             while waiting and len(rows) + len(new) < self.settings.max_batch_size:
                 job = waiting.popleft()
                 if job.cancelled.is_set():
+                    self.cancelled += 1
                     continue
                 try:
                     slot = self._slot_for(job.request, pinned)
@@ -243,9 +267,9 @@ class HFEngine(Engine):
         self.prefills += 1
         if self.metrics:
             self.metrics.prefill(sum(len(r.job.request.prompt_token_ids) for r in new))
-        logits = batch.add([r.job.request.prompt_token_ids for r in new], [r.slot for r in new])
-        rows.extend(new)
+        rows.extend(new)  # before the forward: if it fails, they are answered with the error
         self.peak_rows = max(self.peak_rows, len(rows))
+        logits = batch.add([r.job.request.prompt_token_ids for r in new], [r.slot for r in new])
         self._emit(batch, rows, logits, first=len(rows) - len(new))
 
     def _slot_for(self, request: GenerationRequest, pinned: set[int]) -> int:
@@ -294,11 +318,11 @@ class HFEngine(Engine):
             row.produced.append(t)
             if self.metrics and len(row.produced) == 1:
                 self.metrics.first_token(time.monotonic() - row.job.queued)
-            done = (
-                t == eos
-                or len(row.produced) >= row.job.request.max_tokens
-                or row.job.cancelled.is_set()
-            )
+            gone = row.job.cancelled.is_set()
+            if gone:
+                self.cancelled += 1
+                self.cancelled_tokens += len(row.produced)
+            done = gone or t == eos or len(row.produced) >= row.job.request.max_tokens
             text = tok.decode(row.produced, skip_special_tokens=True)
             delta = ""
             if done or not text.endswith("\ufffd"):  # hold back half a UTF-8 character
