@@ -70,7 +70,7 @@ def test_learner_killed_while_writing_a_version_leaves_nothing_visible(
         f"learner killed {len(CRASHES)}x mid-write: {stream.records} events produced "
         f"({stream.samples} samples), {result.applied} applied in {result.versions} versions, "
         f"duplicates {result.duplicates}, lost {result.lost}; caught up in {seconds:.1f} s "
-        "after the restart"
+        "after the restart (process start, model load and group rejoin included)"
     )
     assert result.duplicates == 0 and result.lost == 0 and result.unknown == 0
     assert result.applied == stream.samples
