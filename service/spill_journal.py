@@ -151,7 +151,7 @@ class SpillJournal:
     def __init__(self, root: Path | str, max_bytes: int, segment_bytes: int = 0) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
-        self.segment_bytes = segment_bytes or min(max(max_bytes // 8, 64 * 1024), 16 << 20)
+        self.segment_bytes = segment_bytes or min(max(max_bytes // 8, 1024), 16 << 20)
         self.torn = 0  # torn or corrupt segment tails skipped since this journal opened
         self.torn_bytes = 0
         self.recovered = 0  # records a previous process left, found when opening
