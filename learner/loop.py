@@ -31,6 +31,7 @@ from core.adapter_store import AdapterStore, AdapterStoreError
 from core.bandits.arms import load_arms
 from core.bandits.features import DIM
 from core.bandits.linear import POPULATION, BanditState
+from core.event_checks import feedback_error, interaction_error
 from core.fault_points import pause_point
 from core.gen.loraloop.v1 import events_pb2
 from core.kafka.broker import ensure_loraloop_topics
@@ -40,6 +41,7 @@ from core.settings import Settings
 from core.user_ids import user_id_error
 from learner import guard
 from learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
+from learner.dead_letter import DeadLetter
 from learner.deletions import DeletedUsers
 from learner.joiner import Joiner, Sample
 from learner.metrics import LearnerMetrics
@@ -51,6 +53,15 @@ log = logging.getLogger(__name__)
 
 class KafkaUnavailableError(RuntimeError):
     """The learner cannot work without Kafka: say so and how to fix it."""
+
+
+class UnusableEventError(ValueError):
+    """A record decoded, but into an event the learner cannot learn from."""
+
+
+def _refuse(error: str | None) -> None:
+    if error is not None:
+        raise UnusableEventError(error)
 
 
 class Learner:
@@ -91,11 +102,18 @@ class Learner:
             "rollbacks": 0,
             "default_rewards": 0,
             "unknown_arms": 0,
+            "dead_lettered": 0,
+            "dead_letter_failed": 0,
             "unreadable_versions": 0,
             "reannounced": 0,
         }
         self._announced: set[str] = set()  # users whose newest version this process announced
         self.last_step_seconds = 0.0
+        # Unusable records: skipped, counted (malformed) and copied to the dead-letter topic
+        self.dead_letter = DeadLetter(settings.topic_dead_letter, settings.group_id, self.stats)
+        config = self.lm.model.config
+        self._vocab_size = int(config.vocab_size)
+        self._context = getattr(config, "max_position_embeddings", None)
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
         self.metrics = LearnerMetrics()  # served on /metrics by `loraloop learn`
@@ -199,21 +217,25 @@ class Learner:
         try:
             if record.topic == s.topic_interactions:
                 interaction = events_pb2.Interaction.FromString(record.value)
+                _refuse(interaction_error(interaction, self._vocab_size, self._context))
                 if not self._admissible(interaction, record, pos):
                     return
                 sample = self.joiner.add_interaction(interaction, pos)
             elif record.topic == s.topic_feedback:
                 feedback = events_pb2.FeedbackEvent.FromString(record.value)
+                _refuse(feedback_error(feedback))
                 if not self._admissible(feedback, record, pos):
                     return
                 sample = self.joiner.add_feedback(feedback, pos)
             else:
                 self.joiner.seen(pos)
                 return
-        except Exception:  # protobuf DecodeError or garbage: skip and count, never crash
+        except Exception as exc:  # garbage or an unusable event: skip, count, dead-letter
             self.stats["malformed"] += 1
             self.joiner.seen(pos)
-            log.warning("malformed record at %s:%d@%d skipped", *pos)
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("malformed record at %s:%d@%d skipped (%s)", *pos, error)
+            self.dead_letter.forward(self.producer, record, error)
             return
         if sample is not None:
             self._ready[sample.user_id].append(sample)

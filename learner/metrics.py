@@ -39,7 +39,16 @@ STATS_COUNTERS = {
     "samples": ("loraloop_learner_samples", "Joined samples learnt from."),
     "malformed": (
         "loraloop_learner_records_malformed",
-        "Kafka records that did not decode and were skipped.",
+        "Kafka records that did not decode, or held an event the learner cannot use, "
+        "and were skipped.",
+    ),
+    "dead_lettered": (
+        "loraloop_learner_records_dead_lettered",
+        "Skipped records copied to the dead-letter topic (with their source and the error).",
+    ),
+    "dead_letter_failed": (
+        "loraloop_learner_dead_letter_failures",
+        "Skipped records whose copy to the dead-letter topic failed.",
     ),
     "deleted_users": (
         "loraloop_learner_users_deleted",

@@ -33,6 +33,7 @@ def isolated_settings(bootstrap: str, tmp: Path, **overrides: Any) -> Settings:
         "topic_feedback": f"feedback-{tag}",
         "topic_adapter_updates": f"adapter-updates-{tag}",
         "topic_bandit_state": f"bandit-state-{tag}",
+        "topic_dead_letter": f"dead-letter-{tag}",
         "topic_partitions": 2,
         "group_id": f"learner-{tag}",
         "adapter_store": tmp / "adapters",

@@ -293,10 +293,11 @@ def topic_configs(bootstrap: str, topic: str, timeout: float = 10.0) -> dict[str
 def ensure_loraloop_topics(
     settings: Settings, bootstrap: str | None = None, timeout: float = 30.0
 ) -> list[str]:
-    """Create loraloop's three topics (idempotent); returns the names newly created.
+    """Create loraloop's topics (idempotent); returns the names newly created.
 
-    Interactions and feedback use the delete policy; adapter-updates is compacted (key =
-    user_id, latest version wins). `bootstrap` overrides `settings.kafka_bootstrap`.
+    Interactions, feedback and the dead-letter topic (events the learner could not read)
+    use the delete policy; adapter-updates and bandit-state are compacted (key = user_id,
+    latest wins). `bootstrap` overrides `settings.kafka_bootstrap`.
     """
     return create_topics(
         bootstrap or settings.kafka_bootstrap,
@@ -305,6 +306,7 @@ def ensure_loraloop_topics(
             settings.topic_feedback: {"cleanup.policy": "delete"},
             settings.topic_adapter_updates: {"cleanup.policy": "compact"},
             settings.topic_bandit_state: {"cleanup.policy": "compact"},
+            settings.topic_dead_letter: {"cleanup.policy": "delete"},
         },
         partitions=settings.topic_partitions,
         timeout=timeout,
