@@ -115,9 +115,11 @@ def interaction_ids(bootstrap: str, topic: str) -> Counter[str]:
     )
 
 
+@pytest.mark.parametrize("how", ["stop", "kill"])
 def test_generate_stays_available_and_no_event_is_lost_while_kafka_is_down(
-    broker: KafkaBroker, tmp_path: Path
+    broker: KafkaBroker, tmp_path: Path, how: str
 ) -> None:
+    """`stop`: SIGTERM, the broker shuts down cleanly; `kill`: SIGKILL, it crashes."""
     settings = isolated_settings(
         broker.bootstrap, tmp_path, max_new_tokens=8, spill_dir=tmp_path / "spill"
     )
@@ -129,7 +131,7 @@ def test_generate_stays_available_and_no_event_is_lost_while_kafka_is_down(
             wait_until(lambda: len(traffic.of("before")) >= 30, 60, "traffic before the outage")
             traffic.phase = "down"
             down_at = time.monotonic()
-            broker.stop()  # SIGTERM: the broker process goes away
+            broker.stop() if how == "stop" else broker.kill()
             stopped_s = time.monotonic() - down_at
             wait_until(lambda: events.spilled > 0, 30, "events spilling to the journal")
             spill_s = time.monotonic() - down_at
@@ -155,7 +157,7 @@ def test_generate_stays_available_and_no_event_is_lost_while_kafka_is_down(
     duplicates = sum(n - 1 for n in seen.values())
     journal = events.journal
     print(
-        f"\nKafka outage: broker down {outage_s:.1f} s (stop {stopped_s:.1f} s, spilling "
+        f"\nKafka outage ({how}): broker down {outage_s:.1f} s ({how} {stopped_s:.1f} s, spilling "
         f"{spill_s:.1f} s after the stop began, 3 s more, restart); "
         f"{len(outage)} Generate calls during the outage, {len(calls)} in all\n"
         f"  availability {100 * len(ok) / len(calls):.1f} % ({len(ok)}/{len(calls)} OK)\n"
