@@ -186,7 +186,7 @@ class Settings(BaseSettings):
         1 << 30,
         ge=0,
         description="Cap of the event spill journal in bytes; events beyond it are dropped "
-        "and counted (loraloop_server_events_dropped_total{reason=\"spill_full\"}).",
+        'and counted (loraloop_server_events_dropped_total{reason="spill_full"}).',
     )
     grace_seconds: float = Field(5.0, ge=0, description="Drain time on shutdown.")
 
