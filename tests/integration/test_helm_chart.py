@@ -157,6 +157,16 @@ def test_rendered_manifests_do_what_the_values_say(helm: str, values: Path) -> N
     if node_selector := chosen.get("server", {}).get("nodeSelector"):
         assert server["spec"]["template"]["spec"]["nodeSelector"] == node_selector
 
+    # The spill journal lives on a pod volume named by LORALOOP_SPILL_DIR.
+    pod = server["spec"]["template"]["spec"]
+    (spill,) = [v for v in pod["volumes"] if v["name"] == "event-spill"]
+    assert "emptyDir" in spill
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    (config_map,) = [
+        c for c in by_kind(docs, "ConfigMap") if not c["metadata"]["name"].endswith("-dashboard")
+    ]
+    assert config_map["data"]["LORALOOP_SPILL_DIR"] == mounts["event-spill"]
+
     autoscaling = chosen.get("server", {}).get("autoscaling", {}).get("enabled", False)
     assert bool(by_kind(docs, "HorizontalPodAutoscaler")) == autoscaling
     assert ("replicas" not in server["spec"]) == autoscaling

@@ -80,21 +80,19 @@ envFrom:
 {{- end }}
 {{- end }}
 
-{{/* Volume mounts and volumes of the adapter store (none for S3). */}}
+{{/* Volume mount and volume (list items) of the adapter store (none for S3). */}}
 {{- define "loraloop.storeMounts" -}}
 {{- if eq .Values.adapterStore.type "pvc" }}
-volumeMounts:
-  - name: adapters
-    mountPath: {{ .Values.adapterStore.mountPath }}
+- name: adapters
+  mountPath: {{ .Values.adapterStore.mountPath }}
 {{- end }}
 {{- end }}
 
 {{- define "loraloop.storeVolumes" -}}
 {{- if eq .Values.adapterStore.type "pvc" }}
-volumes:
-  - name: adapters
-    persistentVolumeClaim:
-      claimName: {{ include "loraloop.claimName" . }}
+- name: adapters
+  persistentVolumeClaim:
+    claimName: {{ include "loraloop.claimName" . }}
 {{- end }}
 {{- end }}
 
