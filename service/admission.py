@@ -8,8 +8,6 @@ elsewhere while the admitted requests keep their latency.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import grpc
 
@@ -45,12 +43,3 @@ class ConcurrencyLimit:
     def leave(self) -> None:
         with self._lock:
             self.in_flight -= 1
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        """A place for the duration of the block (RequestError when there is none)."""
-        self.enter()
-        try:
-            yield
-        finally:
-            self.leave()
