@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.durable_files import fsync_dir
 from core.fault_points import pause_point
 from core.user_ids import check_user_id
 
@@ -67,14 +68,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class AdapterStore:
@@ -138,10 +131,10 @@ class AdapterStore:
                     os.fsync(f.fileno())
                 if i == 0:
                     pause_point("store.mid_write")
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             pause_point("store.before_rename")
             os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
