@@ -22,13 +22,15 @@ import hashlib
 import hmac
 import logging
 import re
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from core.user_ids import user_id_error
+from core.user_ids import MAX_USER_ID_LEN, user_id_error
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +81,31 @@ def _digest(key: str) -> bytes:
 
 
 def _parse_scope(text: str, where: str) -> KeyScope:
+    # Messages name a bad scope by its position, never by its text: in an entry written the
+    # wrong way round (name=KEY) the "scope" is the key itself.
     any_user, prefixes, exact = False, [], set()
-    for raw in text.split(","):
+    for n, raw in enumerate(text.split(","), start=1):
         item = raw.strip()
         if not item:
             continue
+        what = f"{where}: scope {n} after '=' ({len(item)} characters)"
         if item == "*":
             any_user = True
         elif item.endswith("*"):
             prefix = item[:-1]
             if "*" in prefix or user_id_error(prefix):
                 raise ApiKeyConfigError(
-                    f"{where}: scope {item!r} is not a user-id prefix followed by '*'"
+                    f"{what} is not a user-id prefix followed by '*'; if it is the key, "
+                    "write the entry as KEY=SCOPES"
                 )
             prefixes.append(prefix)
         else:
-            error = user_id_error(item)
-            if error or "*" in item:
-                raise ApiKeyConfigError(f"{where}: scope {item!r} is not a user id ({error})")
+            if user_id_error(item) or "*" in item:
+                raise ApiKeyConfigError(
+                    f"{what} is not a user id (letters, digits and . _ @ -, at most "
+                    f"{MAX_USER_ID_LEN}), PREFIX* or *; if it is the key, write the entry as "
+                    "KEY=SCOPES"
+                )
             exact.add(item)
     if not (any_user or prefixes or exact):
         raise ApiKeyConfigError(f"{where}: no scopes after '=': list user ids, PREFIX* or *")
@@ -186,6 +195,36 @@ UNKNOWN = (
 )
 
 
+class RefusalLog:
+    """Logs refused calls at most once per `interval_s` for each (rpc, reason), with how
+    many were left out since: a client trying keys cannot flood the log."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, str], float] = {}
+        self._skipped: dict[tuple[str, str], int] = {}
+        self.logged = 0
+        self.refused = 0
+
+    def refused_call(self, rpc: str, reason: str) -> None:
+        key, now = (rpc, reason), time.monotonic()
+        with self._lock:
+            self.refused += 1
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval_s:
+                self._skipped[key] = self._skipped.get(key, 0) + 1
+                return
+            if len(self._last) > 10_000:  # reasons name configured keys: few; stay bounded
+                self._last.clear()
+                self._skipped.clear()
+            self._last[key] = now
+            skipped = self._skipped.pop(key, 0)
+            self.logged += 1
+        more = f" ({skipped} more like it in the last {self.interval_s:.0f}s)" if skipped else ""
+        log.info("%s refused: %s%s", rpc, reason, more)
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls to `service` without a known key (UNAUTHENTICATED) or for a user_id
     the key is not scoped to (PERMISSION_DENIED); other services pass untouched."""
@@ -195,6 +234,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             raise ValueError("AuthInterceptor needs at least one API key")
         self._keys = keys
         self._prefix = f"/{service}/"
+        self.refusals = RefusalLog()
 
     async def intercept_service(
         self,
@@ -213,14 +253,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if not key:
                 return MISSING
             if entry is None:
-                log.info("%s refused: unknown API key", rpc)
+                self.refusals.refused_call(rpc, "unknown API key")
                 return UNKNOWN
             if request is None and entry.scope.any_user:
                 return None
             user_id = str(getattr(request, "user_id", "") or "")
             if request is not None and entry.scope.allows(user_id):
                 return None
-            log.info("%s refused: %s may not act for this user_id", rpc, entry.fingerprint)
+            self.refusals.refused_call(rpc, f"{entry.fingerprint} may not act for this user_id")
             return (
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"this API key may not act for user_id {user_id[:64]!r}: it is scoped to "
