@@ -215,6 +215,20 @@ class Settings(BaseSettings):
         "(kill -9) keeps its partitions this long before they move to a live one or its "
         "restart. The broker bounds it (group.min.session.timeout.ms, 6 s by default).",
     )
+    learner_publish_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How long the learner waits for Kafka to acknowledge what it published "
+        "(AdapterUpdated, tombstones, bandit statistics) before committing offsets; past it "
+        "the offsets wait for the next round, and refused records are sent again.",
+    )
+    learner_deleted_users_max: int = Field(
+        1_000_000,
+        ge=1,
+        description="Deleted users whose deletion time the learner remembers (rebuilt from "
+        "adapter-updates tombstones at start-up) to drop their pre-deletion events; beyond "
+        "it the oldest deletions are forgotten (counted).",
+    )
     learning_rate: float = Field(2e-3, gt=0, description="Adam step size of the LoRA update.")
     kl_coef: float = Field(
         0.05, ge=0, description="Weight of the exact KL penalty to the base model."
