@@ -2,19 +2,23 @@
 
 A version can be unreadable on disk (truncated, corrupt, failing its checksum) even though
 it was announced. The engine reports that as AdapterLoadError before it produces a token;
-the registry then marks the version unservable (logged, counted in
+the registry then marks the version unservable (for good on an integrity error, for a
+short while on a transient one; logged, counted in
 `loraloop_server_adapter_versions_rejected_total`) and names what to serve instead: the
 newest older version that loads, down to the base model, which always loads. The response
-reports the version it was actually generated with.
+reports the version it was actually generated with. The registry lists the store to find
+the older version, so it runs in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from service.adapter_registry import AdapterRegistry
 from service.engines.base import (
     AdapterLoadError,
+    AdapterRef,
     Engine,
     GenerationRequest,
     GenerationResult,
@@ -22,6 +26,12 @@ from service.engines.base import (
 )
 
 MAX_FALLBACKS = 8  # older versions tried before answering with the error
+
+
+async def _reject(
+    registry: AdapterRegistry, ref: AdapterRef, err: AdapterLoadError
+) -> AdapterRef | None:
+    return await asyncio.to_thread(registry.reject, ref, str(err), err.transient)
 
 
 async def generate(
@@ -34,7 +44,7 @@ async def generate(
         except AdapterLoadError as err:
             if request.adapter is None:
                 raise
-            request.adapter = registry.reject(request.adapter, str(err))
+            request.adapter = await _reject(registry, request.adapter, err)
     return await engine.generate(request)
 
 
@@ -52,4 +62,4 @@ async def stream(
         except AdapterLoadError as err:
             if started or request.adapter is None or attempt == MAX_FALLBACKS:
                 raise
-            request.adapter = registry.reject(request.adapter, str(err))
+            request.adapter = await _reject(registry, request.adapter, err)

@@ -7,14 +7,18 @@ and announcing it leaves the store ahead of the topic (and this server may have 
 that version before it restarted). Versions only ever go up: a stale or replayed event
 never makes a user's responses older. A tombstone forgets the user.
 
-The one exception is a version that does not load (truncated, corrupt, failing its
-checksum): `reject` marks it unservable here, logs and counts it, and the user is served
-the newest older version that is not rejected (or the base model) until a newer one comes.
+The one exception is a version that does not load: `reject` marks it unservable here,
+logs and counts it, and the user is served the newest older version that is not rejected
+(or the base model). An integrity error (truncated, corrupt, failing its checksum) rejects
+the version for good, until a newer one comes; a transient one (an OSError such as EMFILE
+or EIO, the engine refusing the adapter for now) only for `retry_s` seconds, after which
+the version is served (and so tried) again. A deletion forgets the user's rejections.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +32,7 @@ from core.kafka.follow import TopicFollower
 from service.engines.base import AdapterRef
 
 log = logging.getLogger(__name__)
+RETRY_TRANSIENT_S = 30.0  # a version that failed to load for a passing reason is tried again
 
 
 def path_from_uri(uri: str) -> Path:
@@ -44,14 +49,20 @@ class AdapterRegistry:
         bootstrap: str,
         topic: str,
         on_delete: Callable[[str], None] | None = None,
+        retry_s: float = RETRY_TRANSIENT_S,
     ) -> None:
         self._store = store
         self._on_delete = on_delete
         self._lock = threading.Lock()
         self._latest: dict[str, AdapterRef | None] = {}
         self._checked: set[str] = set()  # users whose store directory was listed
-        self._rejected: set[tuple[str, int]] = set()  # versions that failed to load
-        self.rejected = 0
+        self.retry_s = retry_s
+        # versions that failed to load -> when they may be tried again (inf: never)
+        self._rejected: dict[tuple[str, int], float] = {}
+        # user -> newest version rejected for a transient reason, to restore when it is due
+        self._retry: dict[str, AdapterRef] = {}
+        self.rejected = 0  # rejections (a version rejected again after its retry counts again)
+        self.transient_rejections = 0
         self._published_at: dict[tuple[str, int], float] = {}
         self._follower = TopicFollower(bootstrap, [topic], self._on_record, "adapter-updates")
         # Metrics hook: (user_id, version, published_s, live) for every version applied;
@@ -77,6 +88,7 @@ class AdapterRegistry:
         """The version to serve `user_id` with (None: the base model)."""
         with self._lock:
             if user_id in self._checked:
+                self._restore_due(user_id)
                 return self._latest.get(user_id)
         stored = self._newest_stored(user_id)  # one directory listing per user and start
         with self._lock:
@@ -87,26 +99,78 @@ class AdapterRegistry:
                     self._latest[user_id] = stored
             return self._latest.get(user_id)
 
+    def known(self, user_id: str) -> bool:
+        """True when `resolve(user_id)` answers from memory (no store listing)."""
+        with self._lock:
+            return user_id in self._checked
+
+    def rejections_held(self, user_id: str) -> int:
+        """How many versions of `user_id` are rejected here now (permanently or not yet due)."""
+        with self._lock:
+            return sum(1 for key in list(self._rejected) if key[0] == user_id)
+
+    def _blocked(self, key: tuple[str, int]) -> bool:
+        """True while `key` is rejected (call with the lock held); a due retry is lifted."""
+        until = self._rejected.get(key)
+        if until is None:
+            return False
+        if until <= time.monotonic():
+            del self._rejected[key]
+            return False
+        return True
+
+    def _restore_due(self, user_id: str) -> None:
+        """Serve a transiently rejected version again once its retry is due (lock held)."""
+        ref = self._retry.get(user_id)
+        if ref is None or self._blocked((user_id, ref.version)):
+            return
+        del self._retry[user_id]
+        current = self._latest.get(user_id)
+        if current is None or current.version < ref.version:
+            self._latest[user_id] = ref
+            log.info(
+                "adapter %s v%d: trying it again after a transient failure", user_id, ref.version
+            )
+
     def _newest_stored(self, user_id: str, below: int | None = None) -> AdapterRef | None:
         """The newest complete version in the store (below `below`) not rejected here."""
         for version in reversed(self._store.versions(user_id)):
             if below is not None and version >= below:
                 continue
             with self._lock:
-                if (user_id, version) in self._rejected:
+                if self._blocked((user_id, version)):
                     continue
             return AdapterRef(user_id, version, self._store.version_dir(user_id, version))
         return None
 
-    def reject(self, ref: AdapterRef, error: str) -> AdapterRef | None:
-        """`ref` failed to load: never serve it again here, and return what to serve
-        instead (the newest older version not rejected, or None: the base model)."""
+    def reject(self, ref: AdapterRef, error: str, transient: bool = False) -> AdapterRef | None:
+        """`ref` failed to load: do not serve it here (for good, or for `retry_s` seconds
+        when `transient`), and return what to serve instead (the newest older version not
+        rejected, or None: the base model). Lists the store: call it off the event loop."""
         key = (ref.user_id, ref.version)
         with self._lock:
-            first = key not in self._rejected
-            self._rejected.add(key)
+            first = not self._blocked(key)
+            if transient:
+                self._rejected[key] = max(self._rejected.get(key, 0.0), self._retry_at())
+                retry = self._retry.get(ref.user_id)
+                if retry is None or retry.version < ref.version:
+                    self._retry[ref.user_id] = ref
+            else:
+                self._rejected[key] = math.inf
+                if (retry := self._retry.get(ref.user_id)) and retry.version == ref.version:
+                    del self._retry[ref.user_id]
             self.rejected += first
-        if first:
+            self.transient_rejections += first and transient
+        if first and transient:
+            log.warning(
+                "adapter %s v%d failed to load (%s): serving an older version, retrying it "
+                "in %.0fs",
+                ref.user_id,
+                ref.version,
+                error,
+                self.retry_s,
+            )
+        elif first:
             log.error(
                 "adapter %s v%d cannot be served (%s): serving an older version instead",
                 ref.user_id,
@@ -118,9 +182,12 @@ class AdapterRegistry:
             current = self._latest.get(ref.user_id)
             if current is not None and current.version == ref.version:
                 self._latest[ref.user_id] = current = older
-            if current is not None and (ref.user_id, current.version) in self._rejected:
+            if current is not None and self._blocked((ref.user_id, current.version)):
                 return older  # (a race with another rejection: take the safe one)
             return current  # the fallback, a newer version that came meanwhile, or None
+
+    def _retry_at(self) -> float:
+        return time.monotonic() + self.retry_s
 
     def apply(self, user_id: str, event: events_pb2.AdapterUpdated | None) -> bool:
         """Apply one update (None = tombstone); True when it changed the served version."""
@@ -129,12 +196,12 @@ class AdapterRegistry:
             if self._on_delete:
                 self._on_delete(user_id)
             return True
-        ref = AdapterRef(user_id, event.version, self._checked_path(user_id, event.uri))
+        ref = AdapterRef(user_id, event.version, self._checked_path(user_id, event))
         with self._lock:
             current = self._latest.get(user_id)
             if current is not None and current.version >= ref.version:
                 return False
-            if (user_id, ref.version) in self._rejected:
+            if self._blocked((user_id, ref.version)):
                 return False  # announced again (a learner's replay): still unservable
             self._latest[user_id] = ref
             self._published_at[(user_id, ref.version)] = event.timestamp_ms / 1000
@@ -144,13 +211,18 @@ class AdapterRegistry:
             )
         return True
 
-    def _checked_path(self, user_id: str, uri: str) -> Path:
-        """The version directory `uri` names, which must lie in this user's store directory:
-        an event can never make the server read files from anywhere else."""
-        path = path_from_uri(uri)
-        user_dir = self._store.user_dir(user_id).resolve()  # ValueError for a bad user_id
-        if not path.resolve().is_relative_to(user_dir):
-            raise ValueError(f"adapter URI {uri[:200]!r} is outside {user_dir}")
+    def _checked_path(self, user_id: str, event: events_pb2.AdapterUpdated) -> Path:
+        """The version directory the event's URI names, which must be exactly the store's
+        directory of this user's announced version: an event can never make the server
+        read files from anywhere else (another version, a temporary directory, ...)."""
+        path = path_from_uri(event.uri)
+        # ValueError for a bad user_id or a version below 1
+        expected = self._store.version_dir(user_id, event.version)
+        if path.resolve() != expected.resolve():
+            raise ValueError(
+                f"adapter URI {event.uri[:200]!r} is not the store directory of "
+                f"{user_id} v{event.version} ({expected})"
+            )
         return path
 
     def forget(self, user_id: str) -> None:
@@ -159,6 +231,9 @@ class AdapterRegistry:
         with self._lock:
             self._latest[user_id] = None
             self._checked.add(user_id)
+            self._retry.pop(user_id, None)
+            for key in [k for k in self._rejected if k[0] == user_id]:
+                del self._rejected[key]  # a new v1 after the deletion is a different adapter
             for key in [k for k in self._published_at if k[0] == user_id]:
                 del self._published_at[key]
 

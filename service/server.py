@@ -9,12 +9,13 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from core.adapter_store import AdapterStore
+from core.adapter_store import AdapterStore, AdapterStoreError
 from core.bandits.features import context_features
 from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
 from core.metrics_exporter import start_metrics_exporter
@@ -22,9 +23,15 @@ from core.settings import Settings
 from service import adapter_fallback
 from service.adapter_registry import AdapterRegistry
 from service.admission import ConcurrencyLimit
-from service.auth import build_interceptor
+from service.auth import AuthInterceptor, build_interceptor
 from service.call_guard import CallGuard
-from service.engines.base import AdapterLoadError, Engine, GenerationRequest, build_engine
+from service.engines.base import (
+    AdapterLoadError,
+    AdapterRef,
+    Engine,
+    GenerationRequest,
+    build_engine,
+)
 from service.event_log import EventLog
 from service.metrics import ServerMetrics
 from service.request_ids import RequestIds
@@ -53,6 +60,9 @@ class Prepared:
     choice: Choice
     context: list[float]
     prompt_text: str
+    # When the request came in: its Interaction is stamped with it, so a generation that
+    # runs across a DeleteUser of its user is seen as predating the deletion.
+    started_ms: int
 
 
 def _now_ms() -> int:
@@ -80,7 +90,15 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         self.request_ids = RequestIds(settings.request_id_secret.get_secret_value())
 
     # --- Generate -----------------------------------------------------------------------
-    def _prepare(self, request: api_pb2.GenerateRequest) -> Prepared:
+    async def _resolve(self, user_id: str) -> AdapterRef | None:
+        """The registry's version for the user; its first lookup of a user lists the store,
+        which happens in a worker thread, off the event loop."""
+        if self.registry.known(user_id):
+            return self.registry.resolve(user_id)
+        return await asyncio.to_thread(self.registry.resolve, user_id)
+
+    async def _prepare(self, request: api_pb2.GenerateRequest) -> Prepared:
+        started_ms = _now_ms()
         user_id = check_user(request.user_id)
         prompt, messages = check_input(request, self.settings.max_prompt_chars)
         pinned = check_arm(request.arm)
@@ -112,14 +130,14 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         gen = GenerationRequest(
             request_id=self.request_ids.issue(user_id),
             prompt_token_ids=token_ids,
-            adapter=self.registry.resolve(user_id),
+            adapter=await self._resolve(user_id),
             max_tokens=decoding.max_tokens,
             temperature=temperature,
             top_p=top_p,
             seed=decoding.seed,
         )
         text = prompt if messages is None else "\n".join(f"{r}: {c}" for r, c in messages)
-        return Prepared(gen, choice, [float(v) for v in context], text)
+        return Prepared(gen, choice, [float(v) for v in context], text, started_ms)
 
     def _response(
         self,
@@ -135,7 +153,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         event = events_pb2.Interaction(
             request_id=gen.request_id,
             user_id=request.user_id,
-            timestamp_ms=_now_ms(),
+            timestamp_ms=prepared.started_ms,
             prompt=prepared.prompt_text,
             prompt_token_ids=gen.prompt_token_ids,
             response_token_ids=token_ids,
@@ -170,7 +188,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
 
     async def Generate(self, request, context):
         try:
-            prepared = self._prepare(request)
+            prepared = await self._prepare(request)
             result = await adapter_fallback.generate(self.engine, self.registry, prepared.gen)
         except RequestError as err:
             await context.abort(err.code, err.message)
@@ -182,7 +200,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         self, request, context
     ) -> AsyncIterator[api_pb2.GenerateStreamResponse]:
         try:
-            prepared = self._prepare(request)
+            prepared = await self._prepare(request)
         except RequestError as err:
             await context.abort(err.code, err.message)
         token_ids: list[int] = []
@@ -240,8 +258,8 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             user_id = check_user(request.user_id)
         except RequestError as err:
             await context.abort(err.code, err.message)
-        ref = self.registry.resolve(user_id)
-        state = self.store.learner_state(user_id, ref.version) if ref else {}
+        ref = await self._resolve(user_id)
+        state = await asyncio.to_thread(self._learner_state, ref) if ref else {}
         return api_pb2.UserState(
             user_id=user_id,
             adapter_version=ref.version if ref else 0,
@@ -253,6 +271,21 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             ],
         )
 
+    def _learner_state(self, ref: AdapterRef) -> dict[str, Any]:
+        """The learner state of `ref`, or of the newest older version whose state reads
+        when it is unreadable (logged), or {} (zeros) when none does."""
+        try:
+            versions = [v for v in self.store.versions(ref.user_id) if v <= ref.version]
+        except OSError as exc:
+            log.warning("learner state of %s: store not listable (%s)", ref.user_id, exc)
+            return {}
+        for version in reversed(versions or [ref.version]):
+            try:
+                return self.store.learner_state(ref.user_id, version)
+            except AdapterStoreError as exc:
+                log.warning("learner state skipped, trying an older version: %s", exc)
+        return {}
+
     async def DeleteUser(self, request, context):
         try:
             user_id = check_user(request.user_id)
@@ -260,7 +293,10 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             await context.abort(err.code, err.message)
         # Forget here at once (registry, engine slots and host cache, bandit state); the
         # tombstones tell every replica and the learner (which owns the store) to forget.
-        self.registry.apply(user_id, None)
+        # The registry forgets on the loop (a Generate resolving after this line gets the
+        # base model); the engine's part waits for its slot lock, so it runs in a thread.
+        self.registry.forget(user_id)
+        await asyncio.to_thread(self.registry.apply, user_id, None)
         self.strategy.forget(user_id)
         s = self.settings
         queued = all(
@@ -282,6 +318,7 @@ class RunningServer:
     service: LoraLoopService
     health: health.HealthServicer
     metrics: ServerMetrics | None = None
+    auth: AuthInterceptor | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, drain in-flight calls for `grace` seconds, flush events."""
@@ -351,6 +388,12 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
         else server.add_insecure_port(address)
     )
     await server.start()
+    if auth is not None and credentials is None:
+        log.warning(
+            "API keys are required but TLS is off: keys cross the network in plaintext. Set "
+            "LORALOOP_TLS_CERT_FILE and LORALOOP_TLS_KEY_FILE (helm: tls.enabled), or make "
+            "sure a mesh or proxy in front of the server encrypts the traffic"
+        )
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -361,7 +404,7 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
         describe_tls(settings),
         "required" if auth is not None else "off",
     )
-    return RunningServer(server, port, service, health_servicer, metrics)
+    return RunningServer(server, port, service, health_servicer, metrics, auth)
 
 
 async def serve(settings: Settings) -> None:

@@ -62,7 +62,26 @@ def encode_with(
 
 
 class AdapterLoadError(RuntimeError):
-    """An adapter version could not be loaded (missing, corrupt, incompatible)."""
+    """An adapter version could not be loaded.
+
+    `transient` is False for integrity errors (a checksum mismatch, a file that does not
+    parse, a format this server cannot use): the version will never load here. It is True
+    when the failure may pass (an OSError such as EMFILE or EIO, the engine refusing the
+    adapter for now): the version is tried again a little later."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def adapter_load_error(ref: AdapterRef, exc: BaseException) -> AdapterLoadError:
+    """AdapterLoadError for `exc` from reading `ref`: transient when an OSError caused it
+    (readers wrap I/O errors in ValueError; the cause chain still names them)."""
+    transient, cause = False, exc
+    while cause is not None and not transient:
+        transient = isinstance(cause, OSError)
+        cause = cause.__cause__
+    return AdapterLoadError(f"adapter {ref.user_id} v{ref.version}: {exc}", transient=transient)
 
 
 class Engine(abc.ABC):

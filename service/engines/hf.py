@@ -33,6 +33,7 @@ from service.engines.base import (
     Engine,
     GenerationRequest,
     TokenChunk,
+    adapter_load_error,
     encode_with,
 )
 from service.engines.batching import RunningBatch
@@ -284,7 +285,7 @@ class HFEngine(Engine):
         except (ValueError, OSError) as exc:
             if self.metrics:
                 self.metrics.adapter_load_failed()
-            raise AdapterLoadError(f"adapter {ref.user_id} v{ref.version}: {exc}") from exc
+            raise adapter_load_error(ref, exc) from exc
         if self.metrics:  # metrics hook: load latency on a miss, hot-swap on first use
             if self.slots.misses != misses:
                 self.metrics.adapter_loaded(time.perf_counter() - start)

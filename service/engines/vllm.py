@@ -37,6 +37,7 @@ from service.engines.base import (
     Engine,
     GenerationRequest,
     TokenChunk,
+    adapter_load_error,
     encode_with,
 )
 
@@ -205,7 +206,7 @@ class VLLMEngine(Engine):
             try:
                 weights = await asyncio.to_thread(read_peft_dir, ref.path)
             except (ValueError, OSError) as exc:
-                raise AdapterLoadError(f"adapter {ref.user_id} v{ref.version}: {exc}") from exc
+                raise adapter_load_error(ref, exc) from exc
             if weights.rank > self.lora_rank:
                 raise AdapterLoadError(
                     f"adapter {ref.user_id} v{ref.version}: rank {weights.rank} exceeds "
@@ -214,8 +215,10 @@ class VLLMEngine(Engine):
             lora = LoRARequest(f"{ref.user_id}@v{ref.version}", next(self._ids), str(ref.path))
             try:
                 await self._llm.add_lora(lora)
-            except Exception as exc:  # vLLM raises plain errors for adapters it can't use
-                raise AdapterLoadError(f"adapter {ref.user_id} v{ref.version}: {exc}") from exc
+            except Exception as exc:  # the files read above, so this may pass: retried later
+                raise AdapterLoadError(
+                    f"adapter {ref.user_id} v{ref.version}: {exc}", transient=True
+                ) from exc
             self._loras[key] = lora
             await self._evict(ref.user_id, key)
             return lora

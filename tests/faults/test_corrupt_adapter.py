@@ -23,6 +23,7 @@ from core.settings import Settings
 from learner.loop import Learner
 from learner.user_models import initial_weights
 from loraloop.client import LoraLoopClient, Reply
+from service.adapter_registry import AdapterRegistry
 from tests.faults.crash_support import EventStream
 from tests.support import InProcessServer, isolated_settings, wait_until
 
@@ -139,6 +140,133 @@ def test_serving_keeps_the_previous_version_when_the_new_one_is_corrupt(
     )
     assert rejected == 3 and load_errors == 3
     assert len(logged) == 3 and any("does not match its recorded SHA-256" in m for m in logged)
+
+
+def _in_place_of_weights(stored: StoredVersion) -> None:
+    """The weights file replaced by a directory: reading it is an OSError (as EIO or EMFILE
+    would be), not a sign the version is corrupt."""
+    weights = stored.path / ADAPTER_WEIGHTS
+    weights.rename(stored.path / "weights.aside")
+    weights.mkdir()
+
+
+def _restore_weights(stored: StoredVersion) -> None:
+    weights = stored.path / ADAPTER_WEIGHTS
+    weights.rmdir()
+    (stored.path / "weights.aside").rename(weights)
+
+
+def test_transient_failures_are_retried_and_deletion_forgets_rejections(
+    kafka_bootstrap: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A version that fails with an OSError is served again once its retry is due (here
+    after 1 s) and the files read; a corrupt one stays rejected until the user is deleted,
+    after which a new v1 of theirs is served."""
+    settings = isolated_settings(kafka_bootstrap, tmp_path)
+    ensure_loraloop_topics(settings)
+    server = InProcessServer(settings)
+    service = server.running.service
+    registry = service.registry
+    registry.retry_s = 1.0
+    publish = Publisher(settings, initial_weights(service.engine.lm.bank, "shape", 0))
+    seen = registry.updates_seen
+
+    def announced(n: int) -> None:
+        wait_until(lambda: registry.updates_seen >= seen + n, 30, f"{n} adapter updates")
+
+    try:
+        with LoraLoopClient(server.target, timeout=60) as client, caplog.at_level(logging.INFO):
+            publish.write("cy", 1)
+            flaky = publish.write("cy", 2, corrupt=_in_place_of_weights)
+            announced(2)
+            assert _served(client, "cy") == 1  # v2 fails to read: v1 answers meanwhile
+            assert registry.transient_rejections == 1 and registry.rejections_held("cy") == 1
+            _restore_weights(flaky)  # the disk answers again
+            tries = 0
+
+            def v2_served() -> bool:
+                nonlocal tries
+                tries += 1
+                return _served(client, "cy") == 2
+
+            wait_until(v2_served, 30, "v2 to be tried again and served")
+            assert registry.rejections_held("cy") == 0
+
+            publish.write("dee", 1, corrupt=_truncate)  # an integrity error: for good
+            announced(3)
+            assert _served(client, "dee") == 0 and registry.rejections_held("dee") == 1
+            assert client.delete_user("dee")
+            assert registry.rejections_held("dee") == 0
+            service.events.flush()  # the tombstone goes before the new version
+            publish.store.delete_user("dee")  # (the learner's part of the deletion)
+            publish.write("dee", 1)
+            wait_until(lambda: registry.resolve("dee") is not None, 30, "dee's new v1")
+            assert _served(client, "dee") == 1  # the new v1 is served, not refused forever
+    finally:
+        server.stop()
+    retried = [r.getMessage() for r in caplog.records if "trying it again" in r.getMessage()]
+    print(
+        f"transient load failure: v2 served again after {tries} request(s) once the retry was "
+        f"due; {registry.rejected} rejections in all; deleted user's new v1 served"
+    )
+    assert retried and all(
+        r.levelno < logging.ERROR for r in caplog.records if "adapter cy" in r.getMessage()
+    )
+
+
+def test_an_update_must_name_its_own_version_directory(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The URI of an AdapterUpdated must be the store directory of exactly the version it
+    announces: not another version, the user's directory, or a temporary directory."""
+    settings = isolated_settings(kafka_bootstrap, tmp_path)
+    store = AdapterStore(settings.adapter_store)
+    registry = AdapterRegistry(store, kafka_bootstrap, settings.topic_adapter_updates)
+
+    def event(version: int, path: Path) -> events_pb2.AdapterUpdated:
+        return events_pb2.AdapterUpdated(user_id="eve", version=version, uri=path.as_uri())
+
+    refused = {
+        "another version": event(2, store.version_dir("eve", 1)),
+        "the user directory": event(2, store.user_dir("eve")),
+        "a temporary directory": event(2, store.user_dir("eve") / ".v2.tmp-123"),
+        "another user's version": event(1, store.version_dir("fay", 1)),
+        "a path walking back in": event(2, store.version_dir("eve", 1) / ".." / "v3"),
+    }
+    for what, bad in refused.items():
+        with pytest.raises(ValueError, match="is not the store directory"):
+            registry.apply("eve", bad)
+        assert registry.resolve("eve") is None, what
+    assert registry.apply("eve", event(1, store.version_dir("eve", 1)))
+    assert registry.resolve("eve") is not None
+    print(f"adapter updates refused for naming the wrong directory: {len(refused)}")
+
+
+def test_user_state_with_unreadable_learner_state_falls_back(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """GetUserState over a corrupt learner_state.json answers with the next older state
+    that reads, or zeros; never INTERNAL."""
+    settings = isolated_settings(kafka_bootstrap, tmp_path)
+    ensure_loraloop_topics(settings)
+    server = InProcessServer(settings)
+    registry = server.running.service.registry
+    publish = Publisher(settings, initial_weights(server.running.service.engine.lm.bank, "s", 0))
+    seen = registry.updates_seen
+    try:
+        with LoraLoopClient(server.target, timeout=60) as client:
+            v1, v2 = publish.write("gus", 1), publish.write("gus", 2)
+            wait_until(lambda: registry.updates_seen >= seen + 2, 30, "2 adapter updates")
+            assert client.user_state("gus").updates == 2
+            (v2.path / "learner_state.json").write_text("{not json")
+            older = client.user_state("gus")
+            (v1.path / "learner_state.json").write_text("[1, 2]")  # JSON, not an object
+            neither = client.user_state("gus")
+    finally:
+        server.stop()
+    print(f"user state over corrupt learner states: {older.updates} (v1's), then zeros")
+    assert (older.adapter_version, older.updates) == (2, 1)
+    assert (neither.adapter_version, neither.updates, neither.recent_reward) == (2, 0, 0.0)
 
 
 def _drain(learner: Learner, rounds: int = 12) -> None:
