@@ -188,6 +188,30 @@ class Settings(BaseSettings):
         description="Cap of the event spill journal in bytes; events beyond it are dropped "
         'and counted (loraloop_server_events_dropped_total{reason="spill_full"}).',
     )
+    event_abandon_seconds: float = Field(
+        5.0,
+        ge=1,
+        le=60,
+        description="Seconds without an acknowledgement from Kafka after which the server "
+        "gives up on its producer (events wait in the spill journal while a new one "
+        "connects); also the producer's request timeout, so a broker that answers within "
+        "it never causes duplicates.",
+    )
+    event_drain_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="On shutdown (after grace_seconds), how long the server keeps delivering "
+        "queued and spilled events while Kafka answers; what is left stays in the spill "
+        "journal for the next start on the same spill_dir.",
+    )
+    event_missing_topic_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="How long spilled events for a topic Kafka does not have are retried "
+        "before they are dropped and counted "
+        '(loraloop_server_events_dropped_total{reason="no_topic"}), so they do not hold '
+        "up the journal.",
+    )
     grace_seconds: float = Field(5.0, ge=0, description="Drain time on shutdown.")
 
     # --- bandit over response strategies -----------------------------------------------------
