@@ -150,8 +150,17 @@ def test_rendered_manifests_do_what_the_values_say(helm: str, values: Path) -> N
     ]
     container = server["spec"]["template"]["spec"]["containers"][0]
     port = container["ports"][0]["containerPort"]
+    tls = chosen.get("tls", {})
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert container[probe]["grpc"]["port"] == port, probe
+        if tls.get("enabled"):  # the kubelet's gRPC probes speak plaintext only
+            assert "grpc" not in container[probe], probe
+            assert container[probe]["tcpSocket"]["port"] == port, probe
+        else:
+            assert container[probe]["grpc"]["port"] == port, probe
+    assert container["readinessProbe"].get("grpc", {}).get("service", "loraloop.v1.LoraLoop") == (
+        "loraloop.v1.LoraLoop"
+    )
+    check_tls(tls, server)
     gpu = chosen.get("server", {}).get("gpu", {}).get("enabled", False)
     assert ("nvidia.com/gpu" in container["resources"].get("limits", {})) == gpu
     if node_selector := chosen.get("server", {}).get("nodeSelector"):
@@ -213,6 +222,82 @@ def test_rendered_manifests_do_what_the_values_say(helm: str, values: Path) -> N
         assert services and all(
             any(p["name"] == "metrics" for p in s["spec"]["ports"]) for s in services
         )
+
+
+def check_tls(tls: dict[str, Any], server: dict[str, Any]) -> None:
+    """TLS on: the Secret mounted read-only and LORALOOP_TLS_* naming its files (the client
+    CA only for clientAuth); off: neither."""
+    pod = server["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    if not tls.get("enabled"):
+        assert not any(k.startswith("LORALOOP_TLS_") for k in env)
+        assert "tls" not in mounts and "tls" not in volumes
+        return
+    mount = mounts["tls"]
+    assert mount["readOnly"] is True
+    assert volumes["tls"]["secret"]["secretName"] == tls["secretName"]
+    base = mount["mountPath"]
+    wanted = {
+        "LORALOOP_TLS_CERT_FILE": f"{base}/tls.crt",
+        "LORALOOP_TLS_KEY_FILE": f"{base}/tls.key",
+    }
+    if tls.get("clientAuth"):
+        wanted["LORALOOP_TLS_CLIENT_CA_FILE"] = f"{base}/ca.crt"
+    assert {k: v for k, v in env.items() if k.startswith("LORALOOP_TLS_")} == wanted
+    assert {k.removeprefix("LORALOOP_").lower() for k in wanted} <= set(Settings.model_fields)
+
+
+def render_error(helm: str, values: dict[str, Any], tmp_path: Path) -> str:
+    """helm template's stderr for values that must not render (asserting it fails)."""
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    result = subprocess.run(
+        [helm, "template", "demo", str(CHART), "-f", str(path), "--kube-version", KUBE_VERSION],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0, f"rendered although it must not: {values}"
+    return result.stderr
+
+
+KEYS_SET = {"secrets": {"apiKeys": "ci-placeholder-0123456789abcdef=*"}}
+
+
+def test_auth_with_the_default_request_id_secret_does_not_render(helm: str, tmp_path: Path) -> None:
+    for secret in ("change-me", "", "  change-me "):
+        values = {"secrets": {**KEYS_SET["secrets"], "requestIdSecret": secret}}
+        assert "secrets.requestIdSecret" in render_error(helm, values, tmp_path)
+    assert "secrets.requestIdSecret" in render_error(helm, KEYS_SET, tmp_path)  # the default
+    # a demo without auth, and an existing Secret, still render with it
+    for values in (
+        {"auth": {"required": False}},
+        {"secrets": {"create": False, "existingSecret": "mine"}},
+    ):
+        path = tmp_path / "ok.yaml"
+        path.write_text(yaml.safe_dump(values))
+        _, docs = render(helm, path)
+        assert by_kind(docs, "Deployment")
+
+
+def test_tls_needs_a_secret_and_can_probe_with_a_command(helm: str, tmp_path: Path) -> None:
+    base = {"secrets": {**KEYS_SET["secrets"], "requestIdSecret": "a-real-one-0123"}}
+    error = render_error(helm, {**base, "tls": {"enabled": True}}, tmp_path)
+    assert "tls.secretName is empty" in error
+    command = ["grpc_health_probe", "-addr=:50051", "-tls", "-tls-no-verify"]
+    path = tmp_path / "exec.yaml"
+    tls = {"enabled": True, "secretName": "srv-tls", "probeCommand": command}
+    path.write_text(yaml.safe_dump({**base, "tls": tls}))
+    _, docs = render(helm, path)
+    (server,) = [
+        d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-server")
+    ]
+    (container,) = server["spec"]["template"]["spec"]["containers"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["exec"]["command"] == command, probe
+    check_tls(tls, server)
 
 
 def test_api_keys_are_required_unless_turned_off(helm: str, tmp_path: Path) -> None:

@@ -106,3 +106,38 @@ envFrom:
 {{- end }}
 {{- toYaml $res }}
 {{- end }}
+
+{{/* The server's probes: native gRPC health checks on the plaintext port; with TLS (which
+the kubelet's gRPC probes cannot speak) tls.probeCommand, or a TCP check of the port.
+Pass (dict "root" $ "service" "loraloop.v1.LoraLoop") ("service" optional). */}}
+{{- define "loraloop.serverProbe" -}}
+{{- $tls := .root.Values.tls }}
+{{- if not $tls.enabled }}
+grpc:
+  port: {{ .root.Values.server.port }}
+  {{- with .service }}
+  service: {{ . }}
+  {{- end }}
+{{- else if $tls.probeCommand }}
+exec:
+  command:
+    {{- toYaml $tls.probeCommand | nindent 4 }}
+{{- else }}
+tcpSocket:
+  port: {{ .root.Values.server.port }}
+{{- end }}
+{{- end }}
+
+{{/* TLS files of the server (env list items), from the mounted Secret. */}}
+{{- define "loraloop.tlsEnv" -}}
+{{- if .Values.tls.enabled }}
+- name: LORALOOP_TLS_CERT_FILE
+  value: {{ printf "%s/tls.crt" .Values.tls.mountPath | quote }}
+- name: LORALOOP_TLS_KEY_FILE
+  value: {{ printf "%s/tls.key" .Values.tls.mountPath | quote }}
+{{- if .Values.tls.clientAuth }}
+- name: LORALOOP_TLS_CLIENT_CA_FILE
+  value: {{ printf "%s/ca.crt" .Values.tls.mountPath | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
