@@ -7,6 +7,9 @@ interactions it and its predecessors learnt from (by Kafka position, see learner
 and by request_id), so a crash at any point (kill -9 included) replays events without
 applying any of them twice. A version written just before a crash, whose AdapterUpdated
 never went out, is announced again when the replay finds its samples already applied.
+Everything published goes through an outbox (learner/outbox.py) that checks Kafka's
+acknowledgement of each record: a refused record is sent again, and offsets are not
+committed until all of it is acknowledged.
 
 Each joined sample teaches a user two things at once: the bandit statistics of the arm
 that was played (fast: adapts within a handful of interactions) and the user's LoRA
@@ -41,10 +44,12 @@ from core.settings import Settings
 from core.user_ids import user_id_error
 from learner import guard
 from learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
+from learner.announcements import Announcements
 from learner.dead_letter import DeadLetter
-from learner.deletions import DeletedUsers
+from learner.deletions import DeletedUsers, deletion_time, from_learner, learner_tombstone_headers
 from learner.joiner import Joiner, Sample
 from learner.metrics import LearnerMetrics
+from learner.outbox import Outbox, Outgoing
 from learner.rewards import reward, reward_config
 from learner.user_models import UserModel, UserModels, position_text
 
@@ -90,7 +95,8 @@ class Learner:
         self.max_users_per_step = max_users_per_step
         self._ready: dict[str, list[Sample]] = defaultdict(list)
         self._bandit_dirty: set[str] = set()
-        self.deleted = DeletedUsers()  # events from before a user's deletion are dropped
+        # events from before a user's deletion are dropped (rebuilt at connect)
+        self.deleted = DeletedUsers(settings.learner_deleted_users_max)
         self.stats = {
             "updates": 0,
             "versions": 0,
@@ -106,8 +112,15 @@ class Learner:
             "dead_letter_failed": 0,
             "unreadable_versions": 0,
             "reannounced": 0,
+            "publish_failed": 0,
+            "publish_timeouts": 0,
+            "deletions_restored": 0,
+            "deletions_forgotten": 0,
         }
-        self._announced: set[str] = set()  # users whose newest version this process announced
+        # the newest AdapterUpdated known on the topic per user (bounded, see the module)
+        self._announced = Announcements()
+        self._announcing: set[str] = set()  # users with an announcement not acknowledged yet
+        self.outbox = Outbox(None, self.stats)  # every send, checked before offsets commit
         self.last_step_seconds = 0.0
         # Unusable records: skipped, counted (malformed) and copied to the dead-letter topic
         self.dead_letter = DeadLetter(settings.topic_dead_letter, settings.group_id, self.stats)
@@ -147,7 +160,9 @@ class Learner:
                 client_id="loraloop-learner",
                 bootstrap_timeout_ms=timeout_ms,
             )
+            self.outbox = Outbox(self.producer, self.stats)
             self._restore_population()
+            self._restore_deletions()
         except KafkaError as exc:
             raise KafkaUnavailableError(
                 f"no Kafka broker answers at {s.kafka_bootstrap}: start one with "
@@ -163,9 +178,48 @@ class Learner:
                 if msg.seq > self.population.seq and msg.dim == DIM:
                     self.population = BanditState.from_proto(msg, self.arms)
 
+    def _restore_deletions(self) -> None:
+        """Rebuild the deleted users' deletion times from the tombstones on the compacted
+        adapter-updates topic, so a restarted learner drops their pre-deletion events that
+        it has not consumed yet (or replays) exactly like its predecessor did. Also note
+        the announcements past the group's committed position: a tombstone not processed
+        yet may precede them (see learner/announcements.py)."""
+        s = self.settings
+        assert self.consumer is not None
+        topic = s.topic_adapter_updates
+        committed = {
+            p: self.consumer.committed(TopicPartition(topic, p)) or 0
+            for p in self.consumer.partitions_for_topic(topic) or ()
+        }
+        deletions: dict[str, int] = {}
+        started = time.perf_counter()
+        timeout = max(30.0, s.kafka_connect_timeout)
+        for record in read_to_end(s.kafka_bootstrap, [topic], timeout=timeout):
+            if not record.key:
+                continue
+            user_id = record.key.decode(errors="replace")
+            if record.value is None:
+                deletions[user_id] = max(deletion_time(record), deletions.get(user_id, 0))
+            elif record.offset >= committed.get(record.partition, 0):
+                try:
+                    version = events_pb2.AdapterUpdated.FromString(record.value).version
+                except Exception:  # not ours to judge here; the consumer dead-letters nothing
+                    continue
+                self._announced.note(user_id, version, record.partition, record.offset)
+        self.deleted.rebuild(deletions.items())
+        self.stats["deletions_restored"] = len(deletions)
+        self.stats["deletions_forgotten"] = self.deleted.forgotten
+        log.info(
+            "%d deleted users restored from %s in %.2f s",
+            len(deletions),
+            topic,
+            time.perf_counter() - started,
+        )
+
     def close(self) -> None:
         if self.producer is not None:
-            self.producer.flush(timeout=10)
+            if not self.outbox.settle(timeout=10):
+                log.warning("closing with %d records unacknowledged", self.outbox.unsettled)
             self.producer.close(timeout=10)
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
@@ -186,23 +240,24 @@ class Learner:
         samples (one batched step per `max_users_per_step` users), 3 write each new
         version atomically, 4 publish AdapterUpdated and bandit statistics and wait for
         Kafka's acks, 5 commit the offsets now fully applied."""
+        self.outbox.retry()  # what Kafka refused last round goes out before anything new
         for record in records:
             self._ingest(record)
         for sample in self.joiner.expire():
             if self.settings.default_reward is None:
                 self.joiner.release(sample.positions)
             else:
-                self._ready[sample.user_id].append(sample)
+                self._ready_sample(sample)
         due = [u for u, samples in self._ready.items() if len(samples) >= self.settings.min_batch]
         versions = self.stats["versions"]
         for i in range(0, len(due), self.max_users_per_step):
             self._update(due[i : i + self.max_users_per_step])
         self._publish_bandits()
-        if self.producer is not None:
-            self.producer.flush(timeout=30)
+        settled = self.outbox.settle(self.settings.learner_publish_timeout_seconds)
         if self.stats["versions"] != versions:
             pause_point("learner.before_commit")
-        self._commit()
+        if settled:  # else: the commit waits until Kafka took all of it
+            self._commit()
 
     def _ingest(self, record: Any) -> None:
         s = self.settings
@@ -210,8 +265,13 @@ class Learner:
         if record.topic == s.topic_adapter_updates:
             # A tombstone deletes its user; a failure to delete (a disk error) is not
             # skipped like a malformed record: it stops the learner, which replays it.
-            if record.value is None and record.key:
-                self._delete_user(record.key.decode(errors="replace"), int(record.timestamp or 0))
+            # The learner's own tombstones only echo a deletion already done.
+            if record.value is None and record.key and not from_learner(record):
+                self._delete_user(
+                    record.key.decode(errors="replace"),
+                    deletion_time(record),
+                    (record.partition, record.offset),
+                )
             self.joiner.seen(pos)
             return
         try:
@@ -238,7 +298,17 @@ class Learner:
             self.dead_letter.forward(self.producer, record, error)
             return
         if sample is not None:
-            self._ready[sample.user_id].append(sample)
+            self._ready_sample(sample)
+
+    def _ready_sample(self, sample: Sample) -> None:
+        """Queue a joined sample for its user's next update, unless its interaction was
+        stamped (at its request's start) at or before the user's deletion."""
+        stamped = sample.interaction.timestamp_ms
+        if stamped and self.deleted.predates_deletion(sample.user_id, stamped):
+            self.stats["skipped_deleted"] += 1
+            self.joiner.release(sample.positions)
+            return
+        self._ready[sample.user_id].append(sample)
 
     def _admissible(self, event: Any, record: Any, pos: tuple[str, int, int]) -> bool:
         """Raises ValueError (counted as malformed) for a user_id that could not name a
@@ -403,20 +473,32 @@ class Learner:
             timestamp_ms=int(time.time() * 1000),
             metrics=metrics,
         )
-        if self.producer is not None:
-            self.producer.send(
+        user_id, version = stored.user_id, stored.version
+
+        def acknowledged(meta: Any) -> None:
+            self._announced.note(user_id, version, meta.partition, meta.offset)
+            self._announcing.discard(user_id)
+
+        self._announcing.add(user_id)
+
+        self.outbox.send(
+            Outgoing(
                 self.settings.topic_adapter_updates,
-                key=stored.user_id.encode(),
-                value=event.SerializeToString(),
+                user_id.encode(),
+                event.SerializeToString(),
+                f"AdapterUpdated {user_id} v{version}",
+                on_ack=acknowledged,
             )
-        self._announced.add(stored.user_id)
+        )
 
     def _reannounce(self, model: UserModel) -> None:
         """Announce a user's newest stored version again, once per process: a learner
         killed between writing a version and announcing it leaves serving unaware of it,
         and its replay is the only sign. Serving ignores versions it already has."""
-        if model.version == 0 or model.user_id in self._announced:
+        if model.version == 0 or self._announced.announced(model.user_id, model.version):
             return
+        if model.user_id in self._announcing:
+            return  # its acknowledgement is still on the way
         try:
             stored = self.store.get(model.user_id, model.version)
         except (ValueError, AdapterStoreError) as exc:  # gone or incomplete: nothing to say
@@ -436,34 +518,61 @@ class Learner:
         now = int(time.time() * 1000)
         for key in sorted(self._bandit_dirty):
             state = self.population if key == POPULATION else self.users.get(key).bandit
-            self.producer.send(
-                self.settings.topic_bandit_state,
-                key=key.encode(),
-                value=state.to_proto(key, now).SerializeToString(),
+            self.outbox.send(
+                Outgoing(
+                    self.settings.topic_bandit_state,
+                    key.encode(),
+                    state.to_proto(key, now).SerializeToString(),
+                    f"bandit state {key}",
+                )
             )
         self._bandit_dirty.clear()
 
-    def _delete_user(self, user_id: str, timestamp_ms: int = 0) -> None:
+    def _delete_user(
+        self, user_id: str, deleted_at_ms: int = 0, where: tuple[int, int] | None = None
+    ) -> None:
         """Forget everything of a user: queued samples, cached model, stored versions.
 
-        Tombstones on both compacted topics follow, so the newest record of the user there
-        is a tombstone even when one of our versions or bandit updates was published after
-        the server's tombstone. Our own adapter-updates tombstone comes back to us and
-        finds nothing left to remove, so it is not answered again."""
+        `where` is the (partition, offset) of the server's tombstone on adapter-updates.
+        When one of the user's announcements follows it there (a version learnt from
+        samples consumed before the tombstone), the learner sends a tombstone of its own,
+        marked as such and stamped with the same deletion time, so the user's last record
+        on the compacted topic is a tombstone again; it sends one too when it cannot tell
+        (the announcement forgotten) but had versions to remove. On bandit-state, whose
+        position it cannot compare, it always answers the deletion with a tombstone. It
+        ignores its own tombstones when it consumes them."""
         if user_id_error(user_id):
             return
-        self.deleted.record(user_id, timestamp_ms or int(time.time() * 1000))
+        deleted_at_ms = deleted_at_ms or int(time.time() * 1000)
+        self.deleted.record(user_id, deleted_at_ms)
+        self.stats["deletions_forgotten"] = self.deleted.forgotten
         self._ready.pop(user_id, None)
         self._bandit_dirty.discard(user_id)
         self.joiner.forget_user(user_id)
         self.users.drop_user(user_id)
-        self._announced.discard(user_id)
         removed = self.store.delete_user(user_id)
-        if self.producer is not None:
-            key = user_id.encode()
-            self.producer.send(self.settings.topic_bandit_state, key=key, value=None)
-            if removed:
-                self.producer.send(self.settings.topic_adapter_updates, key=key, value=None)
+        after = self._announced.after(user_id, *where) if where is not None else None
+        echo = removed if after is None else after
+        echo = echo or user_id in self._announcing  # in flight: its offset is not known yet
+        self._announced.discard(user_id)
+        self._announcing.discard(user_id)
+        key = user_id.encode()
+        self.outbox.forget(key)
+        headers = learner_tombstone_headers(deleted_at_ms)
+        topics = [self.settings.topic_bandit_state]
+        if echo:
+            topics.append(self.settings.topic_adapter_updates)
+        for topic in topics:
+            self.outbox.send(
+                Outgoing(
+                    topic,
+                    key,
+                    None,
+                    f"tombstone {user_id} on {topic}",
+                    headers=headers,
+                    timestamp_ms=deleted_at_ms,
+                )
+            )
         self.stats["deleted_users"] += int(removed)
 
     def _commit(self) -> None:

@@ -63,6 +63,21 @@ STATS_COUNTERS = {
         "Stored adapter versions the learner could not read (corrupt, truncated, failing "
         "their checksum) and learnt on past, from an older version or the initial adapter.",
     ),
+    "publish_failed": (
+        "loraloop_learner_publish_failures",
+        "Records Kafka refused (AdapterUpdated, tombstones, bandit statistics), each try; "
+        "they are sent again and offsets are not committed until they are acknowledged.",
+    ),
+    "publish_timeouts": (
+        "loraloop_learner_publish_timeouts",
+        "Rounds whose records Kafka had not acknowledged within "
+        "learner_publish_timeout_seconds (offsets committed in a later round).",
+    ),
+    "deletions_forgotten": (
+        "loraloop_learner_deletions_forgotten",
+        "Deleted users forgotten beyond learner_deleted_users_max (oldest first): their "
+        "pre-deletion events are no longer dropped.",
+    ),
     "reannounced": (
         "loraloop_learner_versions_reannounced",
         "Newest versions announced again on adapter-updates after a replay (a learner "

@@ -4,10 +4,11 @@ Loaded from the newest version in the adapter store (the store is the truth; wha
 here is a cache), or initialised like peft does for a new user: A uniform in
 ±1/sqrt(in_features), B zero, so a new adapter starts exactly at the base model.
 
-A version whose files no longer read (truncated, corrupt, failing their checksum) never
-stops the learner: it learns on from the newest older version that reads, or from the
-initial adapter, logs that and counts it; the next version is still numbered after the
-newest one, since versions are immutable.
+A version whose files no longer read (weights or learner state: truncated, corrupt,
+failing their checksum) never stops the learner: it learns on from the newest older
+version whose weights and state both read (never one's weights with another's state), or
+from the initial adapter, logs that and counts it; the next version is still numbered
+after the newest one, since versions are immutable.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class UserModel:
     guard: GuardState = field(default_factory=GuardState)
     offsets: AppliedOffsets = field(default_factory=AppliedOffsets)  # interactions learnt from
     learnt_from: list[tuple[str, str]] = field(default_factory=list)  # this version's samples
+    loaded_from: int = 0  # the version whose weights and state were read (0: initial)
 
     def state(self) -> dict[str, Any]:
         """What is stored with each version, so a version restores the whole user.
@@ -108,37 +110,49 @@ class UserModels:
         self._unreadable: set[tuple[str, int]] = set()
 
     def get(self, user_id: str) -> UserModel:
-        latest = self.store.latest(user_id)
+        versions = self.store.versions(user_id)
+        newest = versions[-1] if versions else 0
         cached = self._cache.get(user_id)
-        if cached is not None and cached.version == (latest.version if latest else 0):
+        if cached is not None and cached.version == newest:
             self._cache.move_to_end(user_id)
             return cached
-        model = self._load(user_id, latest)
+        model = self._load(user_id, newest)
         self._cache[user_id] = model
         while len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
         return model
 
-    def _load(self, user_id: str, latest: StoredVersion | None) -> UserModel:
-        if latest is None:
+    def _load(self, user_id: str, newest: int) -> UserModel:
+        """The user's model from the newest version whose weights *and* learner state both
+        read, so the weights and what they learnt from (applied offsets and request ids,
+        optimiser, baseline, guard) always come from one version: weights of one version
+        with the applied offsets of an older one would learn the newer samples twice. It is
+        numbered `newest` all the same (the next version is written after it)."""
+        for v in sorted((v for v in self.store.versions(user_id) if v <= newest), reverse=True):
+            try:
+                state = self.store.learner_state(user_id, v)
+                weights = read_peft_dir(self.store.get(user_id, v).path)
+            except (ValueError, AdapterStoreError) as exc:
+                self._unreadable_version(user_id, v, exc)
+                continue
             return UserModel(
                 user_id,
-                0,
-                initial_weights(self.bank, user_id, self.seed),
-                BanditState(self.arms, DIM),
+                newest,
+                weights,
+                BanditState.from_json(state.get("bandit"), self.arms, DIM),
+                baseline=float(state.get("baseline", 0.0)),
+                updates=int(state.get("updates", 0)),
+                rollbacks=int(state.get("rollbacks", 0)),
+                applied=list(state.get("applied_request_ids", [])),
+                guard=GuardState.from_json(state.get("guard")),
+                offsets=AppliedOffsets.from_json(state.get("applied_offsets")),
+                loaded_from=v,
             )
-        state = self._newest_state(user_id, latest.version)
         return UserModel(
             user_id,
-            latest.version,
-            self.weights_of(user_id, latest.version),
-            BanditState.from_json(state.get("bandit"), self.arms, DIM),
-            baseline=float(state.get("baseline", 0.0)),
-            updates=int(state.get("updates", 0)),
-            rollbacks=int(state.get("rollbacks", 0)),
-            applied=list(state.get("applied_request_ids", [])),
-            guard=GuardState.from_json(state.get("guard")),
-            offsets=AppliedOffsets.from_json(state.get("applied_offsets")),
+            newest,
+            initial_weights(self.bank, user_id, self.seed),
+            BanditState(self.arms, DIM),
         )
 
     def _unreadable_version(self, user_id: str, version: int, error: Exception) -> None:
@@ -150,15 +164,6 @@ class UserModels:
         )
         if self.on_unreadable is not None:
             self.on_unreadable(user_id, version)
-
-    def _newest_state(self, user_id: str, version: int) -> dict[str, Any]:
-        """The learner state of `version`, or of the newest older version that reads."""
-        for v in sorted((v for v in self.store.versions(user_id) if v <= version), reverse=True):
-            try:
-                return self.store.learner_state(user_id, v)
-            except AdapterStoreError as exc:
-                self._unreadable_version(user_id, v, exc)
-        return {}
 
     def weights_of(self, user_id: str, version: int) -> LoRAWeights:
         """A stored version's weights (version 0: the user's initial adapter, the base).
