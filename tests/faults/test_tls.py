@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
+import secrets
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -238,3 +240,34 @@ def test_incomplete_tls_settings_say_what_to_fix(pki: Pki, tmp_path: Path) -> No
     not_pem.write_text("hello")
     assert "not a PEM file" in error(tls_cert_file=not_pem, tls_key_file=pki.server.key)
     assert server_credentials(_settings(tmp_path)) is None  # plaintext: the local demo
+
+
+def test_api_keys_without_tls_are_warned_about(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """API keys on and TLS off: a WARNING at start that the keys cross the network readable
+    (never the key itself); with TLS, or without keys, no such warning."""
+    key = "warn-" + secrets.token_urlsafe(24)
+    cases = {
+        "keys, plaintext": {"api_keys": f"{key}=*", "auth_required": True},
+        "keys, TLS": {
+            "api_keys": f"{key}=*",
+            "auth_required": True,
+            "tls_cert_file": pki.server.cert,
+            "tls_key_file": pki.server.key,
+        },
+        "no keys, plaintext": {},
+    }
+    warned = {}
+    for name, extra in cases.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="service.server"):
+            settings = isolated_settings(
+                f"127.0.0.1:{_closed_port()}", tmp_path / name.replace(" ", ""), **extra
+            )
+            InProcessServer(settings).stop(0)
+        lines = [r for r in caplog.records if "TLS is off" in r.getMessage()]
+        assert all(key not in r.getMessage() for r in caplog.records)
+        warned[name] = [r.levelname for r in lines]
+    print(f"\nstart-up warnings about keys in plaintext: {warned}")
+    assert warned == {"keys, plaintext": ["WARNING"], "keys, TLS": [], "no keys, plaintext": []}
