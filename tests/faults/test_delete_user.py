@@ -250,3 +250,40 @@ def test_delete_user_leaves_nothing_behind(loop) -> None:
         f"server held before: {sorted(k for k, v in before_server.items() if v)}; "
         f"learner held before: {sorted(k for k, v in before_learner.items() if v)}"
     )
+
+
+def test_a_generation_running_across_the_deletion_predates_it(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A GenerateStream for a user is running when DeleteUser comes: its Interaction is
+    stamped with the request's start, before the tombstone's timestamp, so the learner
+    (which drops events at or before the deletion) does not bring the user back."""
+    settings = isolated_settings(kafka_bootstrap, tmp_path, max_new_tokens=64)
+    ensure_loraloop_topics(settings)
+    server = InProcessServer(settings)
+    service = server.running.service
+    try:
+        with LoraLoopClient(server.target, timeout=60, retries=1) as client:
+            stream = client.stream(GONE, "Tell me a long story", max_tokens=64, temperature=10.0)
+            next(stream)  # generating now
+            assert client.delete_user(GONE)
+            *_, final = stream
+        service.events.flush()
+    finally:
+        server.stop()
+    (interaction,) = [
+        events_pb2.Interaction.FromString(r.value)
+        for r in read_topic(kafka_bootstrap, settings.topic_interactions)
+        if r.key == GONE.encode()
+    ]
+    (tombstone,) = [
+        r
+        for r in read_topic(kafka_bootstrap, settings.topic_adapter_updates)
+        if r.key == GONE.encode() and r.value is None
+    ]
+    assert interaction.request_id == final.request_id
+    print(
+        f"\ninteraction stamped {tombstone.timestamp - interaction.timestamp_ms} ms before the "
+        f"tombstone of a DeleteUser sent while it generated ({final.completion_tokens} tokens)"
+    )
+    assert interaction.timestamp_ms < tombstone.timestamp
