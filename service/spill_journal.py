@@ -14,24 +14,40 @@ records
     u32 length | u32 crc32(payload) | payload
     payload = u16 topic length | i32 key length | i32 value length | topic | key | value
 
-(little-endian; a length of -1 is None). A record is written with one `write` call; `sync`
-fsyncs. A tail torn by a crash mid-write (or any bad length/CRC) ends its segment: what
-follows is skipped and counted in `torn`, never raised. `cursor` (written after each
-commit inside a segment) says how far the oldest segment was delivered, so a restart
-redelivers at most the events of one unacknowledged read.
+(little-endian; a length of -1 is None). A record is written whole or not at all: `write`
+is repeated until every byte is on the file (a short write is not an error), and when a
+write fails part-way (ENOSPC, EFBIG, EIO) the segment is truncated back to its last whole
+record and the next append starts a new segment, so records after a failure are never
+written behind garbage; the failed append raises `OSError` (the event log counts it as
+`spill_error`). `sync` fsyncs. A tail torn by a crash mid-write (or any bad length/CRC)
+ends its segment: what follows is skipped and counted in `torn`, never raised. `cursor`
+(written after each commit inside a segment) says how far the oldest segment was
+delivered, so a restart redelivers at most the events of one unacknowledged read.
+
+Failures of the bookkeeping files never stop the journal: a segment that cannot be
+deleted after it was delivered, or a `cursor` that cannot be written, is logged and
+counted in `errors`, and at worst the next start delivers those events again (Kafka sees
+duplicates, never a gap). Opening a journal only claims its slot; the check of every
+record a previous process left (`load`, a CRC scan of up to `max_bytes`) runs on the
+first use, on the event log's sender thread, not on the caller's (the server's asyncio
+loop).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
+
+from core.durable_files import fsync_dir
 
 __all__ = ["JournalBusy", "Position", "Record", "SpillJournal", "SpilledEvent"]
 
@@ -146,15 +162,22 @@ class SpillJournal:
     `read` hands out records oldest first from a read cursor; `commit` marks everything up
     to a position delivered (deleting finished segments); `rewind` moves the read cursor
     back to the commit point, to read again what was not delivered.
+
+    `load=False` defers the scan of what a previous process left to `load()` (or to the
+    first append/read/commit), so that it runs on the thread that uses the journal.
     """
 
-    def __init__(self, root: Path | str, max_bytes: int, segment_bytes: int = 0) -> None:
+    def __init__(
+        self, root: Path | str, max_bytes: int, segment_bytes: int = 0, *, load: bool = True
+    ) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes or min(max(max_bytes // 8, 1024), 16 << 20)
         self.torn = 0  # torn or corrupt segment tails skipped since this journal opened
         self.torn_bytes = 0
         self.recovered = 0  # records a previous process left, found when opening
+        self.errors = 0  # failed file operations that cost no event (see the docstring)
+        self.loaded = threading.Event()  # set once `load` has indexed the directory
         self.dir, self._lock_fd = _claim(self.root)
         self._segments: dict[int, _Segment] = {}
         self._writer: IO[bytes] | None = None  # the active (newest) segment, append-only
@@ -165,7 +188,9 @@ class SpillJournal:
         self._records = 0  # sum of the segments' intact records
         self._commit = Position(0, 0, 0)
         self._read = self._commit
-        self._load()
+        self._last_seq = 0  # the highest segment number seen or used: new ones go above
+        if load:
+            self.load()
 
     # --- state --------------------------------------------------------------------------
     # Plain counters, so that other threads (metrics, flush) can read them at any time.
@@ -182,7 +207,9 @@ class SpillJournal:
 
     # --- writing ------------------------------------------------------------------------
     def append(self, event: SpilledEvent) -> Position | None:
-        """Append `event`; its position, or None when the cap leaves no room for it."""
+        """Append `event`; its position, or None when the cap leaves no room for it. Raises
+        OSError when the write fails (the journal stays intact and usable)."""
+        self.load()
         record = encode(event)
         if len(record) > MAX_RECORD:
             return None
@@ -192,8 +219,12 @@ class SpillJournal:
         if roll:
             self._roll()
         assert self._writer is not None and self._active is not None
-        self._writer.write(record)  # unbuffered: one write, so a crash can only tear the tail
         seg = self._active
+        try:
+            _write_all(self._writer, record)
+        except OSError:
+            self._undo_write(seg)
+            raise
         seg.size += len(record)
         seg.end = seg.size
         seg.count += 1
@@ -212,7 +243,10 @@ class SpillJournal:
     def read(
         self, max_records: int, max_bytes: int = 1 << 20
     ) -> list[tuple[Position, SpilledEvent]]:
-        """Up to `max_records` records (about `max_bytes`) after the read cursor, oldest first."""
+        """Up to `max_records` records (about `max_bytes`) after the read cursor, oldest first.
+
+        An I/O error ends the batch early; it is raised only when nothing could be read."""
+        self.load()
         out: list[Record] = []
         size = 0
         while len(out) < max_records and size < max_bytes:
@@ -223,8 +257,15 @@ class SpillJournal:
                     break
                 self._read = Position(min(later), len(MAGIC), 0)
                 continue
-            fh = self._reader_for(seg)
-            found = _next_record(fh, self._read.offset, seg.end)
+            try:
+                found = _next_record(self._reader_for(seg), self._read.offset, seg.end)
+            except OSError as exc:
+                self._close_reader()  # reopened by the next read
+                self.errors += 1
+                if out:
+                    log.warning("spill journal %s: read failed (%s)", seg.path, exc)
+                    break
+                raise
             if found is None:  # corrupted since it was checked: end the segment here
                 self._torn(seg, self._read.offset, self._read.count, "while reading")
                 continue
@@ -239,7 +280,10 @@ class SpillJournal:
         self._read = self._commit
 
     def commit(self, position: Position) -> None:
-        """Everything up to and including the record ending at `position` is delivered."""
+        """Everything up to and including the record ending at `position` is delivered.
+
+        Never raises for the files it removes or writes (see the module's docstring)."""
+        self.load()
         if position <= self._commit:
             return
         self._commit = position
@@ -250,32 +294,34 @@ class SpillJournal:
             if not done:
                 break
             if seg is self._active:
-                if self._writer is not None:
-                    self._writer.close()
-                self._writer, self._active = None, None
+                self._close_writer()
             self._delete(seg)
         if self._commit.seq in self._segments:
             self._write_cursor()
         else:
-            with contextlib.suppress(FileNotFoundError):
-                (self.dir / "cursor").unlink()
+            self._remove(self.dir / "cursor")
 
     def close(self) -> None:
         """fsync, close the files and release the slot."""
         if self._writer is not None:
-            self.sync()
-            self._writer.close()
-            self._writer = None
-        if self._reader is not None:
-            self._reader[1].close()
-            self._reader = None
+            try:
+                self.sync()
+            except OSError as exc:
+                self.errors += 1
+                log.warning("spill journal %s: fsync at close failed (%s)", self.dir, exc)
+            self._close_writer()
+        self._close_reader()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
 
     # --- internals ----------------------------------------------------------------------
-    def _load(self) -> None:
-        """Index the segments a previous process left; check every record."""
+    def load(self) -> None:
+        """Index the segments a previous process left and check every record (once; later
+        calls return at once). Raises OSError when the directory cannot be listed; a
+        segment that cannot be read is left on disk, logged and counted in `errors`."""
+        if self.loaded.is_set():
+            return
         cursor = self._read_cursor()
         trusted = False
         for path in sorted(self.dir.glob(f"*{_SUFFIX}")):
@@ -283,7 +329,13 @@ class SpillJournal:
                 seq = int(path.name.removesuffix(_SUFFIX))
             except ValueError:
                 continue
-            seg, at_boundary = self._scan(seq, path, cursor)
+            self._last_seq = max(self._last_seq, seq)
+            try:
+                seg, at_boundary = self._scan(seq, path, cursor)
+            except OSError as exc:
+                self.errors += 1
+                log.error("spill journal: %s cannot be read (%s); left on disk", path, exc)
+                continue
             if seg.count == 0:  # nothing intact in it
                 self._delete(seg)
                 continue
@@ -296,6 +348,7 @@ class SpillJournal:
             self._commit = Position(first, len(MAGIC), 0)
         self._read = self._commit
         self.recovered = self.pending
+        self.loaded.set()
         if self.recovered or self.torn:
             log.warning(
                 "spill journal %s: %d events left by a previous process to deliver; %d torn "
@@ -338,38 +391,81 @@ class SpillJournal:
             self._records -= seg.count - count
         seg.end, seg.count = max(offset, len(MAGIC)), count
         if seg is self._active:  # never append behind damage: the next append rolls
-            assert self._writer is not None
-            self._writer.close()
-            self._writer, self._active = None, None
+            self._close_writer()
+
+    def _undo_write(self, seg: _Segment) -> None:
+        """A record's write failed part-way: cut the segment back to its last whole record
+        and make the next append start a new segment."""
+        assert self._writer is not None
+        fd = self._writer.fileno()
+        try:
+            os.ftruncate(fd, seg.size)
+        except OSError as exc:  # the partial bytes stay: never read (past seg.end), and
+            self.errors += 1  # a restart counts them as a torn tail
+            log.error("spill journal %s: cannot cut a failed write off (%s)", seg.path, exc)
+            with contextlib.suppress(OSError):
+                on_disk = os.fstat(fd).st_size
+                self._bytes += on_disk - seg.size
+                seg.size = on_disk
+        self._close_writer()
 
     def _roll(self) -> None:
         """Start a new segment (after syncing the current one)."""
         if self._writer is not None:
-            self.sync()
-            self._writer.close()
-        seq = max(self._segments, default=self._commit.seq) + 1
+            try:
+                self.sync()
+            except OSError as exc:  # the records stay in the page cache, still readable
+                self.errors += 1
+                log.warning("spill journal %s: fsync failed (%s)", self.dir, exc)
+            self._close_writer()
+        self._last_seq = seq = max(self._last_seq, *self._segments, self._commit.seq) + 1
         path = self.dir / f"{seq:016d}{_SUFFIX}"
-        self._writer = open(path, "xb", buffering=0)  # noqa: SIM115 - lives until the next roll
-        self._writer.write(MAGIC)
+        writer = open(path, "xb", buffering=0)  # noqa: SIM115 - lives until the next roll
+        try:
+            _write_all(writer, MAGIC)
+            fsync_dir(self.dir)
+        except OSError:
+            writer.close()
+            self._remove(path)
+            raise
+        self._writer = writer
         self._active = _Segment(seq, path, len(MAGIC), len(MAGIC), 0)
         self._add(self._active)
         if not self._segments.keys() - {seq}:  # an empty journal starts here
             self._commit = self._read = Position(seq, len(MAGIC), 0)
-        _fsync_dir(self.dir)
+
+    def _close_writer(self) -> None:
+        writer, self._writer, self._active = self._writer, None, None
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                writer.close()
+
+    def _close_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            with contextlib.suppress(OSError):
+                reader[1].close()
 
     def _reader_for(self, seg: _Segment) -> IO[bytes]:
         if self._reader is None or self._reader[0] != seg.seq:
-            if self._reader is not None:
-                self._reader[1].close()
+            self._close_reader()
             self._reader = (seg.seq, open(seg.path, "rb"))  # noqa: SIM115 - closed on change
         return self._reader[1]
 
+    def _remove(self, path: Path) -> None:
+        """Unlink `path`; a failure is logged and counted, not raised."""
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            self.errors += 1
+            log.error("spill journal: cannot remove %s (%s)", path, exc)
+
     def _delete(self, seg: _Segment) -> None:
+        """Forget a segment and remove its file (a file that stays is delivered again by
+        the next start: duplicates, not losses)."""
         if self._reader is not None and self._reader[0] == seg.seq:
-            self._reader[1].close()
-            self._reader = None
-        with contextlib.suppress(FileNotFoundError):
-            seg.path.unlink()
+            self._close_reader()
+        self._remove(seg.path)
         if self._segments.pop(seg.seq, None) is not None:
             self._bytes -= seg.size
             self._records -= seg.count
@@ -387,9 +483,15 @@ class SpillJournal:
         return Position(seq, offset, count)
 
     def _write_cursor(self) -> None:
+        """Record the commit point; on failure the next start redelivers from the last
+        cursor written (logged and counted, not raised)."""
         tmp = self.dir / "cursor.tmp"
-        tmp.write_text("{} {} {}\n".format(*self._commit))
-        os.replace(tmp, self.dir / "cursor")
+        try:
+            tmp.write_text("{} {} {}\n".format(*self._commit))
+            os.replace(tmp, self.dir / "cursor")
+        except OSError as exc:
+            self.errors += 1
+            log.error("spill journal %s: cannot write its cursor (%s)", self.dir, exc)
 
 
 def _claim(root: Path) -> tuple[Path, int]:
@@ -412,9 +514,11 @@ def _claim(root: Path) -> tuple[Path, int]:
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_all(fh: IO[bytes], data: bytes) -> None:
+    """Write every byte of `data` to an unbuffered file, however many calls it takes."""
+    view = memoryview(data)
+    while view:
+        written = fh.write(view)
+        if not written:  # None (would block) or 0: no progress, so no room
+            raise OSError(errno.ENOSPC, "no byte written")
+        view = view[written:]

@@ -3,6 +3,8 @@ leftovers, the size cap and one slot per process."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import signal
 import subprocess
@@ -116,7 +118,9 @@ def test_leftovers_of_a_killed_writer_are_found_after_the_last_commit(tmp_path: 
         os.kill(os.getpid(), signal.SIGKILL)
         """
     )
-    child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=os.environ.copy())
+    child = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=os.environ.copy(), timeout=120
+    )
     assert child.returncode == -signal.SIGKILL
     journal = SpillJournal(tmp_path, max_bytes=1 << 20)
     assert journal.dir.name == "slot-0" and journal.torn == 0
@@ -170,3 +174,130 @@ def test_short_or_empty_segments_never_crash(tmp_path: Path, size: int) -> None:
     assert journal.append(events(1)[0]) is not None
     assert read_all(journal) == events(1)
     journal.close()
+
+
+def test_a_write_that_fails_part_way_is_cut_off_and_the_journal_goes_on(tmp_path: Path) -> None:
+    """A real short write: a child process whose files may not grow past 1000 bytes
+    (RLIMIT_FSIZE) appends until writes fail part-way. Each failed append raises and leaves
+    no partial record behind; later appends go to a new segment; nothing is torn."""
+    code = textwrap.dedent(
+        f"""
+        import json, resource, signal
+        from service.spill_journal import SpillJournal, SpilledEvent
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+        j = SpillJournal({str(tmp_path)!r}, max_bytes=1 << 20, segment_bytes=1 << 20)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+        accepted, failed = [], []
+        for i in range(60):
+            event = SpilledEvent("interactions", b"u", b"event-%03d" % i + b"x" * 20)
+            try:
+                assert j.append(event) is not None
+                accepted.append(i)
+            except OSError as exc:
+                failed.append(exc.errno)
+        j.close()
+        print(json.dumps({{"accepted": accepted, "failed": failed}}))
+        """
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode == 0, child.stderr
+    result = json.loads(child.stdout.splitlines()[-1])
+    accepted, failed = result["accepted"], result["failed"]
+    files = sorted((tmp_path / "slot-0").glob("*.spill"))
+    print(
+        f"\nfile size limit 1000 B: {len(accepted)} of 60 appends written, {len(failed)} "
+        f"failed part-way ({set(failed)}), {len(files)} segments of "
+        f"{[f.stat().st_size for f in files]} bytes"
+    )
+    assert failed and set(failed) == {errno.EFBIG} and len(accepted) + len(failed) == 60
+    assert len(files) > 1 and all(f.stat().st_size <= 1000 for f in files)
+    journal = SpillJournal(tmp_path, max_bytes=1 << 20)
+    assert journal.torn == 0  # every failed write was cut off: no garbage in any segment
+    assert journal.recovered == len(accepted)
+    got = [e.value[:9] for e in read_all(journal)]
+    assert got == [b"event-%03d" % i for i in accepted]  # in order, no gap among them
+    journal.close()
+
+
+def test_file_errors_while_committing_lose_nothing_and_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cursor cannot be written (a directory is in the way of its temporary file) and
+    delivered segments cannot be removed (unlink fails, as on a read-only or broken disk):
+    commit never raises, the journal goes on, and the next start delivers the segments that
+    stayed (duplicates, no loss)."""
+    journal = SpillJournal(tmp_path, max_bytes=1 << 20, segment_bytes=200)
+    (journal.dir / "cursor.tmp").mkdir()
+    written = events(10)
+    positions = [journal.append(e) for e in written]
+    journal.commit(positions[0])  # inside the first segment: a cursor write, which fails
+    assert journal.errors == 1 and journal.pending == 9
+
+    real_unlink = os.unlink
+
+    def unlink(path: os.PathLike[str] | str, *args: object, **kwargs: object) -> None:
+        if str(path).endswith(".spill"):
+            raise PermissionError(errno.EACCES, "injected", str(path))
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    journal.commit(positions[-1])  # every segment delivered: none can be removed
+    assert journal.pending == 0 and journal.bytes == 0
+    assert journal.errors > 1
+    after = SpilledEvent("interactions", b"k", b"after the errors")
+    assert journal.append(after) is not None  # a new segment, past the ones that stayed
+    assert read_all(journal) == [after]
+    journal.close()
+    monkeypatch.undo()
+
+    reopened = SpillJournal(tmp_path, max_bytes=1 << 20)
+    again = read_all(reopened)
+    print(
+        f"\ncommit with failing cursor writes and unlinks: {journal.errors} errors counted, "
+        f"{len(again) - 1} delivered events found again by the next start"
+    )
+    assert again == [*written, after]  # the leftovers first, in order: duplicates only
+    reopened.close()
+
+
+def test_a_read_error_ends_the_batch_and_the_next_read_retries(tmp_path: Path) -> None:
+    """A segment that cannot be opened (a directory in its place) ends a read early, with
+    the records before it; a read that gets nothing raises; once it is back, reading goes
+    on where it stopped."""
+    journal = SpillJournal(tmp_path, max_bytes=1 << 20, segment_bytes=200)
+    written = events(10)
+    for e in written:
+        journal.append(e)
+    second = segments(journal)[1]
+    moved = second.with_suffix(".away")
+    second.rename(moved)
+    second.mkdir()
+    first = journal.read(max_records=100)
+    assert [e for _, e in first] == written[: len(first)] and first
+    with pytest.raises(IsADirectoryError):
+        journal.read(max_records=100)
+    assert journal.errors == 2
+    second.rmdir()
+    moved.rename(second)
+    assert read_all(journal) == written[len(first) :]
+    journal.close()
+
+
+def test_opening_claims_the_slot_and_the_scan_waits_for_first_use(tmp_path: Path) -> None:
+    journal = SpillJournal(tmp_path, max_bytes=1 << 20)
+    for e in events(5):
+        journal.append(e)
+    journal.close()
+    lazy = SpillJournal(tmp_path, max_bytes=1 << 20, load=False)
+    assert lazy.dir == journal.dir and not lazy.loaded.is_set()
+    assert lazy.pending == 0 and lazy.recovered == 0  # nothing read yet
+    assert read_all(lazy) == events(5)  # the first use loads it
+    assert lazy.loaded.is_set() and lazy.recovered == 5
+    lazy.close()
