@@ -11,20 +11,48 @@ thread takes events off it and either
   still waiting in the producer are copied to the journal too (a copy is skipped later if
   Kafka does acknowledge the original), so a crash during an outage loses little.
 
-When nothing has been acknowledged for `abandon_seconds`, the sender gives up on that
-producer (what it held is in the journal) and connects a new one in the background:
-kafka-python's I/O thread spins at full CPU while it holds records for a broker that is
-gone, and that CPU is the engine's. Once a producer is connected and nothing handed to it
-is outstanding, the sender drains the journal oldest first, one chunk at a time, and
-commits what Kafka acknowledged; when the journal is empty, events go straight to the
-producer again. An event counts as delivered only on its delivery callback's success
-(acks=all). Whatever a stopped or crashed process leaves in the journal, the next one
-delivers.
+When nothing has been acknowledged for `abandon_seconds` (setting event_abandon_seconds),
+the sender gives up on that producer (what it held is in the journal) and connects a new
+one in the background: kafka-python's I/O thread spins at full CPU while it holds records
+for a broker that is gone, and that CPU is the engine's. The producer's own request
+timeout is the same `abandon_seconds`, so a broker that answers a request within the
+producer's timeout is never abandoned (which would send the journal's copies of events
+Kafka did take: duplicates). Once a producer is connected and nothing handed to it is
+outstanding, the sender drains the journal oldest first, one chunk at a time, and commits
+what Kafka acknowledged; when the journal is empty, events go straight to the producer
+again. An event counts as delivered only on its delivery callback's success (acks=all).
+
+Stopping (SIGTERM): `stop` keeps delivering the queue and the journal for up to
+`drain_seconds` (setting event_drain_seconds) while Kafka answers, and stops early only
+when it does not (no producer, or no acknowledgement for `abandon_seconds`). What is left
+stays in the journal, is logged with its count and kept in `left_at_stop`; the next
+process on the same spill directory delivers it (a pod whose journal is an emptyDir
+loses it with the pod: see helm/loraloop/values.yaml, server.spill).
+
+Order. Events of one key (one user) reach Kafka in the order they were published while
+every send succeeds, and across an outage: the journal is first in, first out; it is
+drained only when nothing sent directly is outstanding, and direct sends resume only once
+it is empty. One exception: an event whose direct send fails for good (a fatal producer
+error; not a slow or absent broker, which is journaled in order) after newer events of the
+same key were acknowledged goes to the journal and reaches Kafka after them. Delivery is
+at least once: the journal's copy of an event whose acknowledgement was lost with an
+abandoned producer, and records delivered just before a crash or a failed cursor write,
+can be delivered twice.
+
+A topic Kafka does not have (the broker answers metadata requests, but without the topic,
+e.g. with auto-creation off) would block the journal, which is drained in order, for every
+topic behind it: its events are retried for `missing_topic_seconds` (at least three
+tries), then dropped and counted as `no_topic`; while it stays missing, new events for it
+are dropped at once, and one is tried again every few seconds to find out whether it was
+created.
 
 Nothing is dropped silently. A full queue (reason `queue_full`), a full journal
 (`spill_full`), a journal write error (`spill_error`), an event Kafka rejects for good
-(`rejected`) and a journal tail torn by a crash (`journal_torn`) are counted in
-`dropped_by`, logged at most every few seconds, and exported by service/metrics.py.
+(`rejected`), an event for a topic Kafka does not have (`no_topic`), an event lost to an
+unexpected error in the sender (`sender_error`) and a journal tail torn by a crash
+(`journal_torn`) are counted in `dropped_by`, logged at most every few seconds, and
+exported by service/metrics.py. The sender thread survives any error: it logs it, counts
+it in `sender_errors`, backs off and goes on (`sender_alive` is exported as a gauge).
 """
 
 from __future__ import annotations
@@ -59,7 +87,15 @@ __all__ = ["DROP_REASONS", "EventLog"]
 
 log = logging.getLogger(__name__)
 
-DROP_REASONS = ("queue_full", "spill_full", "spill_error", "rejected", "journal_torn")
+DROP_REASONS = (
+    "queue_full",
+    "spill_full",
+    "spill_error",
+    "rejected",
+    "no_topic",
+    "sender_error",
+    "journal_torn",
+)
 # Errors no retry can fix: the event is counted as rejected instead of retried forever.
 _PERMANENT = (
     MessageSizeTooLargeError,
@@ -71,7 +107,27 @@ _PERMANENT = (
 )
 _STOP = object()
 _SKIPPED = object()  # a journal record whose event Kafka acknowledged before it was read
+_NO_TOPIC = object()  # a journal record dropped because its topic is missing (counted)
 _TAKE = 512  # events taken off the queue per turn of the sender loop
+_MAX_BLOCK_MS = 1000  # send() waiting for a topic's metadata, on the sender thread
+_MISSING_TRIES = 3  # a topic is given up on after this many failed tries (and the time)
+_PROBE_SECONDS = 5.0  # while given up on, one event of the topic is tried this often
+
+
+class TopicMissing(KafkaTimeoutError):
+    """Kafka answered the producer's metadata requests, but without this topic."""
+
+    retriable = True
+
+
+@dataclass
+class _Missing:
+    """A topic Kafka does not have, as far as the sender has seen."""
+
+    since: float  # first failed try
+    tries: int = 0
+    given_up: bool = False  # its events are dropped (no_topic) until a probe finds it
+    probe_at: float = 0.0
 
 
 @dataclass
@@ -105,14 +161,14 @@ class _Warn:
         self._last = -period
         self._count = 0
 
-    def __call__(self, msg: str, *args: Any) -> None:
+    def __call__(self, msg: str, *args: Any, exc_info: BaseException | None = None) -> None:
         self._count += 1
         now = time.monotonic()
         if now - self._last < self.period:
             return
         if self._count > 1:
             msg, args = msg + " (%d times since the last such warning)", (*args, self._count)
-        log.warning(msg, *args)
+        log.warning(msg, *args, exc_info=exc_info)
         self._last, self._count = now, 0
 
 
@@ -128,7 +184,9 @@ class EventLog:
         spill_max_bytes: int,
         client_id: str = "loraloop-server",
         stall_seconds: float = 1.0,
-        abandon_seconds: float = 2.0,
+        abandon_seconds: float = 5.0,
+        drain_seconds: float = 10.0,
+        missing_topic_seconds: float = 30.0,
         chunk_records: int = 1000,
         sync_seconds: float = 0.05,
     ) -> None:
@@ -136,16 +194,19 @@ class EventLog:
         self._client_id = client_id
         self._stall = stall_seconds
         self._abandon_after = max(abandon_seconds, stall_seconds)
+        self._missing_after = missing_topic_seconds
         self._chunk_records = chunk_records
         self._sync_every = sync_seconds
         self._queue: queue.Queue[Any] = queue.Queue(max_queue)
-        self.journal = SpillJournal(spill_dir, spill_max_bytes)
+        # Only claims the slot: the scan of what it holds runs on the sender thread.
+        self.journal = SpillJournal(spill_dir, spill_max_bytes, load=False)
         self._producer: KafkaProducer | None = None
         self._thread = threading.Thread(target=self._run, name="event-log", daemon=True)
         self._connector: threading.Thread | None = None
         self._connect_started = time.monotonic()
         self._stopping = threading.Event()
-        self._stop_timeout = 10.0
+        self._stop_taken = False  # the sender took stop()'s marker off the queue
+        self._stop_timeout = drain_seconds
         # (kind, tag, exception or None) from delivery callbacks on the producer's thread
         self._completions: collections.deque[tuple[str, Any, BaseException | None]] = (
             collections.deque()
@@ -158,6 +219,8 @@ class EventLog:
         self._skip: set[Position] = set()  # journal records acknowledged as originals
         self._retry_at = 0.0
         self._failures = 0
+        self._missing: dict[str, _Missing] = {}
+        self._error_pause = 0.0  # back-off after an unexpected error in the sender
         self._needs_reset = False
         self._last_sync = 0.0
         self._routed = 0
@@ -166,9 +229,11 @@ class EventLog:
         self.delivered = 0  # acknowledged by Kafka
         self.spilled = 0  # appended to the journal
         self.drained = 0  # acknowledged by Kafka after a stay in the journal
+        self.sender_errors = 0  # unexpected errors the sender thread survived
+        self.left_at_stop: int | None = None  # events left in the journal by stop()
         self._dropped = dict.fromkeys(DROP_REASONS, 0)
         self.connected = threading.Event()
-        self._warn = {reason: _Warn() for reason in ("spill", "kafka", *DROP_REASONS)}
+        self._warn = {reason: _Warn() for reason in ("spill", "kafka", "sender", *DROP_REASONS)}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EventLog:
@@ -177,6 +242,9 @@ class EventLog:
             settings.event_queue_size,
             spill_dir=settings.spill_dir or settings.adapter_store.parent / "event-spill",
             spill_max_bytes=settings.spill_max_bytes,
+            abandon_seconds=settings.event_abandon_seconds,
+            drain_seconds=settings.event_drain_seconds,
+            missing_topic_seconds=settings.event_missing_topic_seconds,
         )
 
     def start(self) -> None:
@@ -219,6 +287,11 @@ class EventLog:
         return sum(self.dropped_by.values())
 
     @property
+    def sender_alive(self) -> bool:
+        """Whether the sender thread runs (False before start and after stop)."""
+        return self._thread.is_alive()
+
+    @property
     def spilling(self) -> bool:
         """Whether new events go to the journal rather than straight to Kafka."""
         return self._producer is None or self.journal.pending > 0 or self._stalled()
@@ -232,10 +305,13 @@ class EventLog:
             time.sleep(0.01)
         return True
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Deliver what is queued within `timeout` while Kafka answers; keep the rest in the
-        journal for the next start; close the producer and the journal."""
-        self._stop_timeout = timeout
+    def stop(self, timeout: float | None = None) -> None:
+        """Deliver what is queued and journaled within `timeout` (default: drain_seconds)
+        while Kafka answers; keep the rest in the journal for the next start (logged, and
+        counted in `left_at_stop`); close the producer and the journal."""
+        if timeout is not None:
+            self._stop_timeout = timeout
+        timeout = self._stop_timeout
         self._stopping.set()
         with contextlib.suppress(queue.Full):
             self._queue.put(_STOP, timeout=timeout)
@@ -246,7 +322,8 @@ class EventLog:
     def _settled(self) -> bool:
         accepted = self.accepted
         return (
-            self._routed == accepted
+            self.journal.loaded.is_set()
+            and self._routed == accepted
             and not self._inflight
             and self._chunk is None
             and self.journal.pending == 0
@@ -264,6 +341,7 @@ class EventLog:
 
     def _connect(self) -> None:
         """Create a producer (its constructor waits for Kafka), off the sender thread."""
+        request_ms = max(1000, int(1000 * self._abandon_after))
         while not self._stopping.is_set():
             try:
                 producer = KafkaProducer(
@@ -272,9 +350,10 @@ class EventLog:
                     acks="all",
                     enable_idempotence=True,
                     linger_ms=5,
-                    max_block_ms=1000,  # send() waiting for metadata, on the sender thread
-                    request_timeout_ms=10_000,
-                    delivery_timeout_ms=30_000,
+                    max_block_ms=_MAX_BLOCK_MS,  # send() waiting for metadata, on our thread
+                    # A request is timed out by the producer when we would abandon it.
+                    request_timeout_ms=request_ms,
+                    delivery_timeout_ms=max(30_000, 3 * request_ms),
                     reconnect_backoff_max_ms=1000,
                     bootstrap_timeout_ms=2000,
                 )
@@ -319,22 +398,65 @@ class EventLog:
 
     # --- the sender thread --------------------------------------------------------------
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            self._settle()
-            if self._waiting_for_first_connection():
-                time.sleep(0.02)
-                continue
-            for item in self._take(timeout=0.02 if self._busy() else 0.1):
-                if item is _STOP:
-                    stopping = True
-                    break
+        self._load_journal()
+        while not self._stop_taken:
+            try:
+                self._turn()
+            except Exception as exc:  # never let the thread die: every event would be lost
+                self._sender_error(exc)
+        try:
+            self._shutdown(self._stop_timeout)
+        except Exception as exc:
+            self._sender_error(exc)
+            with contextlib.suppress(Exception):
+                self.journal.close()
+
+    def _turn(self) -> None:
+        """One turn of the sender loop."""
+        self._settle()
+        if self._waiting_for_first_connection():
+            time.sleep(0.02)
+            return
+        for item in self._take(timeout=0.02 if self._busy() else 0.1):
+            if item is _STOP:
+                self._stop_taken = True
+                break
+            try:
                 self._route(item)
-            self._settle()
-            self._watch()
-            self._drain()
-            self._sync(force=False)
-        self._shutdown(self._stop_timeout)
+            except Exception as exc:  # the event is lost, but counted
+                self._dropped["sender_error"] += 1
+                self._sender_error(exc)
+            finally:
+                self._routed += 1
+        self._settle()
+        self._watch()
+        self._drain()
+        self._sync(force=False)
+        self._error_pause = 0.0
+
+    def _load_journal(self) -> None:
+        """Index what a previous process left in the journal (a CRC scan of every record),
+        here rather than on the thread that created the event log; retried on errors."""
+        pause = 0.1
+        while True:
+            try:
+                self.journal.load()
+                return
+            except OSError as exc:
+                self.sender_errors += 1
+                self._warn["sender"](
+                    "spill journal %s unreadable (%s); retrying", self.journal.dir, exc
+                )
+            if self._stopping.wait(pause):
+                return
+            pause = min(5.0, 2 * pause)
+
+    def _sender_error(self, exc: BaseException) -> None:
+        """Log and count an unexpected error of the sender thread, then back off."""
+        self.sender_errors += 1
+        self._warn["sender"]("event log sender: unexpected error (it goes on)", exc_info=exc)
+        self._error_pause = min(2.0, max(0.05, 2 * self._error_pause))
+        time.sleep(self._error_pause)
 
     def _waiting_for_first_connection(self) -> bool:
         """Right after start, events wait in memory (up to stall_seconds) for the producer."""
@@ -384,9 +506,10 @@ class EventLog:
         ):
             self._copy_inflight()  # older events first: the journal keeps their order
             self._spill(event)
+        elif self._given_up(event.topic):
+            self._drop_no_topic(event)
         else:
             self._send(event)
-        self._routed += 1
 
     def _send(self, event: SpilledEvent) -> None:
         assert self._producer is not None
@@ -398,6 +521,12 @@ class EventLog:
             future = self._producer.send(event.topic, key=event.key, value=event.value)
         except Exception as exc:  # no metadata within max_block_ms, a closed producer, ...
             del self._inflight[token]
+            exc = self._classify(event.topic, exc)
+            if isinstance(exc, TopicMissing):
+                self._note_missing(event.topic)
+                if self._given_up(event.topic, probing=True):
+                    self._drop_no_topic(event)
+                    return
             self._failed(event, exc)
             return
         self.sent += 1
@@ -427,6 +556,55 @@ class EventLog:
         self.spilled += 1
         self._warn["spill"]("Kafka unreachable or behind: events spill to %s", self.journal.dir)
         return position
+
+    # --- topics Kafka does not have ----------------------------------------------------
+    def _classify(self, topic: str, exc: BaseException) -> BaseException:
+        """`exc` from send(), as TopicMissing when the broker did answer, without `topic`:
+        its metadata is fresher than the time send() waited for the topic's."""
+        if not isinstance(exc, KafkaTimeoutError) or self._producer is None:
+            return exc
+        try:
+            age = self._producer.metrics()["producer-metrics"]["metadata-age"]
+        except Exception:
+            return exc
+        if 0 <= age < 2 * _MAX_BLOCK_MS / 1000:
+            return TopicMissing(f"Kafka has no topic {topic!r} (metadata {age:.1f} s old)")
+        return exc
+
+    def _note_missing(self, topic: str) -> None:
+        """One more failed try (a direct send or a journal chunk) for a missing topic."""
+        now = time.monotonic()
+        missing = self._missing.setdefault(topic, _Missing(now))
+        missing.tries += 1
+        if missing.given_up:
+            missing.probe_at = now + _PROBE_SECONDS
+        elif missing.tries >= _MISSING_TRIES and now - missing.since >= self._missing_after:
+            missing.given_up = True
+            missing.probe_at = now + _PROBE_SECONDS
+            log.error(
+                "Kafka has no topic %r (tried %d times over %.0f s): its events are dropped "
+                "and counted (no_topic) until it exists",
+                topic,
+                missing.tries,
+                now - missing.since,
+            )
+
+    def _given_up(self, topic: str, probing: bool = False) -> bool:
+        """Whether events for `topic` are dropped now: it is missing and given up on, and
+        (unless `probing`: the try was just made) no probe is due."""
+        missing = self._missing.get(topic)
+        if missing is None or not missing.given_up:
+            return False
+        return probing or time.monotonic() < missing.probe_at
+
+    def _found(self, topic: str) -> None:
+        """Kafka acknowledged an event for `topic`: it exists."""
+        if self._missing and self._missing.pop(topic, None) is not None:
+            log.info("Kafka has topic %r now: its events are delivered again", topic)
+
+    def _drop_no_topic(self, event: SpilledEvent) -> None:
+        self._dropped["no_topic"] += 1
+        self._warn["no_topic"]("Kafka has no topic %r: an event for it dropped", event.topic)
 
     def _failed(self, event: SpilledEvent, exc: BaseException) -> None:
         """An event Kafka did not take: into the journal, unless it can never go."""
@@ -474,6 +652,7 @@ class EventLog:
                 continue
             if exc is None:
                 self.delivered += 1
+                self._found(pending.event.topic)
                 if pending.copy is not None:
                     self._skip.add(pending.copy)  # delivered: its copy is not sent again
             elif pending.copy is None:
@@ -500,19 +679,39 @@ class EventLog:
             or time.monotonic() < self._retry_at
         ):
             return
-        records = self.journal.read(self._chunk_records)
+        try:
+            records = self.journal.read(self._chunk_records)
+        except OSError as exc:
+            self._warn["spill_error"]("spill journal read failed (%s); retrying", exc)
+            self._failures += 1
+            self._retry_at = time.monotonic() + min(5.0, 0.25 * 2**self._failures)
+            return
         if not records:
             return
         chunk = _Chunk(self._next_token, records, time.monotonic(), [None] * len(records))
         self._next_token += 1
         self._chunk = chunk
+        missing: dict[str, BaseException] = {}  # topics found missing in this chunk
         for i, (position, event) in enumerate(records):
             if position in self._skip:
                 chunk.results[i] = _SKIPPED
                 continue
+            if event.topic in missing:  # tried once per chunk: send() blocks on it
+                chunk.results[i] = missing[event.topic]
+                continue
+            if self._given_up(event.topic):
+                chunk.results[i] = _NO_TOPIC
+                continue
             try:
                 future = self._producer.send(event.topic, key=event.key, value=event.value)
             except Exception as exc:
+                exc = self._classify(event.topic, exc)
+                if isinstance(exc, TopicMissing):  # Kafka answers: go on with other topics
+                    self._note_missing(event.topic)
+                    given_up = self._given_up(event.topic, probing=True)
+                    missing[event.topic] = _NO_TOPIC if given_up else exc
+                    chunk.results[i] = missing[event.topic]
+                    continue
                 chunk.results[i:] = [exc if r is None else r for r in chunk.results[i:]]
                 break
             self.sent += 1
@@ -528,6 +727,9 @@ class EventLog:
             if result is True:
                 self.delivered += 1
                 self.drained += 1
+                self._found(event.topic)
+            elif result is _NO_TOPIC:
+                self._drop_no_topic(event)  # given up on: done with it
             elif isinstance(result, _PERMANENT):
                 self._failed(event, result)  # counted as rejected: done with it
             elif isinstance(result, BaseException):
@@ -538,7 +740,7 @@ class EventLog:
             else:
                 commit = position
         if commit is not None:
-            self.journal.commit(commit)
+            self.journal.commit(commit)  # file errors are its own to log and count
             self._skip = {p for p in self._skip if p > commit}
         if not failures:
             self._failures = 0
@@ -571,16 +773,22 @@ class EventLog:
             while True:  # published after stop() began
                 item = self._queue.get_nowait()
                 if item is not _STOP:
-                    self._route(item)
+                    try:
+                        self._route(item)
+                    except Exception as exc:
+                        self._dropped["sender_error"] += 1
+                        self._sender_error(exc)
+                    finally:
+                        self._routed += 1
         while time.monotonic() < deadline:
             self._settle()
-            self._watch()
+            self._watch()  # abandons a producer that no longer answers: then we stop
             self._drain()
-            if self._producer is None or self._retry_at > time.monotonic():
+            if self._producer is None or self._retry_at > deadline:
                 break  # Kafka is not answering: what is left stays in the journal
             if not self._inflight and self._chunk is None and self.journal.pending == 0:
                 break
-            time.sleep(0.01)
+            time.sleep(0.01)  # a chunk Kafka failed is retried after its back-off
         self._settle()
         self._inflight_copied = False
         self._copy_inflight()  # not acknowledged yet: the next start sends it (again)
@@ -592,12 +800,14 @@ class EventLog:
             else:
                 with contextlib.suppress(Exception):
                     producer.close(timeout=2)
-        if left := self.journal.pending:
+        self.left_at_stop = left = self.journal.pending
+        if left:
             log.warning(
-                "event log stopped with %d events in the spill journal %s; the next start "
-                "delivers them",
+                "event log stopped with %d events in the spill journal %s (Kafka %s); the "
+                "next start on this directory delivers them",
                 left,
                 self.journal.dir,
+                "did not answer" if time.monotonic() < deadline else "too slow to finish",
             )
         self.journal.close()
 

@@ -234,6 +234,8 @@ class _StateCollector(Collector):
                 "spilled": "Events written to the local spill journal while Kafka was "
                 "unreachable or behind.",
                 "drained": "Spilled events Kafka acknowledged later.",
+                "sender_errors": "Unexpected errors the event sender thread survived (logged; "
+                "it backs off and goes on).",
             },
         )
         events = self.events
@@ -241,7 +243,9 @@ class _StateCollector(Collector):
             "loraloop_server_events_dropped",
             "Events lost, by reason: queue_full (request refused), spill_full (journal at "
             "spill_max_bytes), spill_error (journal write failed), rejected (Kafka refused "
-            "it for good), journal_torn (a journal tail torn by a crash, at least one event).",
+            "it for good), no_topic (Kafka has no such topic, given up after "
+            "event_missing_topic_seconds), sender_error (an unexpected error in the sender), "
+            "journal_torn (a journal tail torn by a crash, at least one event).",
             labels=("reason",),
         )
         for reason, count in (events.dropped_by if events is not None else {}).items():
@@ -268,6 +272,25 @@ class _StateCollector(Collector):
             "loraloop_server_event_spill_bytes",
             "Bytes of the spill journal's files on disk.",
             journal.bytes if journal is not None else None,
+        )
+        family = CounterMetricFamily(
+            "loraloop_server_event_spill_io_errors",
+            "Spill journal file operations that failed without losing an event (a delivered "
+            "segment not deleted, a cursor not written, a read retried); at worst the next "
+            "start delivers some events twice.",
+        )
+        if journal is not None:
+            family.add_metric([], journal.errors)
+        yield family
+        yield _gauge(
+            "loraloop_server_event_spill_recovered",
+            "Events a previous process left in the spill journal, found at start-up.",
+            journal.recovered if journal is not None else None,
+        )
+        yield _gauge(
+            "loraloop_server_event_sender_alive",
+            "1 while the event log's sender thread runs (0: events are no longer sent).",
+            int(events.sender_alive) if events is not None else None,
         )
         yield _gauge(
             "loraloop_server_event_spill_capacity_bytes",
