@@ -322,11 +322,16 @@ class _StateCollector(Collector):
         yield family
         family = CounterMetricFamily(
             "loraloop_server_adapter_versions_rejected",
-            "Adapter versions that failed to load here (corrupt, truncated, failing their "
-            "checksum): their users are served the newest older version that loads.",
+            "Adapter versions that failed to load here, by kind: integrity (corrupt, "
+            "truncated, failing their checksum; rejected until a newer version) or transient "
+            "(I/O or engine errors; tried again after a pause). Their users are served the "
+            "newest older version that loads.",
+            labels=["kind"],
         )
         if reg is not None:
-            family.add_metric([], getattr(reg, "rejected", 0))
+            transient = getattr(reg, "transient_rejections", 0)
+            family.add_metric(["integrity"], getattr(reg, "rejected", 0) - transient)
+            family.add_metric(["transient"], transient)
         yield family
         yield _gauge(
             "loraloop_server_adapter_view_caught_up",

@@ -127,7 +127,11 @@ def test_serving_keeps_the_previous_version_when_the_new_one_is_corrupt(
             publish.write("bea", 1, corrupt=_truncate)  # nothing older: the base model
             announced(6)
             assert _served(client, "bea") == 0
-            rejected = _counter(metrics.registry, "loraloop_server_adapter_versions_rejected_total")
+            rejected = _counter(
+                metrics.registry,
+                "loraloop_server_adapter_versions_rejected_total",
+                kind="integrity",
+            )
             load_errors = _counter(
                 metrics.registry, "loraloop_server_adapter_loads_total", result="error"
             )
