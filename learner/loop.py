@@ -128,7 +128,6 @@ class Learner:
         self._vocab_size = int(config.vocab_size)
         self._context = getattr(config, "max_position_embeddings", None)
         self.consumer: KafkaConsumer | None = None
-        self.producer: KafkaProducer | None = None
         self.metrics = LearnerMetrics()  # served on /metrics by `loraloop learn`
         self.metrics.watch(self, "reinforce", self.lm.model_id)
 
@@ -153,14 +152,17 @@ class Learner:
                 session_timeout_ms=int(s.learner_session_timeout_seconds * 1000),
                 heartbeat_interval_ms=int(s.learner_session_timeout_seconds * 300),
             )
-            self.producer = KafkaProducer(
-                bootstrap_servers=s.kafka_bootstrap,
-                acks="all",
-                enable_idempotence=True,
-                client_id="loraloop-learner",
-                bootstrap_timeout_ms=timeout_ms,
-            )
-            self.outbox = Outbox(self.producer, self.stats)
+
+            def producer() -> KafkaProducer:
+                return KafkaProducer(
+                    bootstrap_servers=s.kafka_bootstrap,
+                    acks="all",
+                    enable_idempotence=True,
+                    client_id="loraloop-learner",
+                    bootstrap_timeout_ms=timeout_ms,
+                )
+
+            self.outbox = Outbox(producer, self.stats)
             self._restore_population()
             self._restore_deletions()
         except KafkaError as exc:
@@ -168,6 +170,11 @@ class Learner:
                 f"no Kafka broker answers at {s.kafka_bootstrap}: start one with "
                 "`loraloop kafka` or set LORALOOP_KAFKA_BOOTSTRAP"
             ) from exc
+
+    @property
+    def producer(self) -> KafkaProducer | None:
+        """The producer in use (the outbox replaces one that refused records)."""
+        return self.outbox.producer
 
     def _restore_population(self) -> None:
         """Pick up the pooled bandit statistics where the last learner left them."""

@@ -10,9 +10,14 @@ never be announced), so every send goes through an `Outbox`, which keeps its fut
   a flush timeout is counted and logged, never raised (the records stay in flight and are
   checked again next time);
 - a refused record (its future failed, or `send` itself raised) is sent again by `retry()`
-  at the start of the learner's next round, before anything new, together with any later
-  record of the same topic and key that was acknowledged meanwhile, so the newest record
-  of a key on a compacted topic is still the newest one the learner meant;
+  at the start of a later round (backing off from 0.5 s to 10 s between tries), before
+  anything new, together with any later record of the same topic and key that was
+  acknowledged meanwhile, and a new record of a key with one waiting to be sent again
+  queues behind it: the newest record of a key on a compacted topic is still the newest
+  one the learner meant;
+- before sending again it replaces the producer: kafka-python's idempotent producer
+  treats a refused batch (MessageSizeTooLarge, for instance) as fatal and aborts every
+  later batch, so the old one would refuse everything forever;
 - acknowledged records run their `on_ack` (with the record's metadata: partition, offset).
 
 The learner commits offsets only after a `settle` that returns True. If it dies first,
@@ -22,6 +27,7 @@ its replay skips the applied samples and announces their version again.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,9 +55,12 @@ class Outbox:
     """Sends through `producer`; counts in `stats` (the learner's) "publish_failed" (records
     refused, each try) and "publish_timeouts" (flushes that timed out)."""
 
-    def __init__(self, producer: KafkaProducer | None, stats: dict[str, int]) -> None:
-        self.producer = producer
+    def __init__(self, connect: Callable[[], KafkaProducer] | None, stats: dict[str, int]) -> None:
+        self._connect = connect
+        self.producer = connect() if connect is not None else None
         self.stats = stats
+        self._backoff = 0.0
+        self._next_retry = 0.0
         stats.setdefault("publish_failed", 0)
         stats.setdefault("publish_timeouts", 0)
         self._sent: list[tuple[Outgoing, Any]] = []  # in send order, future None: refused
@@ -64,6 +73,9 @@ class Outbox:
 
     def send(self, msg: Outgoing) -> None:
         if self.producer is None:
+            return
+        if any(m.key == msg.key and m.topic == msg.topic for m in self._refused):
+            self._refused.append(msg)  # behind the one of its key waiting to go again
             return
         msg.tries += 1
         try:
@@ -81,10 +93,33 @@ class Outbox:
 
     def retry(self) -> None:
         """Send again, in order, what Kafka refused before."""
+        if not self._refused or time.monotonic() < self._next_retry:
+            return
+        self._backoff = min(10.0, max(0.5, self._backoff * 2))
+        self._next_retry = time.monotonic() + self._backoff
+        if not self._renew():
+            return
         refused, self._refused = self._refused, []
         for msg in refused:
             log.info("sending %s again (try %d)", msg.what, msg.tries + 1)
             self.send(msg)
+
+    def _renew(self) -> bool:
+        """A fresh producer in place of one that refused records; False: none could be
+        made (the records wait for the next try)."""
+        if self._connect is None or self.producer is None:
+            return False
+        try:
+            fresh = self._connect()
+        except KafkaError as exc:
+            log.warning("could not start a new Kafka producer (%s); will try again", exc)
+            return False
+        old, self.producer = self.producer, fresh
+        try:
+            old.close(timeout=5)
+        except Exception as exc:  # a broken producer may fail to close
+            log.warning("closing the old Kafka producer failed: %s", exc)
+        return True
 
     def forget(self, key: bytes) -> None:
         """A deleted user: never send their refused records again (tombstones excepted),
@@ -129,6 +164,8 @@ class Outbox:
             if key in broken and not msg.dropped:  # acknowledged after a refused one
                 self._refused.append(msg)
         self._sent = waiting
+        if not self._refused and not broken:
+            self._backoff = 0.0
         return not self._sent and not self._refused
 
     def _failed(self, msg: Outgoing, exc: Any) -> None:

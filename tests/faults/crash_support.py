@@ -216,5 +216,6 @@ def catch_up(
         seconds = time.monotonic() - started
         metrics = scrape(learner)
     finally:
-        assert learner.stop() == 0, learner.output
+        returncode = learner.stop()  # checked below: an assert here would hide the failure
+    assert returncode == 0, learner.output
     return seconds, metrics

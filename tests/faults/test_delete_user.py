@@ -21,6 +21,7 @@ from kafka import KafkaProducer
 from core.adapter_store import AdapterStore
 from core.gen.loraloop.v1 import common_pb2, events_pb2
 from core.kafka.broker import ensure_loraloop_topics
+from learner.deletions import ORIGIN_HEADER
 from learner.loop import Learner
 from loraloop.client import LoraLoopClient
 from service.engines.base import AdapterRef
@@ -224,6 +225,19 @@ def test_delete_user_leaves_nothing_behind(loop) -> None:
         # the race happened: a version came after the server's tombstone, and the
         # learner's own tombstone still has the last word
         assert _revived_after_tombstone(bootstrap, settings.topic_adapter_updates, GONE)
+        # ... marked as the learner's, stamped with the server's deletion time, which its
+        # echo did not move; the server's tombstone is the only deletion the learner did
+        tombstones = [
+            r
+            for r in read_topic(bootstrap, settings.topic_adapter_updates)
+            if r.key == GONE.encode() and r.value is None
+        ]
+        server_tombstone, echo = tombstones[0], tombstones[-1]
+        assert len(tombstones) == 2 and not server_tombstone.headers, tombstones
+        assert dict(echo.headers)[ORIGIN_HEADER] == b"learner"
+        assert echo.timestamp == server_tombstone.timestamp
+        assert learner.deleted.deleted_at(GONE) == server_tombstone.timestamp
+        assert learner.stats["deleted_users"] == 1
 
         after_learner = _held_by_learner(learner, GONE)
         assert not any(after_learner.values()), after_learner

@@ -72,6 +72,7 @@ def test_learner_killed_mid_update_applies_every_event_exactly_once(
             check_serving(client, store, served)
     finally:
         server.stop()
+        stream.producer.close()
 
     result = audit(store, stream.produced)
     skipped = metrics["loraloop_learner_samples_skipped_total{reason=already_applied}"]

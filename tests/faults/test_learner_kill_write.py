@@ -64,6 +64,7 @@ def test_learner_killed_while_writing_a_version_leaves_nothing_visible(
             check_serving(client, store, served)
     finally:
         server.stop()
+        stream.producer.close()
 
     result = audit(store, stream.produced)
     print(
