@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+TOMBSTONE_RETENTION_MS = 7 * 24 * 3600 * 1000
 
 KAFKA_VERSION = "4.3.1"
 HOST = "127.0.0.1"
@@ -297,15 +298,18 @@ def ensure_loraloop_topics(
 
     Interactions, feedback and the dead-letter topic (events the learner could not read)
     use the delete policy; adapter-updates and bandit-state are compacted (key = user_id,
-    latest wins). `bootstrap` overrides `settings.kafka_bootstrap`.
+    latest wins). Tombstones on the compacted topics are kept 7 days (`delete.retention.ms`,
+    Kafka's default is 1 day): a learner restarted after a long outage still sees deletions
+    and drops the deleted users' late events. `bootstrap` overrides `settings.kafka_bootstrap`.
     """
+    compacted = {"cleanup.policy": "compact", "delete.retention.ms": str(TOMBSTONE_RETENTION_MS)}
     return create_topics(
         bootstrap or settings.kafka_bootstrap,
         {
             settings.topic_interactions: {"cleanup.policy": "delete"},
             settings.topic_feedback: {"cleanup.policy": "delete"},
-            settings.topic_adapter_updates: {"cleanup.policy": "compact"},
-            settings.topic_bandit_state: {"cleanup.policy": "compact"},
+            settings.topic_adapter_updates: compacted,
+            settings.topic_bandit_state: compacted,
             settings.topic_dead_letter: {"cleanup.policy": "delete"},
         },
         partitions=settings.topic_partitions,

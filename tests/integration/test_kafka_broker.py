@@ -12,6 +12,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from core.kafka.broker import (
     KAFKA_VERSION,
+    TOMBSTONE_RETENTION_MS,
     KafkaBroker,
     create_topics,
     ensure_kafka_jars,
@@ -75,9 +76,10 @@ def test_loraloop_topics_have_partitions_and_policies(kafka_bootstrap: str) -> N
     names = [settings.topic_interactions, settings.topic_feedback, settings.topic_adapter_updates]
     counts = _partition_counts(kafka_bootstrap, names)
     assert counts == dict.fromkeys(names, settings.topic_partitions)
-    assert topic_configs(kafka_bootstrap, settings.topic_adapter_updates)["cleanup.policy"] == (
-        "compact"
-    )
+    for name in (settings.topic_adapter_updates, settings.topic_bandit_state):
+        configs = topic_configs(kafka_bootstrap, name)
+        assert configs["cleanup.policy"] == "compact"
+        assert configs["delete.retention.ms"] == str(TOMBSTONE_RETENTION_MS)
     for name in (settings.topic_interactions, settings.topic_feedback):
         assert topic_configs(kafka_bootstrap, name)["cleanup.policy"] == "delete"
 
