@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from core.gen.loraloop.v1 import common_pb2, events_pb2
+from core.kafka.broker import KafkaBroker, ensure_loraloop_topics
 from core.kafka.replay import read_to_end
 from core.settings import Settings
 from loraloop.processes import Process, settings_env
@@ -17,8 +23,12 @@ from loraloop.processes import Process, settings_env
 __all__ = [
     "InProcessServer",
     "Process",
+    "feedback_event",
+    "interaction_event",
     "isolated_settings",
+    "own_broker",
     "read_topic",
+    "serving",
     "settings_env",
     "wait_until",
 ]
@@ -76,3 +86,54 @@ class InProcessServer:
 def read_topic(bootstrap: str, topic: str, timeout: float = 20.0) -> list[Any]:
     """Every record currently in `topic`."""
     return list(read_to_end(bootstrap, [topic], timeout))
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[InProcessServer]:
+    """The settings' topics created and a real server on them, stopped afterwards."""
+    ensure_loraloop_topics(settings)
+    server = InProcessServer(settings)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def own_broker(data_dir: Path) -> Iterator[KafkaBroker]:
+    """A broker of the caller's own (to stop, kill or freeze), stopped afterwards; skips
+    the test where Java or Maven is missing."""
+    missing = [tool for tool in ("java", "mvn") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the Kafka broker needs {' and '.join(missing)} on PATH")
+    broker = KafkaBroker(data_dir=data_dir)
+    broker.start(timeout=120)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def interaction_event(user: str, rid: str, ts: int, **fields: Any) -> events_pb2.Interaction:
+    """A small valid Interaction (4 prompt and 4 response tokens of the tiny model) stamped
+    `ts` (ms); `fields` override or add to it."""
+    values: dict[str, Any] = {
+        "request_id": rid,
+        "user_id": user,
+        "timestamp_ms": ts,
+        "prompt_token_ids": [1, 40, 41, 42],
+        "response_token_ids": [50, 51, 52, 2],
+        "behaviour_logprobs": [-1.0] * 4,
+    }
+    values.update(fields)
+    return events_pb2.Interaction(**values)
+
+
+def feedback_event(user: str, rid: str, ts: int, thumbs: int = 1) -> events_pb2.FeedbackEvent:
+    """Thumbs feedback on `rid`, stamped `ts` (ms)."""
+    return events_pb2.FeedbackEvent(
+        request_id=rid,
+        user_id=user,
+        timestamp_ms=ts,
+        signals=common_pb2.FeedbackSignals(thumbs=thumbs),
+    )

@@ -8,6 +8,8 @@ import collections
 import re
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from core.adapter_store import AdapterStore
 from core.gen.loraloop.v1 import common_pb2, events_pb2
+from core.kafka.broker import ensure_loraloop_topics
 from core.peft_format import read_peft_dir
 from core.settings import Settings
 from loraloop.client import LoraLoopClient
-from tests.support import Process, read_topic, wait_until
+from tests.support import InProcessServer, Process, isolated_settings, read_topic, wait_until
 
 USERS = ("ann", "ben", "cat", "dan")
 
@@ -219,3 +222,35 @@ def catch_up(
         returncode = learner.stop()  # checked below: an assert here would hide the failure
     assert returncode == 0, learner.output
     return seconds, metrics
+
+
+@dataclass
+class CrashWorld:
+    """Topics, store, event stream and a serving client for one crash test."""
+
+    settings: Settings
+    store: AdapterStore
+    stream: EventStream
+    client: LoraLoopClient
+    marker: Path  # where a learner paused at a crash point says so
+    served: dict[str, int] = field(default_factory=dict)  # user -> newest version served
+
+
+@contextmanager
+def crash_world(kafka_bootstrap: str, tmp_path: Path) -> Iterator[CrashWorld]:
+    """Isolated topics and store, a producer of known events and a real server following
+    the learner's versions; all closed afterwards."""
+    settings = isolated_settings(
+        kafka_bootstrap, tmp_path, learner_session_timeout_seconds=6, learner_metrics_port=0
+    )
+    ensure_loraloop_topics(settings)
+    ensure_loraloop_topics(serving_settings(settings))
+    stream = EventStream(settings, KafkaProducer(bootstrap_servers=kafka_bootstrap))
+    server = InProcessServer(serving_settings(settings))
+    try:
+        with LoraLoopClient(server.target, timeout=60) as client:
+            store = AdapterStore(settings.adapter_store)
+            yield CrashWorld(settings, store, stream, client, tmp_path / "paused-at")
+    finally:
+        server.stop()
+        stream.producer.close()

@@ -19,13 +19,20 @@ import pytest
 from kafka import KafkaProducer
 
 from core.adapter_store import AdapterStore
-from core.gen.loraloop.v1 import common_pb2, events_pb2
+from core.gen.loraloop.v1 import events_pb2
 from core.kafka.broker import ensure_loraloop_topics
 from learner.deletions import ORIGIN_HEADER
 from learner.loop import Learner
 from loraloop.client import LoraLoopClient
 from service.engines.base import AdapterRef
-from tests.support import InProcessServer, isolated_settings, read_topic, wait_until
+from tests.support import (
+    InProcessServer,
+    feedback_event,
+    interaction_event,
+    isolated_settings,
+    read_topic,
+    wait_until,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -178,21 +185,8 @@ def test_delete_user_leaves_nothing_behind(loop) -> None:
 
         # Late events from before the deletion (e.g. from a server's queue) are dropped.
         stale_ms = int(time.time() * 1000) - 5_000
-        interaction = events_pb2.Interaction(
-            request_id="stale-before-delete",
-            user_id=GONE,
-            timestamp_ms=stale_ms,
-            prompt_token_ids=[1, 40, 41, 42],
-            response_token_ids=[50, 51, 52, 2],
-            behaviour_logprobs=[-1.0] * 4,
-            arm="default",
-        )
-        feedback = events_pb2.FeedbackEvent(
-            request_id="stale-before-delete",
-            user_id=GONE,
-            timestamp_ms=stale_ms,
-            signals=common_pb2.FeedbackSignals(thumbs=1),
-        )
+        interaction = interaction_event(GONE, "stale-before-delete", stale_ms, arm="default")
+        feedback = feedback_event(GONE, "stale-before-delete", stale_ms)
         producer = KafkaProducer(bootstrap_servers=bootstrap)
         producer.send(
             settings.topic_interactions, key=GONE.encode(), value=interaction.SerializeToString()

@@ -24,9 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2
-from core.kafka.broker import ensure_loraloop_topics
 from core.settings import Settings
-from tests.support import InProcessServer, isolated_settings
+from tests.support import InProcessServer, isolated_settings, serving
 
 pytestmark = pytest.mark.kafka
 
@@ -72,10 +71,8 @@ def served(
         max_prompt_chars=MAX_PROMPT_CHARS,
         max_message_bytes=MAX_MESSAGE_BYTES,
     )
-    ensure_loraloop_topics(settings_)
-    server = InProcessServer(settings_)
-    yield settings_, server
-    server.stop()
+    with serving(settings_) as server:
+        yield settings_, server
 
 
 @pytest.fixture(scope="module")

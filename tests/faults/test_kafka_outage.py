@@ -8,7 +8,6 @@ Figures are printed (`pytest -s`); the assertions are about availability and eve
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -33,7 +32,7 @@ from core.kafka.broker import KafkaBroker, create_topics, ensure_loraloop_topics
 from service.event_log import EventLog
 from service.metrics import ServerMetrics
 from service.spill_journal import SpilledEvent, SpillJournal
-from tests.support import InProcessServer, isolated_settings, read_topic, wait_until
+from tests.support import InProcessServer, isolated_settings, own_broker, read_topic, wait_until
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,15 +41,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
     """A broker of this module's own, which its tests stop and start (same port and data)."""
-    missing = [tool for tool in ("java", "mvn") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"the Kafka broker needs {' and '.join(missing)} on PATH")
-    kafka = KafkaBroker(data_dir=tmp_path_factory.mktemp("outage-kafka"))
-    kafka.start(timeout=120)
-    try:
+    with own_broker(tmp_path_factory.mktemp("outage-kafka")) as kafka:
         yield kafka
-    finally:
-        kafka.stop()
 
 
 @dataclass

@@ -23,12 +23,11 @@ import pytest
 from kafka import KafkaProducer, TopicPartition
 
 from core.adapter_store import AdapterStore
-from core.gen.loraloop.v1 import common_pb2, events_pb2
 from core.kafka.broker import ensure_loraloop_topics
 from core.settings import Settings
 from learner.deletions import DELETED_AT_HEADER, ORIGIN_HEADER
 from learner.loop import Learner
-from tests.support import isolated_settings, read_topic
+from tests.support import feedback_event, interaction_event, isolated_settings, read_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -37,18 +36,8 @@ GONE, OTHER = "gil", "hal"
 
 def _send_pair(producer: KafkaProducer, s: Settings, user: str, rid: str, ts: int) -> None:
     """An interaction stamped `ts` (its request's start) and its thumbs-up feedback."""
-    interaction = events_pb2.Interaction(
-        request_id=rid,
-        user_id=user,
-        timestamp_ms=ts,
-        prompt_token_ids=[1, 40, 41, 42],
-        response_token_ids=[50, 51, 52, 2],
-        behaviour_logprobs=[-1.0] * 4,
-        arm="default",
-    )
-    feedback = events_pb2.FeedbackEvent(
-        request_id=rid, user_id=user, timestamp_ms=ts, signals=common_pb2.FeedbackSignals(thumbs=1)
-    )
+    interaction = interaction_event(user, rid, ts, arm="default")
+    feedback = feedback_event(user, rid, ts)
     producer.send(s.topic_interactions, key=user.encode(), value=interaction.SerializeToString())
     producer.send(s.topic_feedback, key=user.encode(), value=feedback.SerializeToString())
     producer.flush()

@@ -14,9 +14,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.adapter_store import AdapterStore
-from core.gen.loraloop.v1 import common_pb2, events_pb2
 from learner.loop import Learner
-from tests.support import isolated_settings
+from tests.support import feedback_event, interaction_event, isolated_settings
 
 pytestmark = pytest.mark.kafka
 
@@ -45,23 +44,11 @@ class Producer:
         self.records = 0
 
     def interaction(self, user: str, rid: str, ts: int) -> None:
-        event = events_pb2.Interaction(
-            request_id=rid,
-            user_id=user,
-            timestamp_ms=ts,
-            prompt_token_ids=[1, 40, 41, 42],
-            response_token_ids=[50, 51, 52, 2],
-            behaviour_logprobs=[-1.0] * 4,
-        )
+        event = interaction_event(user, rid, ts)
         self._send(self.settings.topic_interactions, user, event.SerializeToString())
 
     def feedback(self, user: str, rid: str, ts: int, thumbs: int = 1) -> None:
-        event = events_pb2.FeedbackEvent(
-            request_id=rid,
-            user_id=user,
-            timestamp_ms=ts,
-            signals=common_pb2.FeedbackSignals(thumbs=thumbs),
-        )
+        event = feedback_event(user, rid, ts, thumbs)
         self._send(self.settings.topic_feedback, user, event.SerializeToString())
 
     def _send(self, topic: str, user: str, value: bytes) -> None:

@@ -17,22 +17,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kafka import KafkaProducer
 
-from core.adapter_store import AdapterStore
-from core.kafka.broker import ensure_loraloop_topics
-from loraloop.client import LoraLoopClient
 from tests.faults.crash_support import (
     USERS,
-    EventStream,
     announced_versions,
     audit,
     catch_up,
     check_serving,
+    crash_world,
     kill_at,
-    serving_settings,
 )
-from tests.support import InProcessServer, isolated_settings
 
 pytestmark = pytest.mark.kafka
 
@@ -42,37 +36,24 @@ CRASHES = ("learner.after_step@1", "learner.before_commit@1", "learner.after_wri
 def test_learner_killed_mid_update_applies_every_event_exactly_once(
     kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = isolated_settings(
-        kafka_bootstrap, tmp_path, learner_session_timeout_seconds=6, learner_metrics_port=0
-    )
-    ensure_loraloop_topics(settings)
-    ensure_loraloop_topics(serving_settings(settings))
-    store = AdapterStore(settings.adapter_store)
-    stream = EventStream(settings, KafkaProducer(bootstrap_servers=kafka_bootstrap))
-    marker = tmp_path / "paused-at"
-    served: dict[str, int] = {}
     hidden: dict[str, int] = {}  # user -> version the after_write kill left unannounced
-    server = InProcessServer(serving_settings(settings))
-    try:
-        with LoraLoopClient(server.target, timeout=60) as client:
-            for i, point in enumerate(CRASHES):
-                stream.round(f"r{i}")
-                ran = kill_at(settings, monkeypatch, point, marker)
-                check_serving(client, store, served)
-                behind = {
-                    u: (store.versions(u) or [0])[-1] - announced_versions(settings).get(u, 0)
-                    for u in USERS
-                }
-                if point.startswith("learner.after_write"):
-                    # the kill caught a version that is in the store but not announced
-                    hidden = {u: store.versions(u)[-1] for u, gap in behind.items() if gap > 0}
-                    assert hidden, behind
-                print(f"killed at {point} after {ran:.1f} s; store ahead of topic: {behind}")
-            seconds, metrics = catch_up(settings, monkeypatch, marker, stream, store)
-            check_serving(client, store, served)
-    finally:
-        server.stop()
-        stream.producer.close()
+    with crash_world(kafka_bootstrap, tmp_path) as world:
+        settings, store, stream = world.settings, world.store, world.stream
+        for i, point in enumerate(CRASHES):
+            stream.round(f"r{i}")
+            ran = kill_at(settings, monkeypatch, point, world.marker)
+            check_serving(world.client, store, world.served)
+            behind = {
+                u: (store.versions(u) or [0])[-1] - announced_versions(settings).get(u, 0)
+                for u in USERS
+            }
+            if point.startswith("learner.after_write"):
+                # the kill caught a version that is in the store but not announced
+                hidden = {u: store.versions(u)[-1] for u, gap in behind.items() if gap > 0}
+                assert hidden, behind
+            print(f"killed at {point} after {ran:.1f} s; store ahead of topic: {behind}")
+        seconds, metrics = catch_up(settings, monkeypatch, world.marker, stream, store)
+        check_serving(world.client, store, world.served)
 
     result = audit(store, stream.produced)
     skipped = metrics["loraloop_learner_samples_skipped_total{reason=already_applied}"]

@@ -12,21 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kafka import KafkaProducer
 
-from core.adapter_store import AdapterStore
-from core.kafka.broker import ensure_loraloop_topics
-from loraloop.client import LoraLoopClient
 from tests.faults.crash_support import (
     USERS,
-    EventStream,
     audit,
     catch_up,
     check_serving,
+    crash_world,
     kill_at,
-    serving_settings,
 )
-from tests.support import InProcessServer, isolated_settings
 
 pytestmark = pytest.mark.kafka
 
@@ -36,35 +30,22 @@ CRASHES = ("store.mid_write@2", "store.before_rename@3")
 def test_learner_killed_while_writing_a_version_leaves_nothing_visible(
     kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = isolated_settings(
-        kafka_bootstrap, tmp_path, learner_session_timeout_seconds=6, learner_metrics_port=0
-    )
-    ensure_loraloop_topics(settings)
-    ensure_loraloop_topics(serving_settings(settings))
-    store = AdapterStore(settings.adapter_store)
-    stream = EventStream(settings, KafkaProducer(bootstrap_servers=kafka_bootstrap))
-    marker = tmp_path / "paused-at"
-    served: dict[str, int] = {}
-    server = InProcessServer(serving_settings(settings))
-    try:
-        with LoraLoopClient(server.target, timeout=60) as client:
-            for i, point in enumerate(CRASHES):
-                stream.round(f"r{i}")
-                ran = kill_at(settings, monkeypatch, point, marker)
-                partial = {u: [p.name for p in store.partial_writes(u)] for u in USERS}
-                partial = {u: names for u, names in partial.items() if names}
-                assert partial, "the kill should have left a half-written version behind"
-                for user, names in partial.items():
-                    for name in names:  # `.v<N>.<random>`: v<N> is not a version (yet)
-                        assert int(name.split(".")[1][1:]) not in store.versions(user)
-                check_serving(client, store, served)  # whole versions only, never older
-                print(f"killed at {point} after {ran:.1f} s; half-written: {partial}")
-            stream.round("final")
-            seconds, _ = catch_up(settings, monkeypatch, marker, stream, store)
-            check_serving(client, store, served)
-    finally:
-        server.stop()
-        stream.producer.close()
+    with crash_world(kafka_bootstrap, tmp_path) as world:
+        settings, store, stream = world.settings, world.store, world.stream
+        for i, point in enumerate(CRASHES):
+            stream.round(f"r{i}")
+            ran = kill_at(settings, monkeypatch, point, world.marker)
+            partial = {u: [p.name for p in store.partial_writes(u)] for u in USERS}
+            partial = {u: names for u, names in partial.items() if names}
+            assert partial, "the kill should have left a half-written version behind"
+            for user, names in partial.items():
+                for name in names:  # `.v<N>.<random>`: v<N> is not a version (yet)
+                    assert int(name.split(".")[1][1:]) not in store.versions(user)
+            check_serving(world.client, store, world.served)  # whole versions, never older
+            print(f"killed at {point} after {ran:.1f} s; half-written: {partial}")
+        stream.round("final")
+        seconds, _ = catch_up(settings, monkeypatch, world.marker, stream, store)
+        check_serving(world.client, store, world.served)
 
     result = audit(store, stream.produced)
     print(

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from core.settings import Settings
 from learner.loop import Learner
 from tests.faults.crash_support import announced_versions
 from tests.faults.test_learner_deletions import _drain, _send_pair
-from tests.support import isolated_settings
+from tests.support import isolated_settings, own_broker
 
 pytestmark = pytest.mark.kafka
 
@@ -118,30 +117,27 @@ def test_a_refused_announcement_is_sent_again_and_offsets_wait(
 
 
 @pytest.fixture(scope="module")
-def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+def frozen_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
     """A broker of this module's own, which the test freezes."""
-    missing = [tool for tool in ("java", "mvn") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"the Kafka broker needs {' and '.join(missing)} on PATH")
-    kafka = KafkaBroker(data_dir=tmp_path_factory.mktemp("frozen-kafka"))
-    kafka.start(timeout=120)
-    try:
-        yield kafka
-    finally:
-        if kafka.pid is not None:
-            os.kill(kafka.pid, signal.SIGCONT)
-        kafka.stop()
+    with own_broker(tmp_path_factory.mktemp("frozen-kafka")) as kafka:
+        try:
+            yield kafka
+        finally:
+            if kafka.pid is not None:
+                os.kill(kafka.pid, signal.SIGCONT)  # a frozen broker would not stop
 
 
-def test_a_flush_timeout_does_not_stop_the_learner(own_broker: KafkaBroker, tmp_path: Path) -> None:
+def test_a_flush_timeout_does_not_stop_the_learner(
+    frozen_broker: KafkaBroker, tmp_path: Path
+) -> None:
     s = isolated_settings(
-        own_broker.bootstrap, tmp_path, min_batch=1, learner_publish_timeout_seconds=1.0
+        frozen_broker.bootstrap, tmp_path, min_batch=1, learner_publish_timeout_seconds=1.0
     )
     ensure_loraloop_topics(s)
     store = AdapterStore(s.adapter_store)
-    producer = KafkaProducer(bootstrap_servers=own_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=frozen_broker.bootstrap)
     learner = Learner(s, max_users_per_step=2)
-    pid = own_broker.pid
+    pid = frozen_broker.pid
     assert pid is not None
     try:
         learner.connect()

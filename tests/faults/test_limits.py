@@ -22,9 +22,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2
-from core.kafka.broker import ensure_loraloop_topics
 from core.settings import Settings
-from tests.support import InProcessServer, isolated_settings, wait_until
+from tests.support import InProcessServer, isolated_settings, serving, wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -51,10 +50,8 @@ def served(
         max_concurrent_requests=CONCURRENT,
         max_batch_size=1,  # one row: a request holds the batch until it ends or is cancelled
     )
-    ensure_loraloop_topics(settings)
-    server = InProcessServer(settings)
-    yield settings, server
-    server.stop()
+    with serving(settings) as server:
+        yield settings, server
 
 
 @pytest.fixture(scope="module")

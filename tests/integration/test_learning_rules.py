@@ -12,14 +12,21 @@ from kafka import KafkaProducer
 
 from core.adapter_store import AdapterStore
 from core.bandits.features import DIM
-from core.gen.loraloop.v1 import common_pb2, events_pb2
+from core.gen.loraloop.v1 import events_pb2
 from core.peft_format import read_peft_dir
 from learner import ope
 from learner.loop import Learner
 from learner.ope_report import read_logs, run_ope
 from loraloop.client import LoraLoopClient
 from loraloop.processes import ROOT
-from tests.support import InProcessServer, isolated_settings, read_topic, wait_until
+from tests.support import (
+    InProcessServer,
+    feedback_event,
+    interaction_event,
+    isolated_settings,
+    read_topic,
+    wait_until,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -32,23 +39,11 @@ def _drain(learner: Learner, rounds: int = 12) -> None:
 
 
 def _interaction(user: str, rid: str, ts: int) -> bytes:
-    return events_pb2.Interaction(
-        request_id=rid,
-        user_id=user,
-        timestamp_ms=ts,
-        prompt_token_ids=[1, 40, 41, 42],
-        response_token_ids=[50, 51, 52, 2],
-        behaviour_logprobs=[-1.0] * 4,
-    ).SerializeToString()
+    return interaction_event(user, rid, ts).SerializeToString()
 
 
 def _feedback(user: str, rid: str, ts: int, thumbs: int) -> bytes:
-    return events_pb2.FeedbackEvent(
-        request_id=rid,
-        user_id=user,
-        timestamp_ms=ts,
-        signals=common_pb2.FeedbackSignals(thumbs=thumbs),
-    ).SerializeToString()
+    return feedback_event(user, rid, ts, thumbs).SerializeToString()
 
 
 def test_bandit_learns_the_users_arm_through_server_and_learner(
