@@ -32,6 +32,7 @@ from core.kafka.follow import TopicFollower
 from service.engines.base import AdapterRef
 
 log = logging.getLogger(__name__)
+RETRY_BACKOFF_MAX = 16  # the pause doubles per failure of the same version, up to 16x
 RETRY_TRANSIENT_S = 30.0  # a version that failed to load for a passing reason is tried again
 
 
@@ -59,6 +60,7 @@ class AdapterRegistry:
         self.retry_s = retry_s
         # versions that failed to load -> when they may be tried again (inf: never)
         self._rejected: dict[tuple[str, int], float] = {}
+        self._failures: dict[tuple[str, int], int] = {}  # transient failures in a row
         # user -> newest version rejected for a transient reason, to restore when it is due
         self._retry: dict[str, AdapterRef] = {}
         self.rejected = 0  # rejections (a version rejected again after its retry counts again)
@@ -151,7 +153,8 @@ class AdapterRegistry:
         with self._lock:
             first = not self._blocked(key)
             if transient:
-                self._rejected[key] = max(self._rejected.get(key, 0.0), self._retry_at())
+                failures = self._failures[key] = self._failures.get(key, 0) + first
+                self._rejected[key] = max(self._rejected.get(key, 0.0), self._retry_at(failures))
                 retry = self._retry.get(ref.user_id)
                 if retry is None or retry.version < ref.version:
                     self._retry[ref.user_id] = ref
@@ -161,6 +164,7 @@ class AdapterRegistry:
                     del self._retry[ref.user_id]
             self.rejected += first
             self.transient_rejections += first and transient
+            pause = self._rejected[key] - time.monotonic()
         if first and transient:
             log.warning(
                 "adapter %s v%d failed to load (%s): serving an older version, retrying it "
@@ -168,7 +172,7 @@ class AdapterRegistry:
                 ref.user_id,
                 ref.version,
                 error,
-                self.retry_s,
+                pause,
             )
         elif first:
             log.error(
@@ -186,8 +190,10 @@ class AdapterRegistry:
                 return older  # (a race with another rejection: take the safe one)
             return current  # the fallback, a newer version that came meanwhile, or None
 
-    def _retry_at(self) -> float:
-        return time.monotonic() + self.retry_s
+    def _retry_at(self, failures: int) -> float:
+        """When a version that failed `failures` times in a row may be tried again: the
+        pause doubles each time (a version that never loads costs a try per 8 minutes)."""
+        return time.monotonic() + self.retry_s * min(2 ** (failures - 1), RETRY_BACKOFF_MAX)
 
     def apply(self, user_id: str, event: events_pb2.AdapterUpdated | None) -> bool:
         """Apply one update (None = tombstone); True when it changed the served version."""
@@ -234,6 +240,8 @@ class AdapterRegistry:
             self._retry.pop(user_id, None)
             for key in [k for k in self._rejected if k[0] == user_id]:
                 del self._rejected[key]  # a new v1 after the deletion is a different adapter
+            for key in [k for k in self._failures if k[0] == user_id]:
+                del self._failures[key]
             for key in [k for k in self._published_at if k[0] == user_id]:
                 del self._published_at[key]
 

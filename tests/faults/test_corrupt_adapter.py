@@ -6,6 +6,7 @@ reads instead of crashing (log and metric too)."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from learner.loop import Learner
 from learner.user_models import initial_weights
 from loraloop.client import LoraLoopClient, Reply
 from service.adapter_registry import AdapterRegistry
+from service.engines.base import AdapterRef
 from tests.faults.crash_support import EventStream
 from tests.support import InProcessServer, isolated_settings, wait_until
 
@@ -320,3 +322,21 @@ def test_learner_learns_on_from_the_last_good_version_when_its_newest_is_corrupt
     )
     assert unreadable == 2 and len(logged) == 2
     assert second.stats["versions"] == 4  # every user moved on
+
+
+def test_a_version_that_keeps_failing_is_retried_less_and_less_often(tmp_path: Path) -> None:
+    """Each transient failure of the same version doubles its pause (up to 16x), so a
+    version that never loads costs one failed try per 16 pauses, not one per pause."""
+    registry = AdapterRegistry(AdapterStore(tmp_path), "127.0.0.1:1", "unused-topic")
+    registry.retry_s = 10.0
+    ref = AdapterRef("fay", 3, tmp_path / "fay" / "v3")
+    pauses = []
+    for _ in range(7):
+        registry.reject(ref, "EIO", transient=True)
+        pauses.append(round(registry._rejected[("fay", 3)] - time.monotonic()))
+        registry._rejected[("fay", 3)] = 0.0  # the pause is over: the next try fails again
+    print(f"pauses between tries of a version that keeps failing: {pauses} s")
+    assert pauses == [10, 20, 40, 80, 160, 160, 160]
+    registry.forget("fay")
+    registry.reject(ref, "EIO", transient=True)  # a deleted user's new v3 starts afresh
+    assert round(registry._rejected[("fay", 3)] - time.monotonic()) == 10
