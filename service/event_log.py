@@ -60,6 +60,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -78,12 +79,13 @@ from kafka.errors import (
     RecordListTooLargeError,
 )
 
+from core.kafka.producers import force_close as _force_close
 from service.spill_journal import Position, Record, SpilledEvent, SpillJournal
 
 if TYPE_CHECKING:
     from core.settings import Settings
 
-__all__ = ["DROP_REASONS", "EventLog"]
+__all__ = ["DROP_REASONS", "EventLog", "SpillDirUnusable"]
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +110,15 @@ _PERMANENT = (
 _STOP = object()
 _SKIPPED = object()  # a journal record whose event Kafka acknowledged before it was read
 _NO_TOPIC = object()  # a journal record dropped because its topic is missing (counted)
+_STOP_GRACE = 5.0  # stop() waits this long past its deadline for the sender to close
 _TAKE = 512  # events taken off the queue per turn of the sender loop
 _MAX_BLOCK_MS = 1000  # send() waiting for a topic's metadata, on the sender thread
 _MISSING_TRIES = 3  # a topic is given up on after this many failed tries (and the time)
 _PROBE_SECONDS = 5.0  # while given up on, one event of the topic is tried this often
+
+
+class SpillDirUnusable(RuntimeError):
+    """The spill directory cannot be created, locked or listed (raised at construction)."""
 
 
 class TopicMissing(KafkaTimeoutError):
@@ -198,8 +205,16 @@ class EventLog:
         self._chunk_records = chunk_records
         self._sync_every = sync_seconds
         self._queue: queue.Queue[Any] = queue.Queue(max_queue)
-        # Only claims the slot: the scan of what it holds runs on the sender thread.
-        self.journal = SpillJournal(spill_dir, spill_max_bytes, load=False)
+        # Only claims the slot: the scan of what it holds runs on the sender thread. A
+        # directory that cannot be created, locked or listed fails here, at start-up.
+        try:
+            self.journal = SpillJournal(spill_dir, spill_max_bytes, load=False)
+            os.listdir(self.journal.dir)
+        except OSError as exc:
+            raise SpillDirUnusable(
+                f"spill directory {spill_dir} cannot be used ({exc}): give the server a "
+                "writable directory in LORALOOP_SPILL_DIR"
+            ) from exc
         self._producer: KafkaProducer | None = None
         self._thread = threading.Thread(target=self._run, name="event-log", daemon=True)
         self._connector: threading.Thread | None = None
@@ -207,6 +222,10 @@ class EventLog:
         self._stopping = threading.Event()
         self._stop_taken = False  # the sender took stop()'s marker off the queue
         self._stop_timeout = drain_seconds
+        self._stop_deadline: float | None = None  # set by stop(): when the sender must end
+        self._load_at = 0.0  # next try of the journal's load, while it fails
+        self._load_pause = 0.1
+        self._load_tried = False
         # (kind, tag, exception or None) from delivery callbacks on the producer's thread
         self._completions: collections.deque[tuple[str, Any, BaseException | None]] = (
             collections.deque()
@@ -252,10 +271,16 @@ class EventLog:
         self._thread.start()
 
     # --- the request path ---------------------------------------------------------------
-    def publish(self, topic: str, key: str, value: bytes | None) -> bool:
-        """Queue an event (None: a tombstone); False, and counted, when the queue is full."""
+    def publish(
+        self, topic: str, key: str, value: bytes | None, timestamp_ms: int | None = None
+    ) -> bool:
+        """Queue an event (None: a tombstone); False, and counted, when the queue is full.
+
+        `timestamp_ms` becomes the Kafka record's timestamp, kept across a stay in the
+        journal (None: Kafka stamps the record when the sender hands it over, which after
+        an outage is the drain time)."""
         try:
-            self._queue.put_nowait(SpilledEvent(topic, key.encode(), value))
+            self._queue.put_nowait(SpilledEvent(topic, key.encode(), value, timestamp_ms))
         except queue.Full:
             self._dropped["queue_full"] += 1
             self._warn["queue_full"](
@@ -311,18 +336,22 @@ class EventLog:
         counted in `left_at_stop`); close the producer and the journal."""
         if timeout is not None:
             self._stop_timeout = timeout
-        timeout = self._stop_timeout
+        deadline = time.monotonic() + self._stop_timeout
+        self._stop_deadline = deadline
         self._stopping.set()
+        # The marker only ends the sender's wait sooner: once stopping, it also ends when
+        # it finds the queue empty, so a full queue (or a zero timeout) cannot keep it on.
         with contextlib.suppress(queue.Full):
-            self._queue.put(_STOP, timeout=timeout)
-        self._thread.join(timeout + 5)
+            self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+        # the sender's own deadline is the same; the grace covers closing the producer
+        self._thread.join(max(0.0, deadline - time.monotonic()) + _STOP_GRACE)
         if self._connector is not None:
             self._connector.join(5)
 
     def _settled(self) -> bool:
         accepted = self.accepted
         return (
-            self.journal.loaded.is_set()
+            (self.journal.loaded.is_set() or self._load_tried)
             and self._routed == accepted
             and not self._inflight
             and self._chunk is None
@@ -413,11 +442,16 @@ class EventLog:
 
     def _turn(self) -> None:
         """One turn of the sender loop."""
+        self._load_journal()
         self._settle()
         if self._waiting_for_first_connection():
             time.sleep(0.02)
             return
-        for item in self._take(timeout=0.02 if self._busy() else 0.1):
+        stopping = self._stopping.is_set()
+        items = self._take(timeout=0.02 if self._busy() or stopping else 0.1)
+        if stopping and not items:  # stop() began and the queue is empty: no marker needed
+            self._stop_taken = True
+        for item in items:
             if item is _STOP:
                 self._stop_taken = True
                 break
@@ -436,20 +470,24 @@ class EventLog:
 
     def _load_journal(self) -> None:
         """Index what a previous process left in the journal (a CRC scan of every record),
-        here rather than on the thread that created the event log; retried on errors."""
-        pause = 0.1
-        while True:
-            try:
-                self.journal.load()
-                return
-            except OSError as exc:
-                self.sender_errors += 1
-                self._warn["sender"](
-                    "spill journal %s unreadable (%s); retrying", self.journal.dir, exc
-                )
-            if self._stopping.wait(pause):
-                return
-            pause = min(5.0, 2 * pause)
+        here rather than on the thread that created the event log. A failure is retried
+        with a back-off on later turns, while the loop goes on sending straight to Kafka
+        (an event that must spill meanwhile fails to and is counted as spill_error)."""
+        if self.journal.loaded.is_set() or time.monotonic() < self._load_at:
+            return
+        try:
+            self.journal.load()
+        except OSError as exc:
+            self.sender_errors += 1
+            self._warn["sender"](
+                "spill journal %s unreadable (%s); events go straight to Kafka while it is retried",
+                self.journal.dir,
+                exc,
+            )
+            self._load_at = time.monotonic() + self._load_pause
+            self._load_pause = min(5.0, 2 * self._load_pause)
+        finally:
+            self._load_tried = True
 
     def _sender_error(self, exc: BaseException) -> None:
         """Log and count an unexpected error of the sender thread, then back off."""
@@ -518,7 +556,9 @@ class EventLog:
         self._inflight[token] = _InFlight(event, time.monotonic())
         self._inflight_copied = False
         try:
-            future = self._producer.send(event.topic, key=event.key, value=event.value)
+            future = self._producer.send(
+                event.topic, key=event.key, value=event.value, timestamp_ms=event.timestamp_ms
+            )
         except Exception as exc:  # no metadata within max_block_ms, a closed producer, ...
             del self._inflight[token]
             exc = self._classify(event.topic, exc)
@@ -703,7 +743,12 @@ class EventLog:
                 chunk.results[i] = _NO_TOPIC
                 continue
             try:
-                future = self._producer.send(event.topic, key=event.key, value=event.value)
+                future = self._producer.send(
+                    event.topic,
+                    key=event.key,
+                    value=event.value,
+                    timestamp_ms=event.timestamp_ms,
+                )
             except Exception as exc:
                 exc = self._classify(event.topic, exc)
                 if isinstance(exc, TopicMissing):  # Kafka answers: go on with other topics
@@ -767,8 +812,11 @@ class EventLog:
             self._last_sync = now
 
     def _shutdown(self, timeout: float) -> None:
-        """Deliver what Kafka takes within `timeout`; leave the rest in the journal; close."""
+        """Deliver what Kafka takes within `timeout` (and before stop()'s deadline); leave
+        the rest in the journal; close."""
         deadline = time.monotonic() + timeout
+        if self._stop_deadline is not None:
+            deadline = min(deadline, self._stop_deadline)
         with contextlib.suppress(queue.Empty):
             while True:  # published after stop() began
                 item = self._queue.get_nowait()
@@ -814,17 +862,3 @@ class EventLog:
 
 def _retriable(exc: BaseException) -> bool:
     return bool(getattr(exc, "retriable", True))
-
-
-def _force_close(producer: KafkaProducer) -> None:
-    """Close at once, abandoning what the producer still holds.
-
-    kafka-python 3.0's `close(timeout=0)` first flushes, and that flush raises when records
-    are pending before close gets to force-closing its I/O thread; so force it ourselves.
-    """
-    try:
-        producer.close(timeout=0)
-    except Exception:
-        sender = getattr(producer, "_sender", None)
-        if sender is not None:
-            sender.force_close()

@@ -299,8 +299,9 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         await asyncio.to_thread(self.registry.apply, user_id, None)
         self.strategy.forget(user_id)
         s = self.settings
+        deleted_ms = int(time.time() * 1000)  # not the send time, hours later after an outage
         queued = all(
-            self.events.publish(topic, user_id, None)
+            self.events.publish(topic, user_id, None, timestamp_ms=deleted_ms)
             for topic in (s.topic_adapter_updates, s.topic_bandit_state)
         )
         if not queued:

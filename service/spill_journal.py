@@ -12,9 +12,14 @@ server usually takes over its predecessor's slot. A slot holds segment files
 records
 
     u32 length | u32 crc32(payload) | payload
-    payload = u16 topic length | i32 key length | i32 value length | topic | key | value
+    payload = u16 topic length | i32 key length | i32 value length
+              [| i64 timestamp ms] | topic | key | value
 
-(little-endian; a length of -1 is None). A record is written whole or not at all: `write`
+(little-endian; a length of -1 is None). The timestamp (the event's creation time, sent as
+the Kafka record's timestamp) is there only when bit 15 of the topic length is set
+(`_HAS_TIMESTAMP`; topic names are at most 249 bytes): records written before it existed
+still read, as events without a timestamp (Kafka then stamps them when they are sent).
+A record is written whole or not at all: `write`
 is repeated until every byte is on the file (a short write is not an error), and when a
 write fails part-way (ENOSPC, EFBIG, EIO) the segment is truncated back to its last whole
 record and the next append starts a new segment, so records after a failure are never
@@ -56,6 +61,8 @@ log = logging.getLogger(__name__)
 MAGIC = b"LLSPILL1"
 _RECORD = struct.Struct("<II")  # payload length, crc32 of the payload
 _FIELDS = struct.Struct("<Hii")  # topic length, key length, value length (-1: None)
+_TIMESTAMP = struct.Struct("<q")  # creation time in ms, present when _HAS_TIMESTAMP is set
+_HAS_TIMESTAMP = 0x8000  # a flag in the topic length field
 MAX_RECORD = 64 * 1024 * 1024  # a longer length field can only be corruption
 MAX_SLOTS = 64
 _SUFFIX = ".spill"
@@ -68,6 +75,7 @@ class SpilledEvent:
     topic: str
     key: bytes | None
     value: bytes | None
+    timestamp_ms: int | None = None  # the Kafka record's timestamp; None: stamped when sent
 
 
 class Position(NamedTuple):
@@ -90,13 +98,17 @@ def encode(event: SpilledEvent) -> bytes:
     """The record (header and payload) of `event`."""
     topic = event.topic.encode()
     key, value = event.key, event.value
+    if len(topic) >= _HAS_TIMESTAMP:
+        raise ValueError(f"topic name of {len(topic)} bytes is too long for the journal")
+    stamped = event.timestamp_ms is not None
     payload = b"".join(
         (
             _FIELDS.pack(
-                len(topic),
+                len(topic) | (_HAS_TIMESTAMP if stamped else 0),
                 -1 if key is None else len(key),
                 -1 if value is None else len(value),
             ),
+            _TIMESTAMP.pack(event.timestamp_ms) if stamped else b"",
             topic,
             key or b"",
             value or b"",
@@ -112,16 +124,23 @@ def _decode(payload: bytes) -> SpilledEvent | None:
     topic_len, key_len, value_len = _FIELDS.unpack_from(payload)
     if key_len < -1 or value_len < -1:
         return None
-    if _FIELDS.size + topic_len + max(key_len, 0) + max(value_len, 0) != len(payload):
-        return None
     at = _FIELDS.size
+    timestamp_ms: int | None = None
+    if topic_len & _HAS_TIMESTAMP:
+        topic_len &= ~_HAS_TIMESTAMP
+        if len(payload) < at + _TIMESTAMP.size:
+            return None
+        (timestamp_ms,) = _TIMESTAMP.unpack_from(payload, at)
+        at += _TIMESTAMP.size
+    if at + topic_len + max(key_len, 0) + max(value_len, 0) != len(payload):
+        return None
     topic = payload[at : at + topic_len]
     at += topic_len
     key = None if key_len < 0 else payload[at : at + key_len]
     at += max(key_len, 0)
     value = None if value_len < 0 else payload[at : at + value_len]
     try:
-        return SpilledEvent(topic.decode(), key, value)
+        return SpilledEvent(topic.decode(), key, value, timestamp_ms)
     except UnicodeDecodeError:
         return None
 

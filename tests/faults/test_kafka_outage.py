@@ -7,6 +7,7 @@ Figures are printed (`pytest -s`); the assertions are about availability and eve
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -29,7 +30,7 @@ from prometheus_client.samples import Sample
 
 from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
 from core.kafka.broker import KafkaBroker, create_topics, ensure_loraloop_topics
-from service.event_log import EventLog
+from service.event_log import EventLog, SpillDirUnusable
 from service.metrics import ServerMetrics
 from service.spill_journal import SpilledEvent, SpillJournal
 from tests.support import InProcessServer, isolated_settings, own_broker, read_topic, wait_until
@@ -469,3 +470,107 @@ def test_stop_delivers_the_journal_while_kafka_answers_and_counts_what_it_leaves
     )
     assert successor.journal.recovered == 50
     _check_delivered(broker.bootstrap, later, 50)
+
+
+def test_a_tombstone_keeps_its_timestamp_through_the_journal(
+    broker: KafkaBroker, tmp_path: Path
+) -> None:
+    """DeleteUser's tombstones carry the deletion time: one published while Kafka is
+    unreachable, journaled and delivered later by the next start, has that time as its
+    Kafka timestamp, not the drain time (the learner drops events older than it)."""
+    topic = f"tombstone-time-{os.getpid()}-{time.monotonic_ns()}"
+    create_topics(broker.bootstrap, [topic], partitions=2)
+    spill = tmp_path / "spill"
+    offline = EventLog(f"127.0.0.1:{_closed_port()}", 100, spill_dir=spill, spill_max_bytes=1 << 20)
+    offline.start()
+    deleted_ms = int(time.time() * 1000) - 3_600_000  # deleted an hour "ago"
+    assert offline.publish(topic, "gone-user", None, timestamp_ms=deleted_ms)
+    assert offline.publish(topic, "other-user", b"unstamped")
+    wait_until(lambda: offline.journal.pending == 2, 30, "the events to be journaled")
+    offline.stop(timeout=1)
+    assert offline.left_at_stop == 2
+    successor = EventLog(broker.bootstrap, 100, spill_dir=spill, spill_max_bytes=1 << 20)
+    successor.start()
+    try:
+        assert successor.flush(60), f"not delivered: backlog {successor.backlog}"
+    finally:
+        successor.stop()
+    drained_ms = int(time.time() * 1000)
+    records = {r.key: r for r in read_topic(broker.bootstrap, topic)}
+    tombstone, other = records[b"gone-user"], records[b"other-user"]
+    print(
+        f"\ntombstone drained {(drained_ms - tombstone.timestamp) / 1000:.0f} s after its "
+        f"deletion time, stamped {tombstone.timestamp} (published as {deleted_ms}); an "
+        f"unstamped event got the send time {other.timestamp}"
+    )
+    assert tombstone.value is None and tombstone.timestamp == deleted_ms
+    assert other.timestamp > deleted_ms + 3_000_000  # Kafka's stamp: the drain time
+
+
+def test_an_unusable_spill_dir_fails_at_construction(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SpillDirUnusable, match="LORALOOP_SPILL_DIR"):
+        EventLog("127.0.0.1:1", 10, spill_dir=blocker / "spill", spill_max_bytes=1 << 20)
+
+
+def test_events_go_straight_to_kafka_while_the_journal_load_is_retried(
+    broker: KafkaBroker, tmp_path: Path
+) -> None:
+    """The journal's first scans fail (a flaky disk): the sender does not wait for it
+    before its loop; events go straight to the producer and are all delivered."""
+    topic = f"load-retry-{os.getpid()}-{time.monotonic_ns()}"
+    create_topics(broker.bootstrap, [topic], partitions=2)
+    events = EventLog(broker.bootstrap, 1000, spill_dir=tmp_path / "spill", spill_max_bytes=1 << 20)
+    real_load, failures = events.journal.load, [0]
+
+    def load() -> None:
+        if failures[0] < 3:
+            failures[0] += 1
+            raise OSError(errno.EIO, "injected: cannot list the spill directory")
+        real_load()
+
+    events.journal.load = load  # type: ignore[method-assign]
+    events.start()
+    try:
+        wait_until(events.connected.is_set, 30, "the producer to connect")
+        for i in range(50):
+            assert events.publish(topic, f"user-{i % 4}", b"event-%05d" % i)
+        assert events.flush(30), f"not delivered: backlog {events.backlog}"
+        loaded_during = events.journal.loaded.is_set()
+    finally:
+        events.stop()
+    print(
+        f"\njournal load failed {failures[0]} times: {events.delivered} events delivered, "
+        f"dropped {events.dropped}, journal loaded by then: {loaded_during}"
+    )
+    assert failures[0] >= 1 and events.sender_errors >= 1
+    assert events.dropped == 0 and events.spilled == 0
+    _check_delivered(broker.bootstrap, topic, 50)
+
+
+@pytest.mark.parametrize("timeout", [0.0, 2.0])
+def test_stop_ends_the_sender_within_one_deadline_even_with_a_full_queue(
+    tmp_path: Path, timeout: float
+) -> None:
+    """Kafka unreachable, the queue full when stop() begins (its marker may not fit, and
+    with a zero timeout it is not waited for): the sender still ends, the events journaled."""
+    events = EventLog(
+        f"127.0.0.1:{_closed_port()}",
+        20,
+        spill_dir=tmp_path / "spill",
+        spill_max_bytes=1 << 20,
+        stall_seconds=0.2,
+    )
+    events.start()
+    accepted = sum(events.publish("t", f"user-{i % 4}", b"e%d" % i) for i in range(200))
+    started = time.monotonic()
+    events.stop(timeout=timeout)
+    took = time.monotonic() - started
+    print(
+        f"\nstop(timeout={timeout}) with a full queue: returned in {took:.2f} s, sender "
+        f"alive {events.sender_alive}, {events.left_at_stop} of {accepted} accepted events "
+        f"left in the journal, dropped {events.dropped_by['queue_full']} as queue_full"
+    )
+    assert not events.sender_alive
+    assert events.left_at_stop == accepted and events.dropped == 200 - accepted

@@ -7,9 +7,11 @@ import errno
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import pytest
@@ -301,3 +303,35 @@ def test_opening_claims_the_slot_and_the_scan_waits_for_first_use(tmp_path: Path
     assert read_all(lazy) == events(5)  # the first use loads it
     assert lazy.loaded.is_set() and lazy.recovered == 5
     lazy.close()
+
+
+def test_records_of_the_old_format_still_read_beside_timestamped_ones(tmp_path: Path) -> None:
+    """A segment written before records carried a timestamp (no flag in the topic length)
+    reads as events without one; records appended now keep theirs."""
+
+    def old_record(topic: bytes, key: bytes, value: bytes | None) -> bytes:
+        fields = struct.pack("<Hii", len(topic), len(key), -1 if value is None else len(value))
+        payload = fields + topic + key + (value or b"")
+        return struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
+
+    slot = tmp_path / "slot-0"
+    slot.mkdir(parents=True)
+    old = [old_record(b"t", b"user-%d" % i, None if i == 2 else b"v%d" % i) for i in range(3)]
+    (slot / f"{1:016d}.spill").write_bytes(MAGIC + b"".join(old))
+    journal = SpillJournal(tmp_path, max_bytes=1 << 20)
+    assert journal.recovered == 3 and journal.torn == 0
+    stamped = SpilledEvent("t", b"user-9", None, timestamp_ms=1_700_000_000_123)
+    journal.append(stamped)
+    got = read_all(journal)
+    journal.close()
+    print(f"\nold-format records read: {len(got) - 1}, then 1 timestamped: {got[-1]}")
+    assert got[:3] == [
+        SpilledEvent("t", b"user-0", b"v0"),
+        SpilledEvent("t", b"user-1", b"v1"),
+        SpilledEvent("t", b"user-2", None),
+    ]
+    assert all(e.timestamp_ms is None for e in got[:3])
+    assert got[3] == stamped
+    reopened = SpillJournal(tmp_path, max_bytes=1 << 20)
+    assert read_all(reopened)[-1].timestamp_ms == 1_700_000_000_123
+    reopened.close()
