@@ -246,6 +246,13 @@ class Settings(BaseSettings):
         "(AdapterUpdated, tombstones, bandit statistics) before committing offsets; past it "
         "the offsets wait for the next round, and refused records are sent again.",
     )
+    learner_restore_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="How long the learner may take at start-up to read the compacted "
+        "adapter-updates topic to its end (to rebuild deleted users); raise it for a big "
+        "topic on a slow broker. Past it the learner stops with an error saying so.",
+    )
     learner_deleted_users_max: int = Field(
         1_000_000,
         ge=1,

@@ -179,11 +179,18 @@ class Learner:
     def _restore_population(self) -> None:
         """Pick up the pooled bandit statistics where the last learner left them."""
         s = self.settings
-        for record in read_to_end(s.kafka_bootstrap, [s.topic_bandit_state]):
-            if record.key == POPULATION.encode() and record.value is not None:
-                msg = events_pb2.BanditState.FromString(record.value)
-                if msg.seq > self.population.seq and msg.dim == DIM:
-                    self.population = BanditState.from_proto(msg, self.arms)
+        timeout = s.learner_restore_timeout_seconds
+        try:
+            for record in read_to_end(s.kafka_bootstrap, [s.topic_bandit_state], timeout):
+                if record.key == POPULATION.encode() and record.value is not None:
+                    msg = events_pb2.BanditState.FromString(record.value)
+                    if msg.seq > self.population.seq and msg.dim == DIM:
+                        self.population = BanditState.from_proto(msg, self.arms)
+        except TimeoutError as exc:
+            raise KafkaUnavailableError(
+                f"could not read {s.topic_bandit_state} to its end within {timeout:.0f} s at "
+                f"start-up ({exc}); raise LORALOOP_LEARNER_RESTORE_TIMEOUT_SECONDS"
+            ) from exc
 
     def _restore_deletions(self) -> None:
         """Rebuild the deleted users' deletion times from the tombstones on the compacted
@@ -200,19 +207,18 @@ class Learner:
         }
         deletions: dict[str, int] = {}
         started = time.perf_counter()
-        timeout = max(30.0, s.kafka_connect_timeout)
-        for record in read_to_end(s.kafka_bootstrap, [topic], timeout=timeout):
-            if not record.key:
-                continue
-            user_id = record.key.decode(errors="replace")
-            if record.value is None:
-                deletions[user_id] = max(deletion_time(record), deletions.get(user_id, 0))
-            elif record.offset >= committed.get(record.partition, 0):
-                try:
-                    version = events_pb2.AdapterUpdated.FromString(record.value).version
-                except Exception:  # not ours to judge here; the consumer dead-letters nothing
-                    continue
-                self._announced.note(user_id, version, record.partition, record.offset)
+        timeout = s.learner_restore_timeout_seconds
+        records = read_to_end(s.kafka_bootstrap, [topic], timeout=timeout)
+        try:
+            for n, record in enumerate(records, 1):
+                if n % 100_000 == 0:
+                    log.info("restoring deletions: %d records of %s read", n, topic)
+                self._restore_record(record, committed, deletions)
+        except TimeoutError as exc:
+            raise KafkaUnavailableError(
+                f"could not read {topic} to its end within {timeout:.0f} s at start-up "
+                f"({exc}); raise LORALOOP_LEARNER_RESTORE_TIMEOUT_SECONDS"
+            ) from exc
         self.deleted.rebuild(deletions.items())
         self.stats["deletions_restored"] = len(deletions)
         self.stats["deletions_forgotten"] = self.deleted.forgotten
@@ -222,6 +228,21 @@ class Learner:
             topic,
             time.perf_counter() - started,
         )
+
+    def _restore_record(
+        self, record: Any, committed: dict[int, int], deletions: dict[str, int]
+    ) -> None:
+        if not record.key:
+            return
+        user_id = record.key.decode(errors="replace")
+        if record.value is None:
+            deletions[user_id] = max(deletion_time(record), deletions.get(user_id, 0))
+        elif record.offset >= committed.get(record.partition, 0):
+            try:
+                version = events_pb2.AdapterUpdated.FromString(record.value).version
+            except Exception:  # not ours to judge here; the consumer dead-letters nothing
+                return
+            self._announced.note(user_id, version, record.partition, record.offset)
 
     def close(self) -> None:
         if self.producer is not None:

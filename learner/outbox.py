@@ -14,10 +14,16 @@ never be announced), so every send goes through an `Outbox`, which keeps its fut
   anything new, together with any later record of the same topic and key that was
   acknowledged meanwhile, and a new record of a key with one waiting to be sent again
   queues behind it: the newest record of a key on a compacted topic is still the newest
-  one the learner meant;
+  one the learner meant. Records keep the order the learner made them in (`seq`): an
+  acknowledged record is settled only once no older record of its key is still in flight
+  (if that one is refused, the newer one is sent again after it), and `retry()` waits
+  while anything is still in flight on the old producer, so no resend can overtake a
+  record of its key that was sent before it;
 - before sending again it replaces the producer: kafka-python's idempotent producer
   treats a refused batch (MessageSizeTooLarge, for instance) as fatal and aborts every
-  later batch, so the old one would refuse everything forever;
+  later batch, so the old one would refuse everything forever. The old one is
+  force-closed (core/kafka/producers.py): its I/O thread must not linger and deliver
+  anything later;
 - acknowledged records run their `on_ack` (with the record's metadata: partition, offset).
 
 The learner commits offsets only after a `settle` that returns True. If it dies first,
@@ -26,6 +32,7 @@ its replay skips the applied samples and announces their version again.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -34,6 +41,8 @@ from typing import Any
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
+
+from core.kafka.producers import force_close
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,7 @@ class Outgoing:
     on_ack: Callable[[Any], None] | None = None
     tries: int = 0
     dropped: bool = False  # its user was deleted since: no re-send, no on_ack
+    seq: int = -1  # the order the learner made it in (set by its first `send`)
 
 
 class Outbox:
@@ -64,7 +74,8 @@ class Outbox:
         stats.setdefault("publish_failed", 0)
         stats.setdefault("publish_timeouts", 0)
         self._sent: list[tuple[Outgoing, Any]] = []  # in send order, future None: refused
-        self._refused: list[Outgoing] = []  # to send again, in their original order
+        self._refused: list[Outgoing] = []  # to send again, in their original order (seq)
+        self._seq = itertools.count()
 
     @property
     def unsettled(self) -> int:
@@ -74,6 +85,8 @@ class Outbox:
     def send(self, msg: Outgoing) -> None:
         if self.producer is None:
             return
+        if msg.seq < 0:
+            msg.seq = next(self._seq)
         if any(m.key == msg.key and m.topic == msg.topic for m in self._refused):
             self._refused.append(msg)  # behind the one of its key waiting to go again
             return
@@ -95,6 +108,12 @@ class Outbox:
         """Send again, in order, what Kafka refused before."""
         if not self._refused or time.monotonic() < self._next_retry:
             return
+        if self._in_flight():
+            # Replacing the producer would abandon these records, which may still land
+            # after a resend of an older record of their key: wait until they are done.
+            log.info("%d records still in flight: sending again later", self._in_flight())
+            return
+        self._collect()  # what completed since the last settle, so the order is known
         self._backoff = min(10.0, max(0.5, self._backoff * 2))
         self._next_retry = time.monotonic() + self._backoff
         if not self._renew():
@@ -116,10 +135,13 @@ class Outbox:
             return False
         old, self.producer = self.producer, fresh
         try:
-            old.close(timeout=5)
+            force_close(old)
         except Exception as exc:  # a broken producer may fail to close
             log.warning("closing the old Kafka producer failed: %s", exc)
         return True
+
+    def _in_flight(self) -> int:
+        return sum(1 for _, f in self._sent if f is not None and not f.is_done)
 
     def forget(self, key: bytes) -> None:
         """A deleted user: never send their refused records again (tombstones excepted),
@@ -145,28 +167,48 @@ class Outbox:
                     timeout,
                     exc,
                 )
+        self._collect()
+        if not self._refused:
+            self._backoff = 0.0
+        return not self._sent and not self._refused
+
+    def _collect(self) -> None:
+        """Sort the completed sends into refused (to send again) and acknowledged ones; an
+        acknowledged record waits while an older one of its key is still in flight, and
+        goes again after an older one of its key that was refused."""
         waiting: list[tuple[Outgoing, Any]] = []
-        broken: set[tuple[str, bytes]] = set()  # topic+key with a refused record
+        acked: list[tuple[Outgoing, Any]] = []
         for msg, future in self._sent:
-            key = (msg.topic, msg.key)
             if future is not None and not future.is_done:
                 waiting.append((msg, future))  # still in flight: look again next time
-                continue
-            if future is None or future.failed():
+            elif future is None or future.failed():
                 if future is not None:
                     self._failed(msg, future.exception)
                 if not msg.dropped:
-                    broken.add(key)
                     self._refused.append(msg)
+            else:
+                acked.append((msg, future))
+        oldest_refused: dict[tuple[str, bytes], int] = {}
+        for msg in self._refused:
+            key = (msg.topic, msg.key)
+            oldest_refused[key] = min(msg.seq, oldest_refused.get(key, msg.seq))
+        oldest_flying: dict[tuple[str, bytes], int] = {}
+        for msg, _ in waiting:
+            key = (msg.topic, msg.key)
+            oldest_flying[key] = min(msg.seq, oldest_flying.get(key, msg.seq))
+        for msg, future in acked:
+            key = (msg.topic, msg.key)
+            if oldest_flying.get(key, msg.seq) < msg.seq:
+                waiting.append((msg, future))  # the older one may still be refused
                 continue
-            if msg.on_ack is not None and not msg.dropped:
+            if msg.dropped:
+                continue
+            if msg.on_ack is not None:
                 msg.on_ack(future.value)
-            if key in broken and not msg.dropped:  # acknowledged after a refused one
+            if oldest_refused.get(key, msg.seq) < msg.seq:  # newer than a refused one
                 self._refused.append(msg)
+        self._refused.sort(key=lambda m: m.seq)  # stable: resends of one record keep order
         self._sent = waiting
-        if not self._refused and not broken:
-            self._backoff = 0.0
-        return not self._sent and not self._refused
 
     def _failed(self, msg: Outgoing, exc: Any) -> None:
         self.stats["publish_failed"] += 1

@@ -25,9 +25,10 @@ from core.adapter_store import AdapterStore
 from core.kafka.broker import KafkaBroker, ensure_loraloop_topics, topic_configs
 from core.settings import Settings
 from learner.loop import Learner
+from learner.outbox import Outbox, Outgoing
 from tests.faults.crash_support import announced_versions
 from tests.faults.test_learner_deletions import _drain, _send_pair
-from tests.support import isolated_settings, own_broker
+from tests.support import isolated_settings, own_broker, read_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -176,4 +177,50 @@ def test_a_flush_timeout_does_not_stop_the_learner(
         f"\nbroker frozen during the flush: the round returned after {frozen_s:.1f} s "
         f"(timeout {s.learner_publish_timeout_seconds:.0f} s) without committing; v2 "
         f"announced and offsets committed after the broker resumed"
+    )
+
+
+def test_a_resend_never_overtakes_a_newer_record_of_its_key(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """An older record the client refuses at `send` (too large for the first producer)
+    and a newer one of the same key still in flight when the flush times out: the older
+    one is sent again only once the newer one is done, and the newer one after it, so the
+    newest record of the key on the topic is still the newer one."""
+    s = isolated_settings(kafka_bootstrap, tmp_path)
+    ensure_loraloop_topics(s, timeout=20)
+    topic = s.topic_adapter_updates
+    made: list[KafkaProducer] = []
+
+    def connect() -> KafkaProducer:
+        # The first producer refuses records over 2 kB itself; its replacements take them.
+        limit = {"max_request_size": 2048} if not made else {}
+        made.append(
+            KafkaProducer(
+                bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True, **limit
+            )
+        )
+        return made[-1]
+
+    stats: dict[str, int] = {}
+    outbox = Outbox(connect, stats)
+    try:
+        outbox.send(Outgoing(topic, b"ann", b"old" * 1000, "old"))  # refused by send()
+        outbox.send(Outgoing(topic, b"ann", b"new", "new"))
+        in_flight_at_flush = not outbox.settle(timeout=0)  # the flush(0) times out
+        deadline = time.monotonic() + 30
+        while not outbox.settle(timeout=5) and time.monotonic() < deadline:
+            outbox.retry()
+            time.sleep(0.2)
+        assert outbox.unsettled == 0, stats
+    finally:
+        for producer in made:
+            producer.close(timeout=5)
+    values = [r.value for r in read_topic(kafka_bootstrap, topic) if r.key == b"ann"]
+    assert values[-1] == b"new", values
+    assert stats["publish_failed"] >= 1, stats
+    print(
+        f"\nolder record refused, newer in flight at the flush: {len(values)} records of the "
+        f"key written, newest is the newer one; publish_failed={stats['publish_failed']}, "
+        f"publish_timeouts={stats['publish_timeouts']}, settled later: {in_flight_at_flush}"
     )

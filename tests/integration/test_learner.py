@@ -125,3 +125,23 @@ def test_tombstone_deletes_the_users_adapters(kafka_bootstrap: str, tmp_path: Pa
     _drain(learner)
     assert store.versions("dan") == [] and not store.user_dir("dan").exists()
     learner.close()
+
+
+def test_a_slow_restore_read_fails_with_a_clear_error(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Reading the adapter-updates topic to its end at start-up past its timeout stops
+    connect() with the learner's clear error, not a bare TimeoutError."""
+    settings = isolated_settings(kafka_bootstrap, tmp_path, learner_restore_timeout_seconds=1e-6)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    try:
+        for i in range(20):
+            producer.send(settings.topic_adapter_updates, key=f"u{i}".encode(), value=None)
+        producer.flush(timeout=20)
+    finally:
+        producer.close()
+    learner = Learner(settings, max_users_per_step=2)
+    try:
+        with pytest.raises(KafkaUnavailableError, match="LEARNER_RESTORE_TIMEOUT_SECONDS") as err:
+            learner.connect()
+    finally:
+        learner.close()
+    print(f"\nrestore read past its timeout: {err.value}")
