@@ -186,7 +186,9 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             finish_reason=finish,
         )
 
-    async def Generate(self, request, context):
+    async def Generate(
+        self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.GenerateResponse:
         try:
             prepared = await self._prepare(request)
             result = await adapter_fallback.generate(self.engine, self.registry, prepared.gen)
@@ -197,7 +199,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         return self._response(request, prepared, result.text, result.token_ids, result.logprobs)
 
     async def GenerateStream(
-        self, request, context
+        self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api_pb2.GenerateStreamResponse]:
         try:
             prepared = await self._prepare(request)
@@ -219,7 +221,9 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         yield api_pb2.GenerateStreamResponse(final=final)
 
     # --- Feedback -----------------------------------------------------------------------
-    async def Feedback(self, request, context):
+    async def Feedback(
+        self, request: api_pb2.FeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.FeedbackResponse:
         try:
             user_id = check_user(request.user_id)
             if not self.request_ids.well_formed(request.request_id):
@@ -253,7 +257,9 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         return api_pb2.FeedbackResponse(accepted=True)
 
     # --- user state ---------------------------------------------------------------------
-    async def GetUserState(self, request, context):
+    async def GetUserState(
+        self, request: api_pb2.GetUserStateRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.UserState:
         try:
             user_id = check_user(request.user_id)
         except RequestError as err:
@@ -286,7 +292,9 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
                 log.warning("learner state skipped, trying an older version: %s", exc)
         return {}
 
-    async def DeleteUser(self, request, context):
+    async def DeleteUser(
+        self, request: api_pb2.DeleteUserRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.DeleteUserResponse:
         try:
             user_id = check_user(request.user_id)
         except RequestError as err:

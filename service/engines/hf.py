@@ -300,7 +300,9 @@ class HFEngine(Engine):
             self.metrics.decode_step(len(rows))
         self._emit(batch, rows, logits, first=0)
 
-    def _emit(self, batch: RunningBatch, rows: list[_Row], logits: torch.Tensor, first: int):
+    def _emit(
+        self, batch: RunningBatch, rows: list[_Row], logits: torch.Tensor, first: int
+    ) -> None:
         """Sample the next token of rows[first:] (whose logits are given), stream it, and
         drop finished rows from the batch."""
         active = rows[first:]
