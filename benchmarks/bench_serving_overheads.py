@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import shutil
 import statistics
 import sys
 import tempfile
@@ -222,6 +223,7 @@ def main() -> None:
         if server is not None:
             server.stop()
         broker.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # the larger models are hundreds of MB
 
 
 def ttft(settings: Settings, tmp: Path, sizes: str, pairs: int) -> None:
