@@ -199,8 +199,7 @@ class AdapterRegistry:
         """Apply one update (None = tombstone); True when it changed the served version."""
         if event is None:
             self.forget(user_id)
-            if self._on_delete:
-                self._on_delete(user_id)
+            self.release(user_id)
             return True
         ref = AdapterRef(user_id, event.version, self._checked_path(user_id, event))
         with self._lock:
@@ -216,6 +215,13 @@ class AdapterRegistry:
                 user_id, ref.version, event.timestamp_ms / 1000, self.caught_up.is_set()
             )
         return True
+
+    def release(self, user_id: str) -> None:
+        """Tell the rest of the process a user is deleted (the `on_delete` hook: engine
+        slots and host cache, bandit state, metrics); it may wait for the engine's slot
+        lock, so call it off the event loop."""
+        if self._on_delete:
+            self._on_delete(user_id)
 
     def _checked_path(self, user_id: str, event: events_pb2.AdapterUpdated) -> Path:
         """The version directory the event's URI names, which must be exactly the store's

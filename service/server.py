@@ -302,10 +302,10 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         # Forget here at once (registry, engine slots and host cache, bandit state); the
         # tombstones tell every replica and the learner (which owns the store) to forget.
         # The registry forgets on the loop (a Generate resolving after this line gets the
-        # base model); the engine's part waits for its slot lock, so it runs in a thread.
+        # base model); the rest (the registry's on_delete hook) waits for the engine's slot
+        # lock, so it runs in a thread.
         self.registry.forget(user_id)
-        await asyncio.to_thread(self.registry.apply, user_id, None)
-        self.strategy.forget(user_id)
+        await asyncio.to_thread(self.registry.release, user_id)
         s = self.settings
         deleted_ms = int(time.time() * 1000)  # not the send time, hours later after an outage
         queued = all(
