@@ -22,8 +22,6 @@ import hashlib
 import hmac
 import logging
 import re
-import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import grpc
 
 from core.user_ids import MAX_USER_ID_LEN, user_id_error
+from service.log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -200,27 +199,28 @@ class RefusalLog:
     many were left out since: a client trying keys cannot flood the log."""
 
     def __init__(self, interval_s: float = 10.0) -> None:
-        self.interval_s = interval_s
-        self._lock = threading.Lock()
-        self._last: dict[tuple[str, str], float] = {}
-        self._skipped: dict[tuple[str, str], int] = {}
-        self.logged = 0
-        self.refused = 0
+        self._throttle = LogThrottle(interval_s)
+
+    @property
+    def interval_s(self) -> float:
+        return self._throttle.period
+
+    @interval_s.setter
+    def interval_s(self, seconds: float) -> None:
+        self._throttle.period = seconds
+
+    @property
+    def refused(self) -> int:
+        return self._throttle.seen
+
+    @property
+    def logged(self) -> int:
+        return self._throttle.logged
 
     def refused_call(self, rpc: str, reason: str) -> None:
-        key, now = (rpc, reason), time.monotonic()
-        with self._lock:
-            self.refused += 1
-            last = self._last.get(key)
-            if last is not None and now - last < self.interval_s:
-                self._skipped[key] = self._skipped.get(key, 0) + 1
-                return
-            if len(self._last) > 10_000:  # reasons name configured keys: few; stay bounded
-                self._last.clear()
-                self._skipped.clear()
-            self._last[key] = now
-            skipped = self._skipped.pop(key, 0)
-            self.logged += 1
+        skipped = self._throttle.admit((rpc, reason))
+        if skipped is None:
+            return
         more = f" ({skipped} more like it in the last {self.interval_s:.0f}s)" if skipped else ""
         log.info("%s refused: %s%s", rpc, reason, more)
 

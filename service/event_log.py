@@ -80,6 +80,7 @@ from kafka.errors import (
 )
 
 from core.kafka.producers import force_close as _force_close
+from service.log_throttle import LogThrottle
 from service.spill_journal import Position, Record, SpilledEvent, SpillJournal
 
 if TYPE_CHECKING:
@@ -164,19 +165,15 @@ class _Warn:
     """A warning logged at most once per `period` seconds, with the count in between."""
 
     def __init__(self, period: float = 10.0) -> None:
-        self.period = period
-        self._last = -period
-        self._count = 0
+        self._throttle = LogThrottle(period)
 
     def __call__(self, msg: str, *args: Any, exc_info: BaseException | None = None) -> None:
-        self._count += 1
-        now = time.monotonic()
-        if now - self._last < self.period:
+        held = self._throttle.admit()
+        if held is None:
             return
-        if self._count > 1:
-            msg, args = msg + " (%d times since the last such warning)", (*args, self._count)
+        if held:
+            msg, args = msg + " (%d times since the last such warning)", (*args, held + 1)
         log.warning(msg, *args, exc_info=exc_info)
-        self._last, self._count = now, 0
 
 
 class EventLog:
