@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -19,17 +18,10 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBrok
     Its data and `server.log` live under pytest's basetemp (kept for post-mortems). Skips
     when Java or Maven is missing; any other start-up failure is an error.
     """
-    from core.kafka.broker import KafkaBroker
+    from tests.support import own_broker
 
-    missing = [tool for tool in ("java", "mvn") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"the Kafka broker needs {' and '.join(missing)} on PATH")
-    broker = KafkaBroker(data_dir=tmp_path_factory.mktemp("kafka"))
-    broker.start(timeout=120)
-    try:
+    with own_broker(tmp_path_factory.mktemp("kafka")) as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture(scope="session")
