@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -178,18 +178,26 @@ class Learner:
 
     def _restore_population(self) -> None:
         """Pick up the pooled bandit statistics where the last learner left them."""
+        for record in self._read_whole(self.settings.topic_bandit_state):
+            if record.key == POPULATION.encode() and record.value is not None:
+                msg = events_pb2.BanditState.FromString(record.value)
+                if msg.seq > self.population.seq and msg.dim == DIM:
+                    self.population = BanditState.from_proto(msg, self.arms)
+
+    def _read_whole(self, topic: str) -> Iterator[Any]:
+        """Every record of `topic` (a start-up read), with progress in the log; a read
+        slower than LORALOOP_LEARNER_RESTORE_TIMEOUT_SECONDS is a KafkaUnavailableError."""
         s = self.settings
         timeout = s.learner_restore_timeout_seconds
         try:
-            for record in read_to_end(s.kafka_bootstrap, [s.topic_bandit_state], timeout):
-                if record.key == POPULATION.encode() and record.value is not None:
-                    msg = events_pb2.BanditState.FromString(record.value)
-                    if msg.seq > self.population.seq and msg.dim == DIM:
-                        self.population = BanditState.from_proto(msg, self.arms)
+            for n, record in enumerate(read_to_end(s.kafka_bootstrap, [topic], timeout), 1):
+                if n % 100_000 == 0:
+                    log.info("start-up: %d records of %s read", n, topic)
+                yield record
         except TimeoutError as exc:
             raise KafkaUnavailableError(
-                f"could not read {s.topic_bandit_state} to its end within {timeout:.0f} s at "
-                f"start-up ({exc}); raise LORALOOP_LEARNER_RESTORE_TIMEOUT_SECONDS"
+                f"could not read {topic} to its end within {timeout:.0f} s at start-up "
+                f"({exc}); raise LORALOOP_LEARNER_RESTORE_TIMEOUT_SECONDS"
             ) from exc
 
     def _restore_deletions(self) -> None:
@@ -207,18 +215,8 @@ class Learner:
         }
         deletions: dict[str, int] = {}
         started = time.perf_counter()
-        timeout = s.learner_restore_timeout_seconds
-        records = read_to_end(s.kafka_bootstrap, [topic], timeout=timeout)
-        try:
-            for n, record in enumerate(records, 1):
-                if n % 100_000 == 0:
-                    log.info("restoring deletions: %d records of %s read", n, topic)
-                self._restore_record(record, committed, deletions)
-        except TimeoutError as exc:
-            raise KafkaUnavailableError(
-                f"could not read {topic} to its end within {timeout:.0f} s at start-up "
-                f"({exc}); raise LORALOOP_LEARNER_RESTORE_TIMEOUT_SECONDS"
-            ) from exc
+        for record in self._read_whole(topic):
+            self._restore_record(record, committed, deletions)
         self.deleted.rebuild(deletions.items())
         self.stats["deletions_restored"] = len(deletions)
         self.stats["deletions_forgotten"] = self.deleted.forgotten
