@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 # Python packages, the Kafka jars (Maven Central) and the tiny local model, all cached.
 setup: $(VENV)/.installed
-	$(PY) -c "from core.kafka.broker import ensure_kafka_jars; print(ensure_kafka_jars())"
+	$(PY) -c "from loraloop.devtools.kafka_broker import ensure_kafka_jars; print(ensure_kafka_jars())"
 	$(PY) -m loraloop.cli build-model
 
 demo: setup

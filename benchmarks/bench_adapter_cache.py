@@ -23,14 +23,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.adapter_store import AdapterStore
-from core.model_loading import load_model
-from core.multi_lora import LoRAWeights
-from core.peft_format import to_peft_files
-from core.settings import Settings
-from service.adapter_cache import HostAdapterCache, adapter_bytes
-from service.adapter_slots import AdapterSlots
-from service.engines.base import AdapterRef
+from loraloop.service.adapter_cache import HostAdapterCache, adapter_bytes
+from loraloop.service.adapter_slots import AdapterSlots
+from loraloop.service.engines.base import AdapterRef
+
+from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.model_loading import load_model
+from loraloop.core.multi_lora import LoRAWeights
+from loraloop.core.peft_format import to_peft_files
+from loraloop.core.settings import Settings
+from loraloop.devtools.tiny_model import ensure_tiny_model
 
 
 def pct(values: list[float], q: float) -> float:
@@ -48,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(adapter_store=Path(tmp))
+        settings = Settings(model=str(ensure_tiny_model(progress=False)), adapter_store=Path(tmp))
         lm = load_model(settings, slots=args.slots + 1)
         bank = lm.bank
         store = AdapterStore(tmp)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.auth import ApiKeys
+from loraloop.service.auth import ApiKeys
 
 
 def per_lookup_us(keys: ApiKeys, key: str, rounds: int) -> float:

@@ -30,8 +30,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.logprobs import response_logprobs
-from core.multi_lora import LoRABank, LoRAWeights
+from loraloop.core.logprobs import response_logprobs
+from loraloop.core.multi_lora import LoRABank, LoRAWeights
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RANK, ALPHA = 8, 16.0

@@ -34,10 +34,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.adapter_store import AdapterStore
-from core.multi_lora import LoRABank, LoRAWeights
-from core.peft_format import read_peft_dir, to_peft_files
-from service.engines.batching import RunningBatch
+from loraloop.service.engines.batching import RunningBatch
+
+from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.multi_lora import LoRABank, LoRAWeights
+from loraloop.core.peft_format import read_peft_dir, to_peft_files
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RANK, ALPHA = 8, 16.0

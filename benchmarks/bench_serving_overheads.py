@@ -34,15 +34,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.adapter_store import AdapterStore
-from core.gen.loraloop.v1 import events_pb2
-from core.kafka.broker import KafkaBroker, ensure_loraloop_topics
-from core.multi_lora import LoRAWeights
-from core.peft_format import to_peft_files
-from core.settings import Settings
-from core.tiny_model import TinyModelSpec, ensure_tiny_model, init_model, make_config
+from loraloop.service.engines.base import GenerationRequest
+
 from loraloop.client import LoraLoopClient
-from service.engines.base import GenerationRequest
+from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.gen.loraloop.v1 import events_pb2
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.multi_lora import LoRAWeights
+from loraloop.core.peft_format import to_peft_files
+from loraloop.core.settings import Settings
+from loraloop.devtools.kafka_broker import KafkaBroker
+from loraloop.devtools.tiny_model import TinyModelSpec, ensure_tiny_model, init_model, make_config
 from tests.support import InProcessServer, isolated_settings
 
 
@@ -140,7 +142,9 @@ def main() -> None:
     broker.start(timeout=180)
     server = None
     try:
-        settings = isolated_settings(broker.bootstrap, tmp, max_new_tokens=32)
+        settings = isolated_settings(
+            broker.bootstrap, tmp, model=str(ensure_tiny_model(progress=False)), max_new_tokens=32
+        )
         ensure_loraloop_topics(settings)
         server = InProcessServer(settings)
         service = server.running.service
@@ -232,7 +236,9 @@ def ttft(settings: Settings, tmp: Path, sizes: str, pairs: int) -> None:
         f"{pairs} interleaved pairs, {len(PROMPT)}-character prompt, medians (target <= 5 %):"
     )
     for size in ["tiny", *filter(None, sizes.split(","))]:
-        model = "tiny" if size == "tiny" else str(build_untrained(size, tmp / f"llama-{size}"))
+        model = (
+            settings.model if size == "tiny" else str(build_untrained(size, tmp / f"llama-{size}"))
+        )
         server = InProcessServer(settings.model_copy(update={"model": model}))
         try:
             tokens = len(server.running.service.engine.encode(PROMPT, None))

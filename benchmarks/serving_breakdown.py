@@ -33,11 +33,14 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.kafka.broker import KafkaBroker, ensure_loraloop_topics
-from core.settings import Settings
+from loraloop.service.engines.base import Engine, GenerationRequest, TokenChunk
+
 from loadtests.config import LoadConfig
 from loadtests.generator import run_load
-from service.engines.base import Engine, GenerationRequest, TokenChunk
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.settings import Settings
+from loraloop.devtools.kafka_broker import KafkaBroker
+from loraloop.devtools.tiny_model import ensure_tiny_model
 
 
 class TimedEngine(Engine):
@@ -78,8 +81,8 @@ class TimedEngine(Engine):
 
 
 def main() -> int:
-    from service.engines.base import build_engine
-    from service.server import create_server
+    from loraloop.service.engines.base import build_engine
+    from loraloop.service.server import create_server
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,4,8,16")
@@ -90,7 +93,12 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="serving-breakdown-"))
     rows = []
     with KafkaBroker(data_dir=tmp / "kafka", log_level="WARN") as broker:
-        settings = Settings(kafka_bootstrap=broker.bootstrap, port=0, adapter_store=tmp / "a")
+        settings = Settings(
+            model=str(ensure_tiny_model(progress=False)),
+            kafka_bootstrap=broker.bootstrap,
+            port=0,
+            adapter_store=tmp / "a",
+        )
         ensure_loraloop_topics(settings)
         engine = TimedEngine(build_engine(settings))
         loop = asyncio.new_event_loop()

@@ -1,7 +1,7 @@
 """The dead-letter topic: where the learner puts records it cannot use, and says why.
 
 A record that does not decode, or decodes into an event the learner cannot learn from
-(core/event_checks.py), is skipped so it never stops the loop; it is also copied, key and
+(loraloop/core/event_checks.py), is skipped so it never stops the loop; it is also copied, key and
 value unchanged, to `Settings.topic_dead_letter` with headers naming where it came from
 and what was wrong, so an operator can find the producer at fault and replay the record
 once it is fixed. The copy is sent before the source offset is committed (the learner

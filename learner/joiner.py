@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
-from core.gen.loraloop.v1 import events_pb2
+from loraloop.core.gen.loraloop.v1 import events_pb2
 
 Position = tuple[str, int, int]  # (topic, partition, offset)
 _CLOSED_MEMORY = 100_000  # request ids remembered after joining/expiring

@@ -29,29 +29,34 @@ from typing import Any
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
+from loraloop.learner import guard
+from loraloop.learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
+from loraloop.learner.announcements import Announcements
+from loraloop.learner.dead_letter import DeadLetter
+from loraloop.learner.deletions import (
+    DeletedUsers,
+    deletion_time,
+    from_learner,
+    learner_tombstone_headers,
+)
+from loraloop.learner.joiner import Joiner, Sample
+from loraloop.learner.metrics import LearnerMetrics
+from loraloop.learner.outbox import Outbox, Outgoing
+from loraloop.learner.rewards import reward, reward_config
+from loraloop.learner.user_models import UserModel, UserModels, position_text
 
-from core.adapter_store import AdapterStore, AdapterStoreError
-from core.bandits.arms import load_arms
-from core.bandits.features import DIM
-from core.bandits.linear import POPULATION, BanditState
-from core.event_checks import feedback_error, interaction_error
-from core.fault_points import pause_point
-from core.gen.loraloop.v1 import events_pb2
-from core.kafka.broker import ensure_loraloop_topics
-from core.kafka.replay import read_to_end
-from core.model_loading import LoadedModel, load_model
-from core.settings import Settings
-from core.user_ids import user_id_error
-from learner import guard
-from learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
-from learner.announcements import Announcements
-from learner.dead_letter import DeadLetter
-from learner.deletions import DeletedUsers, deletion_time, from_learner, learner_tombstone_headers
-from learner.joiner import Joiner, Sample
-from learner.metrics import LearnerMetrics
-from learner.outbox import Outbox, Outgoing
-from learner.rewards import reward, reward_config
-from learner.user_models import UserModel, UserModels, position_text
+from loraloop.core.adapter_store import AdapterStore, AdapterStoreError
+from loraloop.core.bandits.arms import load_arms
+from loraloop.core.bandits.features import DIM
+from loraloop.core.bandits.linear import POPULATION, BanditState
+from loraloop.core.event_checks import feedback_error, interaction_error
+from loraloop.core.fault_points import pause_point
+from loraloop.core.gen.loraloop.v1 import events_pb2
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.kafka.replay import read_to_end
+from loraloop.core.model_loading import LoadedModel, load_model
+from loraloop.core.settings import Settings
+from loraloop.core.user_ids import user_id_error
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ never be announced), so every send goes through an `Outbox`, which keeps its fut
 - before sending again it replaces the producer: kafka-python's idempotent producer
   treats a refused batch (MessageSizeTooLarge, for instance) as fatal and aborts every
   later batch, so the old one would refuse everything forever. The old one is
-  force-closed (core/kafka/producers.py): its I/O thread must not linger and deliver
+  force-closed (loraloop/core/kafka/producers.py): its I/O thread must not linger and deliver
   anything later;
 - acknowledged records run their `on_ack` (with the record's metadata: partition, offset).
 
@@ -42,7 +42,7 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
-from core.kafka.producers import force_close
+from loraloop.core.kafka.producers import force_close
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from core.gen.loraloop.v1 import common_pb2
+from loraloop.core.gen.loraloop.v1 import common_pb2
 
 
 class RewardConfig(BaseModel):

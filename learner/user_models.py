@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from loraloop.learner.algos.reinforce import AdamState
+from loraloop.learner.applied import AppliedOffsets, Position
+from loraloop.learner.guard import GuardState
 
-from core.adapter_store import AdapterStore, AdapterStoreError, StoredVersion
-from core.bandits.features import DIM
-from core.bandits.linear import BanditState
-from core.multi_lora import LoRABank, LoRAWeights
-from core.peft_format import read_peft_dir, to_peft_files
-from learner.algos.reinforce import AdamState
-from learner.applied import AppliedOffsets, Position
-from learner.guard import GuardState
+from loraloop.core.adapter_store import AdapterStore, AdapterStoreError, StoredVersion
+from loraloop.core.bandits.features import DIM
+from loraloop.core.bandits.linear import BanditState
+from loraloop.core.multi_lora import LoRABank, LoRAWeights
+from loraloop.core.peft_format import read_peft_dir, to_peft_files
 
 log = logging.getLogger(__name__)
 MAX_APPLIED_IDS = 4096

@@ -26,9 +26,9 @@ from typing import Any
 
 import grpc
 
-from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2
 from loadtests.config import LoadConfig
 from loraloop.client import api_key_metadata, tls_credentials
+from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2
 from loraloop.demo_world import SimulatedUser, make_users
 
 # Status names that are not gRPC codes: the client itself gave up or could not send.

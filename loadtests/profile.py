@@ -20,7 +20,7 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ("sampling (top-p, multinomial)", ("sample_tokens",)),
     ("detokenize (tokenizer.decode)", ("decode (transformers", "decode (tokenizers")),
     ("tokenize prompt (chat template)", ("apply_chat_template", "encode (service/engines")),
-    ("LoRA: batched multi-LoRA matmuls", ("core/multi_lora.py",)),
+    ("LoRA: batched multi-LoRA matmuls", ("loraloop/core/multi_lora.py",)),
     ("attention (sdpa / eager)", ("attention_interface", "sdpa_attention", "eager_attention")),
     ("base model forward (other layers)", ("modeling_llama.py", "torch/nn/modules")),
     ("engine bookkeeping (KV cache, batch, hf.py)", ("cache_utils.py", "service/engines/hf.py")),

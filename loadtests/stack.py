@@ -1,6 +1,6 @@
 """The system under test, started by the load test itself: Kafka, server, learner.
 
-Everything is the real thing (`core.kafka.broker.KafkaBroker`, `loraloop serve` and
+Everything is the real thing (`loraloop.devtools.kafka_broker.KafkaBroker`, `loraloop serve` and
 `loraloop learn` as child processes), so scenarios can kill the learner or stop Kafka
 mid-run and see what the system does.
 """
@@ -14,12 +14,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from core.gen.loraloop.v1 import events_pb2
-from core.kafka.broker import KafkaBroker, ensure_loraloop_topics
-from core.kafka.replay import read_to_end
-from core.settings import Settings
-from core.tiny_model import ensure_tiny_model
 from loraloop.client import LoraLoopClient
+from loraloop.core.gen.loraloop.v1 import events_pb2
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.kafka.replay import read_to_end
+from loraloop.core.settings import Settings
+from loraloop.devtools.kafka_broker import KafkaBroker
+from loraloop.devtools.tiny_model import ensure_tiny_model
 from loraloop.processes import Process
 
 SERVER_READY = r"listening on [\d.]+:(\d+)"
@@ -83,16 +84,16 @@ class Stack:
         self.out.mkdir(parents=True, exist_ok=True)
         self.broker = KafkaBroker(data_dir=self.out / "kafka", log_level="WARN")
         bootstrap = self.broker.start(timeout=120)
+        settings: dict[str, object] = {"model": "", **self.overrides}
+        if not settings["model"]:
+            # No model given: the tiny one, built (or found) here, before the children start.
+            settings["model"] = str(ensure_tiny_model(progress=False))
         self.settings = Settings(
             kafka_bootstrap=bootstrap,
             port=0,
             adapter_store=(self.out / "adapters").resolve(),
-            **self.overrides,
+            **settings,
         )
-        if self.settings.model == "tiny":
-            # Build (or find) it here: a child that had to build it would miss its start-up
-            # timeout, and the server and learner would wait on each other's build lock.
-            ensure_tiny_model(progress=False)
         ensure_loraloop_topics(self.settings)
         self.server = Process(["serve"], self.settings, SERVER_READY, log=self.out / "server.log")
         if self.with_learner:

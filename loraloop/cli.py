@@ -9,16 +9,16 @@ import sys
 
 
 def _logging(verbose: bool) -> None:
-    from core.settings import Settings
-    from core.structured_logs import configure_logging
+    from loraloop.core.settings import Settings
+    from loraloop.core.structured_logs import configure_logging
 
     level = "INFO" if verbose else os.environ.get("LORALOOP_LOG_LEVEL", "WARNING").upper()
     configure_logging(level, Settings().log_json)
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    from core.settings import Settings
-    from service.server import serve
+    from loraloop.core.settings import Settings
+    from loraloop.service.server import serve
 
     settings = Settings(**({"port": ns.port} if ns.port is not None else {}))
     asyncio.run(serve(settings))
@@ -29,13 +29,13 @@ def _learn(ns: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from core.settings import Settings
-    from learner.loop import KafkaUnavailableError, Learner
+    from loraloop.core.settings import Settings
+    from loraloop.learner.loop import KafkaUnavailableError, Learner
 
     settings = Settings()
     learner = Learner(settings)
     if settings.learner_metrics_port >= 0:
-        from core.metrics_exporter import start_metrics_exporter
+        from loraloop.core.metrics_exporter import start_metrics_exporter
 
         exporter = start_metrics_exporter(
             learner.metrics.registry, settings.metrics_host, settings.learner_metrics_port
@@ -76,14 +76,14 @@ def _eval(ns: argparse.Namespace) -> int:
 
 
 def _ope(ns: argparse.Namespace) -> int:
-    from core.settings import Settings
-    from learner.ope_report import run_ope
+    from loraloop.core.settings import Settings
+    from loraloop.learner.ope_report import run_ope
 
     return run_ope(Settings())
 
 
 def _build_model(ns: argparse.Namespace) -> int:
-    from core.tiny_model import ensure_tiny_model
+    from loraloop.devtools.tiny_model import ensure_tiny_model
 
     print(ensure_tiny_model())
     return 0

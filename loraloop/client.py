@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2
+from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2
 
 
 def _service_config(retries: int) -> str:

@@ -34,15 +34,16 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from core.kafka.broker import KafkaBroker, ensure_loraloop_topics
-from core.settings import Settings
-from core.tiny_model import ensure_tiny_model
 from loraloop.client import LoraLoopClient, Reply
+from loraloop.configs import DEMO_ARMS
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.settings import Settings
 from loraloop.demo_world import SimulatedUser, describe, make_users, style_of
-from loraloop.processes import ROOT, Process
+from loraloop.devtools.kafka_broker import KafkaBroker
+from loraloop.devtools.tiny_model import ensure_tiny_model
+from loraloop.processes import Process
 
 PROBE = "How do I cook pasta?"
-DEMO_ARMS = ROOT / "configs" / "demo-arms.toml"
 SERIES = ("base", "global", "personalized", "oracle")
 ALL_SERIES = ("base", "global", "arm", "personalized", "oracle")
 MAX_TOKENS = 64  # the longest corpus replies are about 55 tokens
@@ -219,6 +220,7 @@ def run_world(
             with console.status("starting Kafka..."):
                 bootstrap = broker.start(timeout=120)
         settings = Settings(
+            model=str(model),
             kafka_bootstrap=bootstrap,
             port=0,
             adapter_store=out / "adapters",

@@ -8,7 +8,7 @@ of a reply is the share of them it has, and the user turns it into the noisy imp
 explicit signals an app would report (accepted, copied, dwell time, regenerate, edit,
 thumbs).
 
-The population mixes *shared* tastes, which a configured arm (`configs/demo-arms.toml`:
+The population mixes *shared* tastes, which a configured arm (`loraloop/configs/demo-arms.toml`:
 one system prompt per friendly, formal, brief) expresses on its own, and *idiosyncratic*
 ones, which add an attribute no arm asks for (emoji, lists), so only the user's own
 LoRA adapter can learn it.
@@ -20,7 +20,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from core.demo_corpus import control_line, sample_prompt
+from loraloop.devtools.demo_corpus import control_line, sample_prompt
 
 _EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf\u2b50]")
 _BULLET = re.compile(r"(?:^|\n)\s*[-*•]\s")

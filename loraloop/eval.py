@@ -29,9 +29,15 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from core.demo_corpus import ATTRIBUTES, BASE_MIX, control_line, corpus_sentences, sample_prompt
 from loraloop.demo import ALL_SERIES, DEMO_ARMS, MAX_TOKENS, Rewards, run_world
 from loraloop.demo_world import SimulatedUser, make_users, style_of
+from loraloop.devtools.demo_corpus import (
+    ATTRIBUTES,
+    BASE_MIX,
+    control_line,
+    corpus_sentences,
+    sample_prompt,
+)
 
 console = Console()
 _SPLIT = re.compile(r"[.!?:\n]+")
@@ -207,7 +213,7 @@ def run_eval(
     skip_model: bool = False,
     overrides: dict[str, object] | None = None,
 ) -> int:
-    from core.tiny_model import ensure_tiny_model
+    from loraloop.devtools.tiny_model import ensure_tiny_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,9 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from core.kafka.broker import KAFKA_VERSION, KafkaBroker, ensure_loraloop_topics
-from core.settings import Settings
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.settings import Settings
+from loraloop.devtools.kafka_broker import KAFKA_VERSION, KafkaBroker
 
 
 def run_kafka(port: int = 9092, data_dir: str | None = None) -> int:

@@ -13,9 +13,7 @@ from typing import IO
 
 from pydantic import SecretStr
 
-from core.settings import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
+from loraloop.core.settings import Settings
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -30,7 +28,6 @@ def settings_env(settings: Settings) -> dict[str, str]:
         env[f"LORALOOP_{name.upper()}"] = (
             json.dumps(value) if isinstance(value, list | dict) else str(value)
         )
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -54,7 +51,6 @@ class Process:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loraloop.cli", *args],
             env=settings_env(settings),
-            cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

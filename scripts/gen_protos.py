@@ -1,10 +1,10 @@
-"""Generate the Python code and type stubs of protos/ into core/gen/ (one command).
+"""Generate the Python code and type stubs of protos/ into loraloop/core/gen/ (one command).
 
     python scripts/gen_protos.py            # regenerate in place
     python scripts/gen_protos.py --out DIR  # write elsewhere (the staleness test uses this)
 
 protoc names imports after the proto package (`from loraloop.v1 import ...`); they are
-rewritten to the package the code lives in (`core.gen.loraloop.v1`), so the generated code
+rewritten to the package the code lives in (`loraloop.core.gen.loraloop.v1`), so the generated code
 imports without touching sys.path.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-DEFAULT_OUT = ROOT / "core" / "gen"
-IMPORT_PREFIX = "core.gen."
+DEFAULT_OUT = ROOT / "loraloop" / "core" / "gen"
+IMPORT_PREFIX = "loraloop.core.gen."
 
 
 def _plugin(name: str) -> str:

@@ -15,9 +15,10 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
 
-from core.multi_lora import LoRAWeights
-from core.peft_format import read_peft_dir
-from service.engines.base import AdapterRef
+from loraloop.service.engines.base import AdapterRef
+
+from loraloop.core.multi_lora import LoRAWeights
+from loraloop.core.peft_format import read_peft_dir
 
 CacheKey = tuple[str, int]  # (user_id, version)
 

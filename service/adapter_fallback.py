@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from service.adapter_registry import AdapterRegistry
-from service.engines.base import (
+from loraloop.service.adapter_registry import AdapterRegistry
+from loraloop.service.engines.base import (
     AdapterLoadError,
     AdapterRef,
     Engine,

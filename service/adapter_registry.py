@@ -26,10 +26,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from core.adapter_store import AdapterStore
-from core.gen.loraloop.v1 import events_pb2
-from core.kafka.follow import TopicFollower
-from service.engines.base import AdapterRef
+from loraloop.service.engines.base import AdapterRef
+
+from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.gen.loraloop.v1 import events_pb2
+from loraloop.core.kafka.follow import TopicFollower
 
 log = logging.getLogger(__name__)
 RETRY_BACKOFF_MAX = 16  # the pause doubles per failure of the same version, up to 16x

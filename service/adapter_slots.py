@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
-from core.multi_lora import BASE_SLOT, LoRAWeights
+from loraloop.core.multi_lora import BASE_SLOT, LoRAWeights
 
 SlotKey = tuple[str, int]  # (user_id, version)
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import threading
 
 import grpc
-
-from service.validation import RequestError
+from loraloop.service.validation import RequestError
 
 
 class ConcurrencyLimit:

@@ -23,9 +23,8 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-
-from service.admission import ConcurrencyLimit
-from service.validation import RequestError
+from loraloop.service.admission import ConcurrencyLimit
+from loraloop.service.validation import RequestError
 
 log = logging.getLogger(__name__)
 

@@ -78,13 +78,13 @@ from kafka.errors import (
     MessageSizeTooLargeError,
     RecordListTooLargeError,
 )
+from loraloop.service.log_throttle import LogThrottle
+from loraloop.service.spill_journal import Position, Record, SpilledEvent, SpillJournal
 
-from core.kafka.producers import force_close as _force_close
-from service.log_throttle import LogThrottle
-from service.spill_journal import Position, Record, SpilledEvent, SpillJournal
+from loraloop.core.kafka.producers import force_close as _force_close
 
 if TYPE_CHECKING:
-    from core.settings import Settings
+    from loraloop.core.settings import Settings
 
 __all__ = ["DROP_REASONS", "EventLog", "SpillDirUnusable"]
 

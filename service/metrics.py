@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from core.structured_logs import log_context
+from loraloop.core.structured_logs import log_context
 
 log = logging.getLogger("loraloop.access")
 

@@ -14,31 +14,25 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from core.adapter_store import AdapterStore, AdapterStoreError
-from core.bandits.features import context_features
-from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
-from core.metrics_exporter import start_metrics_exporter
-from core.settings import Settings
-from service import adapter_fallback
-from service.adapter_registry import AdapterRegistry
-from service.admission import ConcurrencyLimit
-from service.auth import AuthInterceptor, build_interceptor
-from service.call_guard import CallGuard
-from service.engines.base import (
+from loraloop.service import adapter_fallback
+from loraloop.service.adapter_registry import AdapterRegistry
+from loraloop.service.admission import ConcurrencyLimit
+from loraloop.service.auth import AuthInterceptor, build_interceptor
+from loraloop.service.call_guard import CallGuard
+from loraloop.service.engines.base import (
     AdapterLoadError,
     AdapterRef,
     Engine,
     GenerationRequest,
     build_engine,
 )
-from service.event_log import EventLog
-from service.metrics import ServerMetrics
-from service.request_ids import RequestIds
-from service.strategy import Choice, StrategyChooser
-from service.tls import describe as describe_tls
-from service.tls import server_credentials
-from service.validation import (
+from loraloop.service.event_log import EventLog
+from loraloop.service.metrics import ServerMetrics
+from loraloop.service.request_ids import RequestIds
+from loraloop.service.strategy import Choice, StrategyChooser
+from loraloop.service.tls import describe as describe_tls
+from loraloop.service.tls import server_credentials
+from loraloop.service.validation import (
     RequestError,
     check_arm,
     check_input,
@@ -47,6 +41,12 @@ from service.validation import (
     check_user,
     invalid,
 )
+
+from loraloop.core.adapter_store import AdapterStore, AdapterStoreError
+from loraloop.core.bandits.features import context_features
+from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
+from loraloop.core.metrics_exporter import start_metrics_exporter
+from loraloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = api_pb2.DESCRIPTOR.services_by_name["LoraLoop"].full_name

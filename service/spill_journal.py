@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
 
-from core.durable_files import fsync_dir
+from loraloop.core.durable_files import fsync_dir
 
 __all__ = ["JournalBusy", "Position", "Record", "SpillJournal", "SpilledEvent"]
 

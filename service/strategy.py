@@ -12,15 +12,15 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+from loraloop.service.validation import invalid
 
-from core.bandits import linucb, thompson
-from core.bandits.arms import Arm, load_arms
-from core.bandits.features import DIM
-from core.bandits.linear import POPULATION, BanditState, posterior
-from core.gen.loraloop.v1 import events_pb2
-from core.kafka.follow import TopicFollower
-from core.settings import Settings
-from service.validation import invalid
+from loraloop.core.bandits import linucb, thompson
+from loraloop.core.bandits.arms import Arm, load_arms
+from loraloop.core.bandits.features import DIM
+from loraloop.core.bandits.linear import POPULATION, BanditState, posterior
+from loraloop.core.gen.loraloop.v1 import events_pb2
+from loraloop.core.kafka.follow import TopicFollower
+from loraloop.core.settings import Settings
 
 
 @dataclass(frozen=True)

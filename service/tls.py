@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from core.settings import Settings
+from loraloop.core.settings import Settings
 
 
 class TlsConfigError(ValueError):

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from core.event_checks import signals_error
-from core.gen.loraloop.v1 import api_pb2, common_pb2
-from core.settings import Settings
-from core.user_ids import user_id_error
+from loraloop.core.event_checks import signals_error
+from loraloop.core.gen.loraloop.v1 import api_pb2, common_pb2
+from loraloop.core.settings import Settings
+from loraloop.core.user_ids import user_id_error
 
 ROLES = ("system", "user", "assistant")
 MAX_PROMPT_CHARS = 100_000  # default of Settings.max_prompt_chars

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
-    from core.kafka.broker import KafkaBroker
+    from loraloop.devtools.kafka_broker import KafkaBroker
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite's base model is the demo's tiny Llama (built once into the cache): every
+    `Settings()` made here, and every process started from here, gets it through the
+    environment, as a deployment would. A LORALOOP_MODEL already set wins."""
+    if not os.environ.get("LORALOOP_MODEL"):
+        from loraloop.devtools.tiny_model import ensure_tiny_model
+
+        os.environ["LORALOOP_MODEL"] = str(ensure_tiny_model(progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +38,8 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBrok
 @pytest.fixture(scope="session")
 def kafka_bootstrap(kafka_broker: KafkaBroker) -> str:
     """Bootstrap string of the session broker, with loraloop's topics (from Settings()) created."""
-    from core.kafka.broker import ensure_loraloop_topics
-    from core.settings import Settings
+    from loraloop.core.kafka.admin import ensure_loraloop_topics
+    from loraloop.core.settings import Settings
 
     ensure_loraloop_topics(Settings(), bootstrap=kafka_broker.bootstrap)
     return kafka_broker.bootstrap

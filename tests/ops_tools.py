@@ -50,7 +50,7 @@ def kubernetes_schemas(version: str = "1.33.0") -> Path | None:
     )
     if not source.is_dir():
         return None
-    from core.settings import cache_dir
+    from loraloop.core.settings import cache_dir
 
     root = cache_dir() / "k8s-schemas"
     target = root / f"v{version}-standalone-strict"

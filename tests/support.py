@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
-from core.gen.loraloop.v1 import common_pb2, events_pb2
-from core.kafka.broker import KafkaBroker, ensure_loraloop_topics
-from core.kafka.replay import read_to_end
-from core.settings import Settings
+from loraloop.core.gen.loraloop.v1 import common_pb2, events_pb2
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.kafka.replay import read_to_end
+from loraloop.core.settings import Settings
+from loraloop.devtools.kafka_broker import KafkaBroker
 from loraloop.processes import Process, settings_env
 
 __all__ = [
@@ -66,7 +67,7 @@ class InProcessServer:
     """The real gRPC server on its own event loop thread (for fast integration tests)."""
 
     def __init__(self, settings: Settings) -> None:
-        from service.server import create_server
+        from loraloop.service.server import create_server
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.logprobs import response_distributions, token_logprobs
-from core.model_loading import LoadedModel
-from core.multi_lora import LoRAWeights
+from loraloop.core.logprobs import response_distributions, token_logprobs
+from loraloop.core.model_loading import LoadedModel
+from loraloop.core.multi_lora import LoRAWeights
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.settings import Settings
+from loraloop.core.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -127,11 +127,11 @@ class Engine(abc.ABC):
 def build_engine(settings: Settings) -> Engine:
     """The engine named by `settings.engine`; its heavy imports happen only here."""
     if settings.engine == "hf":
-        from service.engines.hf import HFEngine
+        from loraloop.service.engines.hf import HFEngine
 
         return HFEngine(settings)
     if settings.engine == "vllm":
-        from service.engines.vllm import VLLMEngine  # imports vllm: only when chosen
+        from loraloop.service.engines.vllm import VLLMEngine  # imports vllm: only when chosen
 
         return VLLMEngine(settings)
     raise ValueError(f"unknown engine {settings.engine!r}: use 'hf' or 'vllm'")

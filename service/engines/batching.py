@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from core.multi_lora import LoRABank
+from loraloop.core.multi_lora import LoRABank
 
 _GROW = 64  # capacity granularity, in tokens
 

@@ -22,13 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from core.model_loading import LoadedModel, load_model
-from core.multi_lora import BASE_SLOT
-from core.settings import Settings
-from service.adapter_cache import HostAdapterCache
-from service.adapter_slots import AdapterSlots, SlotsPinned
-from service.engines.base import (
+from loraloop.service.adapter_cache import HostAdapterCache
+from loraloop.service.adapter_slots import AdapterSlots, SlotsPinned
+from loraloop.service.engines.base import (
     AdapterLoadError,
     Engine,
     GenerationRequest,
@@ -36,7 +32,11 @@ from service.engines.base import (
     adapter_load_error,
     encode_with,
 )
-from service.engines.batching import RunningBatch
+from loraloop.service.engines.batching import RunningBatch
+
+from loraloop.core.model_loading import LoadedModel, load_model
+from loraloop.core.multi_lora import BASE_SLOT
+from loraloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 _DONE = object()

@@ -28,10 +28,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from core.multi_lora import LoRAWeights
-from core.peft_format import read_peft_dir, to_peft_files
-from core.settings import Settings
-from service.engines.base import (
+from loraloop.service.engines.base import (
     AdapterLoadError,
     AdapterRef,
     Engine,
@@ -40,6 +37,11 @@ from service.engines.base import (
     adapter_load_error,
     encode_with,
 )
+
+from loraloop.core.model_loading import resolve_model_path
+from loraloop.core.multi_lora import LoRAWeights
+from loraloop.core.peft_format import read_peft_dir, to_peft_files
+from loraloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 _VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # max_lora_rank values vLLM accepts
@@ -84,8 +86,6 @@ class VLLMEngine(Engine):
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        from core.tiny_model import resolve_model_path
-
         self._loop = asyncio.get_running_loop()
         path = str(resolve_model_path(self.settings.model))
         if self.settings.model_id == "":

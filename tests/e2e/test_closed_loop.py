@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.adapter_store import AdapterStore
-from core.gen.loraloop.v1 import events_pb2
-from core.kafka.broker import ensure_loraloop_topics
-from core.logprobs import response_logprobs
-from core.model_loading import load_model
-from core.peft_format import read_peft_dir
-from core.settings import Settings
 from loraloop.client import LoraLoopClient
+from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.gen.loraloop.v1 import events_pb2
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.logprobs import response_logprobs
+from loraloop.core.model_loading import load_model
+from loraloop.core.peft_format import read_peft_dir
+from loraloop.core.settings import Settings
 from tests.support import Process, isolated_settings, read_topic, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e]

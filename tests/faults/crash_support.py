@@ -17,12 +17,12 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.adapter_store import AdapterStore
-from core.gen.loraloop.v1 import common_pb2, events_pb2
-from core.kafka.broker import ensure_loraloop_topics
-from core.peft_format import read_peft_dir
-from core.settings import Settings
 from loraloop.client import LoraLoopClient
+from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.gen.loraloop.v1 import common_pb2, events_pb2
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.peft_format import read_peft_dir
+from loraloop.core.settings import Settings
 from tests.support import InProcessServer, Process, isolated_settings, read_topic, wait_until
 
 USERS = ("ann", "ben", "cat", "dan")
@@ -75,7 +75,7 @@ def start_learner(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, pause_at: str | None, marker: Path
 ) -> Process:
     """`loraloop learn` as a real process; with `pause_at` it stops dead at that crash point
-    (core/fault_points.py) and writes `marker`."""
+    (loraloop/core/fault_points.py) and writes `marker`."""
     marker.unlink(missing_ok=True)
     with monkeypatch.context() as env:
         if pause_at:

@@ -16,13 +16,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from loraloop.service.auth import ApiKeyConfigError, ApiKeys, RefusalLog, parse_api_keys
+from loraloop.service.server import create_server
 
-from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc
 from loadtests.config import LoadConfig
 from loadtests.generator import run_load
 from loraloop.client import LoraLoopClient
-from service.auth import ApiKeyConfigError, ApiKeys, RefusalLog, parse_api_keys
-from service.server import create_server
+from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc
 from tests.support import InProcessServer, isolated_settings
 
 ADMIN = "adm-" + secrets.token_urlsafe(24)
@@ -256,7 +256,7 @@ def test_a_reversed_entry_never_puts_the_key_in_the_error() -> None:
 
 def test_refusal_log_keeps_one_line_per_reason_and_interval(caplog) -> None:
     refusals = RefusalLog(interval_s=3600)
-    with caplog.at_level(logging.INFO, logger="service.auth"):
+    with caplog.at_level(logging.INFO, logger="loraloop.service.auth"):
         for _ in range(100):
             refusals.refused_call("Generate", "unknown API key")
         refusals.refused_call("Generate", "key#12345678 may not act for this user_id")
@@ -264,7 +264,7 @@ def test_refusal_log_keeps_one_line_per_reason_and_interval(caplog) -> None:
     lines = [r.getMessage() for r in caplog.records]
     assert (refusals.refused, refusals.logged) == (102, 3) and len(lines) == 3
     refusals.interval_s = 0  # the interval over: the next line says what was left out
-    with caplog.at_level(logging.INFO, logger="service.auth"):
+    with caplog.at_level(logging.INFO, logger="loraloop.service.auth"):
         refusals.refused_call("Generate", "unknown API key")
     assert "99 more like it" in caplog.records[-1].getMessage()
 
@@ -275,7 +275,7 @@ def test_refused_calls_are_logged_at_a_bounded_rate(server, stub, caplog) -> Non
     auth = server.running.auth
     assert auth is not None
     refused, logged = auth.refusals.refused, auth.refusals.logged
-    with caplog.at_level(logging.INFO, logger="service.auth"):
+    with caplog.at_level(logging.INFO, logger="loraloop.service.auth"):
         for i in range(40):
             metadata = (("x-api-key", f"guess-{i:04d}-{secrets.token_urlsafe(12)}"),)
             request = api_pb2.GetUserStateRequest(user_id="bob")

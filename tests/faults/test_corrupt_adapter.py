@@ -12,20 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 from kafka import KafkaProducer
+from loraloop.learner.loop import Learner
+from loraloop.learner.user_models import initial_weights
+from loraloop.service.adapter_registry import AdapterRegistry
+from loraloop.service.engines.base import AdapterRef
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.adapter_store import ADAPTER_WEIGHTS, AdapterStore, StoredVersion
-from core.gen.loraloop.v1 import events_pb2
-from core.kafka.broker import ensure_loraloop_topics
-from core.multi_lora import LoRAWeights
-from core.peft_format import read_peft_dir, to_peft_files
-from core.settings import Settings
-from learner.loop import Learner
-from learner.user_models import initial_weights
 from loraloop.client import LoraLoopClient, Reply
-from service.adapter_registry import AdapterRegistry
-from service.engines.base import AdapterRef
+from loraloop.core.adapter_store import ADAPTER_WEIGHTS, AdapterStore, StoredVersion
+from loraloop.core.gen.loraloop.v1 import events_pb2
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.multi_lora import LoRAWeights
+from loraloop.core.peft_format import read_peft_dir, to_peft_files
+from loraloop.core.settings import Settings
 from tests.faults.crash_support import EventStream
 from tests.support import InProcessServer, isolated_settings, wait_until
 
@@ -302,7 +302,7 @@ def test_learner_learns_on_from_the_last_good_version_when_its_newest_is_corrupt
     stream.round("c", per_user=1)
     second = Learner(settings, max_users_per_step=4)  # a restart: nothing cached
     second.connect()
-    with caplog.at_level(logging.ERROR, logger="learner.user_models"):
+    with caplog.at_level(logging.ERROR, logger="loraloop.learner.user_models"):
         _drain(second)
     unreadable = _counter(
         second.metrics.registry, "loraloop_learner_adapter_versions_unreadable_total"

@@ -18,11 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka import KafkaProducer
-
-from core.adapter_store import AdapterStore
-from core.gen.loraloop.v1 import common_pb2, events_pb2
-from core.settings import Settings
-from learner.dead_letter import (
+from loraloop.learner.dead_letter import (
     HEADER_ERROR,
     HEADER_GROUP,
     HEADER_OFFSET,
@@ -30,7 +26,11 @@ from learner.dead_letter import (
     HEADER_TOPIC,
     header_values,
 )
-from learner.loop import Learner
+from loraloop.learner.loop import Learner
+
+from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.gen.loraloop.v1 import common_pb2, events_pb2
+from loraloop.core.settings import Settings
 from tests.support import isolated_settings, read_topic, wait_until
 
 pytestmark = pytest.mark.kafka

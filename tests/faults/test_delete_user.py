@@ -17,14 +17,15 @@ from typing import Any
 
 import pytest
 from kafka import KafkaProducer
+from loraloop.learner.deletions import ORIGIN_HEADER
+from loraloop.learner.loop import Learner
+from loraloop.service.engines.base import AdapterRef
 
-from core.adapter_store import AdapterStore
-from core.gen.loraloop.v1 import events_pb2
-from core.kafka.broker import ensure_loraloop_topics
-from learner.deletions import ORIGIN_HEADER
-from learner.loop import Learner
 from loraloop.client import LoraLoopClient
-from service.engines.base import AdapterRef
+from loraloop.configs import DEMO_ARMS
+from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.gen.loraloop.v1 import events_pb2
+from loraloop.core.kafka.admin import ensure_loraloop_topics
 from tests.support import (
     InProcessServer,
     feedback_event,
@@ -36,8 +37,6 @@ from tests.support import (
 
 pytestmark = pytest.mark.kafka
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO_ARMS = ROOT / "configs" / "demo-arms.toml"
 GONE, KEPT = "dora", "ed"
 
 

@@ -23,8 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2
-from core.settings import Settings
+from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2
+from loraloop.core.settings import Settings
 from tests.support import InProcessServer, isolated_settings, serving
 
 pytestmark = pytest.mark.kafka

@@ -24,15 +24,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+from loraloop.service.event_log import EventLog, SpillDirUnusable
+from loraloop.service.metrics import ServerMetrics
+from loraloop.service.spill_journal import SpilledEvent, SpillJournal
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
-from core.kafka.broker import KafkaBroker, create_topics, ensure_loraloop_topics
-from service.event_log import EventLog, SpillDirUnusable
-from service.metrics import ServerMetrics
-from service.spill_journal import SpilledEvent, SpillJournal
+from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
+from loraloop.core.kafka.admin import create_topics, ensure_loraloop_topics
+from loraloop.devtools.kafka_broker import KafkaBroker
 from tests.support import InProcessServer, isolated_settings, own_broker, read_topic, wait_until
 
 pytestmark = pytest.mark.kafka
@@ -277,7 +278,7 @@ def test_a_killed_servers_journal_is_delivered_by_the_next_start(
     code = textwrap.dedent(
         f"""
         import os, signal, time
-        from service.event_log import EventLog
+        from loraloop.service.event_log import EventLog
         events = EventLog("127.0.0.1:{_closed_port()}", 1000, spill_dir={str(spill)!r},
                           spill_max_bytes=1 << 20, stall_seconds=0.2)
         events.start()

@@ -3,7 +3,7 @@ restart: every feedback event is applied exactly once, serving only ever sees wh
 versions, never an older one than it served, and a version written just before a kill is
 announced by the learner that replays after it.
 
-The crash points (core/fault_points.py), one per killed learner, each after a new round
+The crash points (loraloop/core/fault_points.py), one per killed learner, each after a new round
 of events:
 - learner.after_step: a batched step done in memory, nothing written;
 - learner.before_commit: versions written and announced, offsets not committed;

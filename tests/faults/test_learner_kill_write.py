@@ -2,7 +2,7 @@
 a restart: what the killed writer left is never listed, never served, and swept by the next
 write; every feedback event is applied exactly once.
 
-The crash points (core/fault_points.py):
+The crash points (loraloop/core/fault_points.py):
 - store.mid_write: part of the version's files written into its temporary directory;
 - store.before_rename: every file written and fsynced, the directory not yet renamed.
 """

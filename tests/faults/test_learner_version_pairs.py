@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from kafka import KafkaProducer
+from loraloop.learner.applied import AppliedOffsets
+from loraloop.learner.loop import Learner
 
-from core.adapter_store import ADAPTER_WEIGHTS, LEARNER_STATE, AdapterStore
-from core.kafka.broker import ensure_loraloop_topics
-from core.peft_format import read_peft_dir
-from learner.applied import AppliedOffsets
-from learner.loop import Learner
+from loraloop.core.adapter_store import ADAPTER_WEIGHTS, LEARNER_STATE, AdapterStore
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.peft_format import read_peft_dir
 from tests.faults.test_learner_deletions import _drain, _send_pair
 from tests.support import isolated_settings
 

@@ -21,8 +21,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2
-from core.settings import Settings
+from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2
+from loraloop.core.settings import Settings
 from tests.support import InProcessServer, isolated_settings, serving, wait_until
 
 pytestmark = pytest.mark.kafka

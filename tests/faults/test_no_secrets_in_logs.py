@@ -14,11 +14,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from core.adapter_store import AdapterStore
-from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc
-from core.kafka.broker import ensure_loraloop_topics
-from core.structured_logs import JsonFormatter
 from loraloop.client import LoraLoopClient
+from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.structured_logs import JsonFormatter
 from tests.support import Process, isolated_settings, wait_until
 
 pytestmark = pytest.mark.kafka

@@ -15,8 +15,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-
-from service.spill_journal import MAGIC, SpilledEvent, SpillJournal
+from loraloop.service.spill_journal import MAGIC, SpilledEvent, SpillJournal
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -112,7 +111,7 @@ def test_leftovers_of_a_killed_writer_are_found_after_the_last_commit(tmp_path: 
     code = textwrap.dedent(
         f"""
         import os, signal
-        from service.spill_journal import SpillJournal, SpilledEvent
+        from loraloop.service.spill_journal import SpillJournal, SpilledEvent
         j = SpillJournal({str(tmp_path)!r}, max_bytes=1 << 20, segment_bytes=300)
         pos = [j.append(SpilledEvent("interactions", b"u", b"event-%d" % i)) for i in range(50)]
         j.sync()
@@ -185,7 +184,7 @@ def test_a_write_that_fails_part_way_is_cut_off_and_the_journal_goes_on(tmp_path
     code = textwrap.dedent(
         f"""
         import json, resource, signal
-        from service.spill_journal import SpillJournal, SpilledEvent
+        from loraloop.service.spill_journal import SpillJournal, SpilledEvent
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
         j = SpillJournal({str(tmp_path)!r}, max_bytes=1 << 20, segment_bytes=1 << 20)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))

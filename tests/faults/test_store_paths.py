@@ -16,13 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka import KafkaProducer
+from loraloop.learner.loop import Learner
+from loraloop.service.adapter_registry import AdapterRegistry
 
-from core.adapter_store import ADAPTER_WEIGHTS, AdapterStore
-from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
-from core.kafka.broker import ensure_loraloop_topics
-from core.user_ids import user_id_error
-from learner.loop import Learner
-from service.adapter_registry import AdapterRegistry
+from loraloop.core.adapter_store import ADAPTER_WEIGHTS, AdapterStore
+from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.user_ids import user_id_error
 from tests.support import InProcessServer, isolated_settings
 
 BAD_IDS = [

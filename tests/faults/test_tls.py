@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loraloop.service.tls import TlsConfigError, server_credentials
 
-from core.settings import Settings
 from loraloop.client import LoraLoopClient, tls_credentials
-from service.tls import TlsConfigError, server_credentials
+from loraloop.core.settings import Settings
 from tests.support import InProcessServer, isolated_settings
 
 
@@ -261,7 +261,7 @@ def test_api_keys_without_tls_are_warned_about(
     warned = {}
     for name, extra in cases.items():
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="service.server"):
+        with caplog.at_level(logging.WARNING, logger="loraloop.service.server"):
             settings = isolated_settings(
                 f"127.0.0.1:{_closed_port()}", tmp_path / name.replace(" ", ""), **extra
             )

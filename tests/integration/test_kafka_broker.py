@@ -1,4 +1,4 @@
-"""The real Kafka broker launcher (core.kafka.broker) against a real KRaft broker."""
+"""The real Kafka broker launcher (loraloop.devtools.kafka_broker) against a real KRaft broker."""
 
 from __future__ import annotations
 
@@ -10,16 +10,14 @@ from pathlib import Path
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
-from core.kafka.broker import (
-    KAFKA_VERSION,
+from loraloop.core.kafka.admin import (
     TOMBSTONE_RETENTION_MS,
-    KafkaBroker,
     create_topics,
-    ensure_kafka_jars,
     topic_configs,
     wait_for_kafka,
 )
-from core.settings import Settings
+from loraloop.core.settings import Settings
+from loraloop.devtools.kafka_broker import KAFKA_VERSION, KafkaBroker, ensure_kafka_jars
 
 pytestmark = pytest.mark.kafka
 

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from kafka import KafkaProducer
+from loraloop.learner import ope
+from loraloop.learner.loop import Learner
+from loraloop.learner.ope_report import read_logs, run_ope
 
-from core.adapter_store import AdapterStore
-from core.bandits.features import DIM
-from core.gen.loraloop.v1 import events_pb2
-from core.peft_format import read_peft_dir
-from learner import ope
-from learner.loop import Learner
-from learner.ope_report import read_logs, run_ope
 from loraloop.client import LoraLoopClient
-from loraloop.processes import ROOT
+from loraloop.configs import DEMO_ARMS
+from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.bandits.features import DIM
+from loraloop.core.gen.loraloop.v1 import events_pb2
+from loraloop.core.peft_format import read_peft_dir
 from tests.support import (
     InProcessServer,
     feedback_event,
@@ -49,9 +49,7 @@ def _feedback(user: str, rid: str, ts: int, thumbs: int) -> bytes:
 def test_bandit_learns_the_users_arm_through_server_and_learner(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    settings = isolated_settings(
-        kafka_bootstrap, tmp_path, arms_file=ROOT / "configs" / "demo-arms.toml"
-    )
+    settings = isolated_settings(kafka_bootstrap, tmp_path, arms_file=DEMO_ARMS)
     server = InProcessServer(settings)
     learner = Learner(settings, max_users_per_step=4)
     learner.connect()

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from core.kafka.broker import ensure_loraloop_topics
-from core.settings import Settings
 from loadtests import report
 from loadtests.config import LoadConfig, check_loopback
 from loadtests.generator import run_load
 from loadtests.stack import events_lost
 from loraloop.client import LoraLoopClient
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.settings import Settings
 from tests.support import InProcessServer, isolated_settings, wait_until
 
 pytestmark = pytest.mark.kafka
@@ -29,7 +29,7 @@ def served(
     kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Settings, InProcessServer]]:
     """The server in process and a learner on a thread, on topics of their own."""
-    from learner.loop import Learner
+    from loraloop.learner.loop import Learner
 
     settings = isolated_settings(
         kafka_bootstrap,

@@ -23,9 +23,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.kafka.broker import ensure_loraloop_topics
-from core.settings import Settings
 from loraloop.client import LoraLoopClient
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.settings import Settings
 from tests.ops_tools import INSTALL_HINT, find_tool, free_port
 from tests.support import Process, isolated_settings, read_topic, wait_until
 

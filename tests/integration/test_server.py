@@ -12,10 +12,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
-from core.kafka.broker import ensure_loraloop_topics
-from core.settings import Settings
 from loraloop.client import LoraLoopClient, Reply
+from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.settings import Settings
 from tests.support import InProcessServer, isolated_settings, read_topic, wait_until
 
 pytestmark = pytest.mark.kafka

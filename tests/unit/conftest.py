@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.tiny_model import ensure_tiny_model
+from loraloop.devtools.tiny_model import ensure_tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from loraloop.service.adapter_cache import HostAdapterCache, adapter_bytes
+from loraloop.service.adapter_slots import AdapterSlots, SlotsPinned
+from loraloop.service.engines.base import AdapterRef
 
-from core.multi_lora import LoRAWeights
-from service.adapter_cache import HostAdapterCache, adapter_bytes
-from service.adapter_slots import AdapterSlots, SlotsPinned
-from service.engines.base import AdapterRef
+from loraloop.core.multi_lora import LoRAWeights
 
 KIB = 1024
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from loraloop.service.adapter_slots import AdapterSlots
 
-from core.multi_lora import LoRAWeights
-from service.adapter_slots import AdapterSlots
+from loraloop.core.multi_lora import LoRAWeights
 
 
 class Recorder:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core.adapter_store import (
+from loraloop.core.adapter_store import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     LEARNER_STATE,

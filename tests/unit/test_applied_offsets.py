@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from learner.applied import AppliedOffsets
+from loraloop.learner.applied import AppliedOffsets
 
 
 def test_applied_out_of_order_and_floor_covers_everything_below() -> None:

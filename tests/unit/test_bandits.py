@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.bandits import linucb, thompson
-from core.bandits.arms import DEFAULT_ARMS, load_arms
-from core.bandits.features import DIM, context_features
-from core.bandits.linear import POPULATION, BanditState, posterior
-from core.user_ids import user_id_error
+from loraloop.core.bandits import linucb, thompson
+from loraloop.core.bandits.arms import DEFAULT_ARMS, load_arms
+from loraloop.core.bandits.features import DIM, context_features
+from loraloop.core.bandits.linear import POPULATION, BanditState, posterior
+from loraloop.core.user_ids import user_id_error
 
 ARMS = ["a", "b", "c"]
 

@@ -7,7 +7,8 @@ import statistics
 
 import numpy as np
 
-from core.demo_corpus import (
+from loraloop.demo_world import TASTES, make_users, style_of
+from loraloop.devtools.demo_corpus import (
     ATTRIBUTES,
     CONTROL,
     control_line,
@@ -16,7 +17,6 @@ from core.demo_corpus import (
     sample_prompt,
     sample_style,
 )
-from loraloop.demo_world import TASTES, make_users, style_of
 from loraloop.eval import is_well_formed, known_sentences, sign_flip_p, summarize
 
 

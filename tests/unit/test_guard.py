@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from learner.guard import GuardConfig, GuardState, check, record
+from loraloop.learner.guard import GuardConfig, GuardState, check, record
 
 CFG = GuardConfig(kl_limit=1.0, window=4, drop=0.5)
 

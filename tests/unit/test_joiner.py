@@ -3,8 +3,9 @@ anything still held in memory."""
 
 from __future__ import annotations
 
-from core.gen.loraloop.v1 import common_pb2, events_pb2
-from learner.joiner import Joiner
+from loraloop.learner.joiner import Joiner
+
+from loraloop.core.gen.loraloop.v1 import common_pb2, events_pb2
 
 I_TOPIC, F_TOPIC = "interactions", "feedback"
 

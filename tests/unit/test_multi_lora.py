@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from core.adapter_store import AdapterStore
-from core.logprobs import response_logprobs
-from core.model_loading import LoadedModel, load_model
-from core.multi_lora import BASE_SLOT, LoRABank, LoRAWeights
-from core.peft_format import read_peft_dir, to_peft_files
-from core.settings import Settings
+from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.logprobs import response_logprobs
+from loraloop.core.model_loading import LoadedModel, load_model
+from loraloop.core.multi_lora import BASE_SLOT, LoRABank, LoRAWeights
+from loraloop.core.peft_format import read_peft_dir, to_peft_files
+from loraloop.core.settings import Settings
 
 SLOTS = 4
 ATOL = 1e-5  # float32 logits of magnitude ~10: a few ulps of summation-order noise

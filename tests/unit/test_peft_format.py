@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from core.adapter_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterStore
-from core.multi_lora import LoRAWeights
-from core.peft_format import read_peft_dir, to_peft_files
+from loraloop.core.adapter_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterStore
+from loraloop.core.multi_lora import LoRAWeights
+from loraloop.core.peft_format import read_peft_dir, to_peft_files
 
 MODULES = [
     "model.layers.0.self_attn.q_proj",

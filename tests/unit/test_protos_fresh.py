@@ -16,7 +16,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    checked_in = ROOT / "core" / "gen"
+    checked_in = ROOT / "loraloop" / "core" / "gen"
     fresh = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     current = {
         p.relative_to(checked_in): p.read_bytes()

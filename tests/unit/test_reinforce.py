@@ -10,13 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from loraloop.learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
+from loraloop.learner.user_models import initial_weights
 
-from core.logprobs import response_logprobs
-from core.model_loading import LoadedModel, load_model
-from core.multi_lora import LoRABank, LoRAWeights
-from core.settings import Settings
-from learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
-from learner.user_models import initial_weights
+from loraloop.core.logprobs import response_logprobs
+from loraloop.core.model_loading import LoadedModel, load_model
+from loraloop.core.multi_lora import LoRABank, LoRAWeights
+from loraloop.core.settings import Settings
 
 SLOTS = 4
 # The exact-KL penalty (kl_coef) is newer than the REINFORCE core: the REINFORCE checks

@@ -6,8 +6,7 @@ import hashlib
 import hmac
 
 import pytest
-
-from service.request_ids import RequestIds
+from loraloop.service.request_ids import RequestIds
 
 
 @pytest.fixture

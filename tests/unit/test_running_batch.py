@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loraloop.service.engines.batching import RunningBatch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from core.multi_lora import LoRABank, LoRAWeights
-from service.engines.batching import RunningBatch
+from loraloop.core.multi_lora import LoRABank, LoRAWeights
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-
-from service.engines.hf import sample_tokens
+from loraloop.service.engines.hf import sample_tokens
 
 V = 6
 BASE_PROBS = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.15, 0.05])

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from core.tiny_model import (
+from loraloop.core.model_loading import ModelNotConfiguredError, resolve_model_path
+from loraloop.devtools.tiny_model import (
     VLLM_CPU_HEAD_SIZES,
     TinyModelSpec,
     build_tiny_model,
     ensure_tiny_model,
     generate_corpus,
     init_model,
-    resolve_model_path,
     tiny_model_dir,
     token_stream,
 )
@@ -147,10 +147,13 @@ def test_ensure_builds_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert QUICK.digest() != TinyModelSpec().digest()
 
 
-def test_resolve_model_path(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    assert resolve_model_path("tiny") == str(model_dir)
+def test_resolve_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     local = tmp_path / "my-model"
     local.mkdir()
     monkeypatch.chdir(tmp_path)
     assert resolve_model_path("my-model") == str(local.resolve())
     assert resolve_model_path("org/some-hub-model") == "org/some-hub-model"
+    # No model named: a start-up error that says what to set, never a model trained on the fly.
+    for unset in ("", "  "):
+        with pytest.raises(ModelNotConfiguredError, match="LORALOOP_MODEL"):
+            resolve_model_path(unset)

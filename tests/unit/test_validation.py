@@ -6,10 +6,7 @@ import math
 
 import grpc
 import pytest
-
-from core.gen.loraloop.v1 import api_pb2, common_pb2
-from core.settings import Settings
-from service.validation import (
+from loraloop.service.validation import (
     MAX_PROMPT_CHARS,
     RequestError,
     check_input,
@@ -17,6 +14,9 @@ from service.validation import (
     check_signals,
     check_user,
 )
+
+from loraloop.core.gen.loraloop.v1 import api_pb2, common_pb2
+from loraloop.core.settings import Settings
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

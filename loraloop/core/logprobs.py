@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from core.multi_lora import LoRABank
+from loraloop.core.multi_lora import LoRABank
 
 
 def response_distributions(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from core.multi_lora import LoRABank
-from core.settings import Settings
+from loraloop.core.multi_lora import LoRABank
+from loraloop.core.settings import Settings
 
 
 @dataclass
@@ -27,12 +28,28 @@ def _dtype(name: str) -> torch.dtype:
     return value
 
 
-def load_model(settings: Settings, slots: int) -> LoadedModel:
-    """Base model (any local HF directory, a cached hub name, or 'tiny') with `slots`
-    adapter slots on `settings.lora_targets`. Base weights never require grad."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class ModelNotConfiguredError(ValueError):
+    """`Settings.model` names no model."""
 
-    from core.tiny_model import resolve_model_path
+
+def resolve_model_path(name: str) -> str:
+    """Map a `Settings.model` value to what `from_pretrained` (or vLLM) loads: an existing
+    local directory becomes its absolute path; anything else is a hub name, passed on as it
+    is (it must be in the local Hugging Face cache when the hub cannot be reached)."""
+    if not name.strip():
+        raise ModelNotConfiguredError(
+            "no base model: set LORALOOP_MODEL to a local Hugging Face model directory or a "
+            "hub name in the local cache (`loraloop build-model` builds the demo's tiny model "
+            "and prints its directory)"
+        )
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+def load_model(settings: Settings, slots: int) -> LoadedModel:
+    """Base model (a local HF directory or a cached hub name) with `slots` adapter slots on
+    `settings.lora_targets`. Base weights never require grad."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(settings.model)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -29,9 +29,10 @@ class Settings(BaseSettings):
 
     # --- model -----------------------------------------------------------------------------
     model: str = Field(
-        "tiny",
-        description="Base model: a local Hugging Face model directory, a hub name available "
-        "offline, or 'tiny' for the locally built tiny Llama.",
+        "",
+        description="Base model: a local Hugging Face model directory or a hub name in the "
+        "local cache. Required by `serve` and `learn`; `loraloop build-model` builds the "
+        "demo's tiny Llama and prints its directory.",
     )
     model_id: str = Field("", description="Id recorded in events; defaults to the model path.")
     dtype: str = Field("float32", description="torch dtype of the base model (float32/bfloat16).")

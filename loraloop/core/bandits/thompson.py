@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.bandits.linear import Posterior
+from loraloop.core.bandits.linear import Posterior
 
 
 def choose(

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from core.gen.loraloop.v1 import common_pb2, events_pb2
-from core.user_ids import user_id_error
+from loraloop.core.gen.loraloop.v1 import common_pb2, events_pb2
+from loraloop.core.user_ids import user_id_error
 
 MAX_REQUEST_ID_CHARS = 256
 SIGNAL_NAMES = (

@@ -3,9 +3,9 @@
 Why: the whole system (the transformers+peft engine, vLLM's CPU build, the learner) must run
 on a *real* Hugging Face model directory without network access to a model hub, and the demo
 needs a model whose replies have styles a user can like or not. This module trains a
-tokenizer and a ~1.3M-parameter Llama on the demo world's corpus (`core.demo_corpus`: replies
+tokenizer and a ~1.3M-parameter Llama on the demo world's corpus (`loraloop.devtools.demo_corpus`: replies
 varying in tone, length, format and emoji, with control lines) in a few minutes on CPU, and
-caches the result under `core.settings.cache_dir()`.
+caches the result under `loraloop.core.settings.cache_dir()`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from core.demo_corpus import generate_corpus
-from core.settings import cache_dir
+from loraloop.core.settings import cache_dir
+from loraloop.devtools.demo_corpus import generate_corpus
 
 # Bump when the corpus, tokenizer or training recipe changes so cached models are rebuilt.
 _RECIPE_VERSION = 2
@@ -67,7 +67,7 @@ class TinyModelSpec:
     intermediate_size: int = 352
     max_position_embeddings: int = 1024
     seed: int = 0
-    corpus_lines: int = 40_000  # dialogues of `core.demo_corpus`
+    corpus_lines: int = 40_000  # dialogues of `loraloop.devtools.demo_corpus`
     train_steps: int = 400
     batch_size: int = 16
     seq_len: int = 128
@@ -298,17 +298,3 @@ def ensure_tiny_model(progress: bool = True, spec: TinyModelSpec = TinyModelSpec
         if not (path / "config.json").is_file():  # another process may have built it meanwhile
             build_tiny_model(path, spec, progress=progress)
     return path
-
-
-def resolve_model_path(name: str) -> str:
-    """Map a `Settings.model` value to something `from_pretrained` (or vLLM) can load.
-
-    'tiny' -> the cached tiny model (built if needed); an existing local directory -> its
-    absolute path; anything else is returned unchanged (a hub name cached for offline use).
-    """
-    if name == "tiny":
-        return str(ensure_tiny_model())
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path.resolve())
-    return name

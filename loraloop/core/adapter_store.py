@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.durable_files import fsync_dir
-from core.fault_points import pause_point
-from core.user_ids import check_user_id
+from loraloop.core.durable_files import fsync_dir
+from loraloop.core.fault_points import pause_point
+from loraloop.core.user_ids import check_user_id
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 WEIGHTS_CHECKSUM = ADAPTER_WEIGHTS + ".sha256"

@@ -5,7 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from core.gen.loraloop.v1 import api_pb2 as _api_pb2
+from loraloop.core.gen.loraloop.v1 import api_pb2 as _api_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

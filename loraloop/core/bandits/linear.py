@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from core.gen.loraloop.v1 import events_pb2
+from loraloop.core.gen.loraloop.v1 import events_pb2
 
 POPULATION = "*population*"  # key of the pooled statistics (never a valid user id)
 
