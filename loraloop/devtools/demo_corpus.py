@@ -249,7 +249,7 @@ def sample_prompt(rng: random.Random) -> tuple[str, str, str]:
 
 
 def dialogue(rng: random.Random) -> str:
-    """One chat-formatted dialogue (`role: content` lines, as `loraloop.devtools.tiny_model`'s template).
+    """One chat-formatted dialogue (`role: content` lines, as the tiny model's template).
 
     One in eight has no system line; the others ask for each attribute with probability
     one half (at least one), so full, partial and single-attribute control lines all occur.

@@ -3,7 +3,7 @@
 Why: the whole system (the transformers+peft engine, vLLM's CPU build, the learner) must run
 on a *real* Hugging Face model directory without network access to a model hub, and the demo
 needs a model whose replies have styles a user can like or not. This module trains a
-tokenizer and a ~1.3M-parameter Llama on the demo world's corpus (`loraloop.devtools.demo_corpus`: replies
+tokenizer and a ~1.3M-parameter Llama on the demo world's corpus (`demo_corpus`: replies
 varying in tone, length, format and emoji, with control lines) in a few minutes on CPU, and
 caches the result under `loraloop.core.settings.cache_dir()`.
 """
