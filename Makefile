@@ -31,6 +31,7 @@ test: setup lint ops-tools vllm
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy  # the package (pyproject [tool.mypy]), generated code excluded
 
 protos: $(VENV)/.installed
 	$(PY) scripts/gen_protos.py

@@ -23,14 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loraloop.service.adapter_cache import HostAdapterCache, adapter_bytes
-from loraloop.service.adapter_slots import AdapterSlots
-from loraloop.service.engines.base import AdapterRef
+from loraloop.service.adapters.host_cache import HostAdapterCache, adapter_bytes
+from loraloop.service.adapters.slots import AdapterSlots
 
-from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.adapters.peft_format import to_peft_files
+from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.model_loading import load_model
 from loraloop.core.multi_lora import LoRAWeights
-from loraloop.core.peft_format import to_peft_files
 from loraloop.core.settings import Settings
 from loraloop.devtools.tiny_model import ensure_tiny_model
 
@@ -65,10 +64,7 @@ def main() -> None:
             )
         files = to_peft_files(template, "tiny", settings.lora_targets)
         start = time.perf_counter()
-        refs = [
-            AdapterRef(f"user{u}", 1, store.write(f"user{u}", 1, files).path)
-            for u in range(args.users)
-        ]
+        refs = [store.write(f"user{u}", 1, files) for u in range(args.users)]
         print(
             f"wrote {args.users} adapter versions in {time.perf_counter() - start:.1f}s "
             f"({len(files['adapter_model.safetensors']) / 1024:.0f} KiB of weights each)"

@@ -34,14 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loraloop.service.engines.base import GenerationRequest
+from loraloop.service.engines.protocol import GenerationRequest
 
 from loraloop.client import LoraLoopClient
-from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.adapters.peft_format import to_peft_files
+from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.gen.loraloop.v1 import events_pb2
 from loraloop.core.kafka.admin import ensure_loraloop_topics
 from loraloop.core.multi_lora import LoRAWeights
-from loraloop.core.peft_format import to_peft_files
 from loraloop.core.settings import Settings
 from loraloop.devtools.kafka_broker import KafkaBroker
 from loraloop.devtools.tiny_model import TinyModelSpec, ensure_tiny_model, init_model, make_config

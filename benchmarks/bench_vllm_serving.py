@@ -38,8 +38,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
+    from loraloop.core.adapters.peft_format import to_peft_files
     from loraloop.core.multi_lora import LoRAWeights
-    from loraloop.core.peft_format import to_peft_files
     from loraloop.devtools.tiny_model import ensure_tiny_model
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]

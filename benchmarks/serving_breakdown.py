@@ -33,7 +33,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loraloop.service.engines.base import Engine, GenerationRequest, TokenChunk
+from loraloop.service.engines.protocol import Engine, GenerationRequest, TokenChunk
 
 from loadtests.config import LoadConfig
 from loadtests.generator import run_load
@@ -81,7 +81,7 @@ class TimedEngine(Engine):
 
 
 def main() -> int:
-    from loraloop.service.engines.base import build_engine
+    from loraloop.service.engines.factory import build_engine
     from loraloop.service.server import create_server
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

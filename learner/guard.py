@@ -3,8 +3,9 @@
 Two rules, checked before each update of a user:
 
 - KL: the batch's mean per-token KL of the user's current adapter from the base model is
-  above `kl_limit`: the adapter has drifted too far from fluent text (PROBES.md saw
-  reward stay high while validity fell).
+  above `kl_limit`: the adapter has drifted too far from fluent text (on the tiny model,
+  even the best-tuned update let strict template validity fall from 0.95 to 0.76 within
+  300 interactions while the reward stayed near 0.9, so reward alone does not show it).
 - Reward: the mean of the user's last `window` rewards fell more than `drop` below the
   best such mean seen so far.
 
@@ -19,12 +20,20 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraloop.core.settings import Settings, default_of
+
 
 @dataclass
 class GuardConfig:
-    kl_limit: float = 2.0
-    window: int = 16
-    drop: float = 0.5
+    """The guard's thresholds; defaults from `Settings` (kl_limit, guard_window, guard_drop)."""
+
+    kl_limit: float = default_of("kl_limit")
+    window: int = default_of("guard_window")
+    drop: float = default_of("guard_drop")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GuardConfig:
+        return cls(settings.kl_limit, settings.guard_window, settings.guard_drop)
 
 
 @dataclass
@@ -52,8 +61,9 @@ def check(state: GuardState, kl: float, cfg: GuardConfig) -> str | None:
     """Why the user must be rolled back now ('kl' or 'reward'), or None."""
     if kl > cfg.kl_limit:
         return "kl"
-    full = state.best_mean is not None and len(state.recent) >= cfg.window
-    if full and statistics.mean(state.recent[-cfg.window :]) < state.best_mean - cfg.drop:
+    best = state.best_mean
+    full = best is not None and len(state.recent) >= cfg.window
+    if full and best is not None and statistics.mean(state.recent[-cfg.window :]) < best - cfg.drop:
         return "reward"
     return None
 

@@ -45,7 +45,7 @@ from loraloop.learner.outbox import Outbox, Outgoing
 from loraloop.learner.rewards import reward, reward_config
 from loraloop.learner.user_models import UserModel, UserModels, position_text
 
-from loraloop.core.adapter_store import AdapterStore, AdapterStoreError
+from loraloop.core.adapters.store import AdapterStore, AdapterStoreError
 from loraloop.core.bandits.arms import load_arms
 from loraloop.core.bandits.features import DIM
 from loraloop.core.bandits.linear import POPULATION, BanditState
@@ -85,17 +85,8 @@ class Learner:
         )
         self.population = BanditState(self.arms, DIM)
         self.joiner = Joiner(settings.reward_wait_seconds)
-        self.algo = ReinforceConfig(
-            learning_rate=settings.learning_rate,
-            max_grad_norm=settings.max_grad_norm,
-            baseline_decay=settings.baseline_decay,
-            kl_coef=settings.kl_coef,
-            is_truncation=settings.is_truncation,
-            loo_baseline=settings.loo_baseline,
-        )
-        self.guard = guard.GuardConfig(
-            settings.kl_limit, settings.guard_window, settings.guard_drop
-        )
+        self.algo = ReinforceConfig.from_settings(settings)
+        self.guard = guard.GuardConfig.from_settings(settings)
         self.rewards = reward_config(settings.reward_weights)
         self.max_users_per_step = max_users_per_step
         self._ready: dict[str, list[Sample]] = defaultdict(list)

@@ -26,11 +26,12 @@ from loraloop.learner.algos.reinforce import AdamState
 from loraloop.learner.applied import AppliedOffsets, Position
 from loraloop.learner.guard import GuardState
 
-from loraloop.core.adapter_store import AdapterStore, AdapterStoreError, StoredVersion
+from loraloop.core.adapters.peft_format import read_peft_dir, to_peft_files
+from loraloop.core.adapters.store import AdapterStore, AdapterStoreError
+from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.bandits.features import DIM
 from loraloop.core.bandits.linear import BanditState
 from loraloop.core.multi_lora import LoRABank, LoRAWeights
-from loraloop.core.peft_format import read_peft_dir, to_peft_files
 
 log = logging.getLogger(__name__)
 MAX_APPLIED_IDS = 4096
@@ -177,7 +178,7 @@ class UserModels:
                 self._unreadable_version(user_id, v, exc)
         return initial_weights(self.bank, user_id, self.seed)
 
-    def commit(self, model: UserModel, base_model: str, targets: list[str]) -> StoredVersion:
+    def commit(self, model: UserModel, base_model: str, targets: list[str]) -> AdapterVersion:
         """Write the model as its next version (atomic) and cache it under that version."""
         version = model.version + 1
         stored = self.store.write(

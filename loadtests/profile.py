@@ -24,7 +24,7 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ("attention (sdpa / eager)", ("attention_interface", "sdpa_attention", "eager_attention")),
     ("base model forward (other layers)", ("modeling_llama.py", "torch/nn/modules")),
     ("engine bookkeeping (KV cache, batch, hf.py)", ("cache_utils.py", "service/engines/hf.py")),
-    ("adapter load (store, slots)", ("peft_format.py", "adapter_slots.py", "adapter_store.py")),
+    ("adapter load (store, slots)", ("core/adapters/", "service/adapters/slots.py")),
     ("Kafka client (event log, registry)", ("kafka/",)),
     ("protobuf + request handling", ("service/server.py", "service/validation.py", "protobuf")),
     ("gRPC + asyncio", ("grpc", "asyncio")),
@@ -70,7 +70,7 @@ def thread_of(stack: str) -> str:
         return "engine thread"
     if "event_log.py" in stack:
         return "event log thread (Kafka producer)"
-    if "adapter_registry.py" in stack:
+    if "service/adapters/registry.py" in stack:
         return "adapter registry thread (Kafka consumer)"
     if "kafka/" in stack:
         return "Kafka client threads"

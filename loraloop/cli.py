@@ -9,11 +9,32 @@ import sys
 
 
 def _logging(verbose: bool) -> None:
-    from loraloop.core.settings import Settings
+    import logging
+
+    from loraloop.core.settings import Settings, unknown_env
     from loraloop.core.structured_logs import configure_logging
 
-    level = "INFO" if verbose else os.environ.get("LORALOOP_LOG_LEVEL", "WARNING").upper()
-    configure_logging(level, Settings().log_json)
+    settings = Settings()
+    configure_logging("INFO" if verbose else settings.log_level, settings.log_json)
+    for var in unknown_env():
+        logging.getLogger("loraloop.settings").warning(
+            "%s is set but no loraloop setting reads it", var
+        )
+
+
+def _settings_error(exc: Exception) -> str:
+    """A start-up refusal that names the variable and what it accepts."""
+    from pydantic import ValidationError
+
+    from loraloop.core.settings import ENV_PREFIX
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    lines = []
+    for error in exc.errors():
+        name = ENV_PREFIX + "_".join(str(part) for part in error["loc"]).upper()
+        lines.append(f"  {name}={error.get('input')!r}: {error['msg']}")
+    return "invalid settings:\n" + "\n".join(lines)
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -138,8 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_build_model)
 
     ns = parser.parse_args(argv)
-    _logging(ns.verbose)
-    return int(ns.func(ns))
+    from pydantic import ValidationError
+
+    from loraloop.core.model_loading import ModelNotConfiguredError
+
+    try:
+        _logging(ns.verbose)
+        return int(ns.func(ns))
+    except (ValidationError, ModelNotConfiguredError) as exc:
+        print(f"loraloop {ns.command}: {_settings_error(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

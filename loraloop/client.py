@@ -256,7 +256,10 @@ class LoraLoopClient:
             "follow_up": follow_up,
             "dwell_ms": dwell_ms,
         }
-        signals = common_pb2.FeedbackSignals(**{k: v for k, v in given.items() if v is not None})
+        signals = common_pb2.FeedbackSignals()
+        for name, value in given.items():
+            if value is not None:
+                setattr(signals, name, value)
         response = self._stub.Feedback(
             api_pb2.FeedbackRequest(request_id=request_id, user_id=user_id, signals=signals),
             timeout=timeout or self.timeout,

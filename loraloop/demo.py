@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import Progress
@@ -180,7 +180,7 @@ def run_demo(
     arms_file: Path | None = DEMO_ARMS,
 ) -> int:
     """The README's demo: returns 0 when every simulated user got a learnt adapter."""
-    overrides: dict[str, object] = {"arms_file": arms_file}
+    overrides: dict[str, Any] = {"arms_file": arms_file}
     if learning_rate is not None:
         overrides["learning_rate"] = learning_rate
     code, _ = run_world(users, rounds, Path(out_dir), overrides)
@@ -191,7 +191,7 @@ def run_world(
     users: int,
     rounds: int,
     out: Path,
-    overrides: dict[str, object],
+    overrides: dict[str, Any],
     series: tuple[str, ...] = SERIES,
     seed: int = 0,
     bootstrap: str | None = None,
@@ -224,7 +224,7 @@ def run_world(
             kafka_bootstrap=bootstrap,
             port=0,
             adapter_store=out / "adapters",
-            **({"seed": seed} | overrides),
+            **{"seed": seed, **overrides},
         )
         ensure_loraloop_topics(settings)
         if not quiet:
@@ -337,8 +337,10 @@ def _run_users(
             label = describe(style_of(text))
             console.print(f"    {when} [{label}] {text!r}", highlight=False, markup=False)
     plot = out / "reward.png"
-    plot_rewards(rewards, people, plot)
-    console.print(
-        "  ".join(f"{n} {means[n]:.2f}" for n in series) + f"   (last {tail}); plot: {plot}"
-    )
+    try:
+        plot_rewards(rewards, people, plot)
+        where = f"plot: {plot}"
+    except ImportError:  # matplotlib is the `demo` extra, not a dependency of the service
+        where = "no plot: pip install 'loraloop[demo]' for matplotlib"
+    console.print("  ".join(f"{n} {means[n]:.2f}" for n in series) + f"   (last {tail}); {where}")
     return code, rewards

@@ -24,6 +24,7 @@ import re
 import statistics
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from rich.console import Console
@@ -94,7 +95,7 @@ def model_report(model_dir: str, per_style: int = 4, seed: int = 0) -> dict[str,
             )
         for row in out[:, enc["input_ids"].shape[1] :]:
             finished = bool((row == tok.eos_token_id).any())
-            texts.append((tok.decode(row, skip_special_tokens=True).strip(), finished))
+            texts.append((str(tok.decode(row, skip_special_tokens=True)).strip(), finished))
     controlled = [(s, t) for s, t in zip(jobs, texts, strict=True) if s is not None]
     free = [t for s, t in zip(jobs, texts, strict=True) if s is None]
     report = {
@@ -247,8 +248,11 @@ def run_eval(
     return 0
 
 
-def _fmt(v: object, rounds: int, kind: str) -> str:
-    value, low, high = v  # type: ignore[misc]
+Interval = tuple[float, float, float]  # estimate, low, high
+
+
+def _fmt(v: Interval, rounds: int, kind: str) -> str:
+    value, low, high = v
     if kind == "pct":
         return f"{value:+.0%} [{low:+.0%}, {high:+.0%}]"
     if kind == "count":
@@ -273,7 +277,9 @@ def _print(summary: dict[str, dict[str, object]], rounds: int) -> None:
         ("LoRA's added reward (last half)", "lora_added", "share"),
     ]
     for label, key, kind in rows:
-        table.add_row(label, *(_fmt(s[key], rounds, kind) for s in summary.values()))
+        table.add_row(
+            label, *(_fmt(cast(Interval, s[key]), rounds, kind) for s in summary.values())
+        )
     table.add_row(
         "  one-sided p (LoRA adds > 0)", *(f"{s['lora_added_p']:.4f}" for s in summary.values())
     )

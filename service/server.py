@@ -14,18 +14,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from loraloop.service import adapter_fallback
-from loraloop.service.adapter_registry import AdapterRegistry
+from loraloop.service.adapters import fallback
+from loraloop.service.adapters.registry import AdapterRegistry
 from loraloop.service.admission import ConcurrencyLimit
 from loraloop.service.auth import AuthInterceptor, build_interceptor
 from loraloop.service.call_guard import CallGuard
-from loraloop.service.engines.base import (
-    AdapterLoadError,
-    AdapterRef,
-    Engine,
-    GenerationRequest,
-    build_engine,
-)
+from loraloop.service.engines.factory import build_engine
+from loraloop.service.engines.protocol import AdapterLoadError, Engine, GenerationRequest
 from loraloop.service.event_log import EventLog
 from loraloop.service.metrics import ServerMetrics
 from loraloop.service.request_ids import RequestIds
@@ -42,7 +37,8 @@ from loraloop.service.validation import (
     invalid,
 )
 
-from loraloop.core.adapter_store import AdapterStore, AdapterStoreError
+from loraloop.core.adapters.store import AdapterStore, AdapterStoreError
+from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.bandits.features import context_features
 from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
 from loraloop.core.metrics_exporter import start_metrics_exporter
@@ -90,7 +86,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         self.request_ids = RequestIds(settings.request_id_secret.get_secret_value())
 
     # --- Generate -----------------------------------------------------------------------
-    async def _resolve(self, user_id: str) -> AdapterRef | None:
+    async def _resolve(self, user_id: str) -> AdapterVersion | None:
         """The registry's version for the user; its first lookup of a user lists the store,
         which happens in a worker thread, off the event loop."""
         if self.registry.known(user_id):
@@ -191,7 +187,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
     ) -> api_pb2.GenerateResponse:
         try:
             prepared = await self._prepare(request)
-            result = await adapter_fallback.generate(self.engine, self.registry, prepared.gen)
+            result = await fallback.generate(self.engine, self.registry, prepared.gen)
         except RequestError as err:
             await context.abort(err.code, err.message)
         except AdapterLoadError as err:
@@ -209,7 +205,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         logprobs: list[float] = []
         text = ""
         try:
-            async for chunk in adapter_fallback.stream(self.engine, self.registry, prepared.gen):
+            async for chunk in fallback.stream(self.engine, self.registry, prepared.gen):
                 token_ids += chunk.token_ids
                 logprobs += chunk.logprobs
                 text += chunk.text
@@ -277,7 +273,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             ],
         )
 
-    def _learner_state(self, ref: AdapterRef) -> dict[str, Any]:
+    def _learner_state(self, ref: AdapterVersion) -> dict[str, Any]:
         """The learner state of `ref`, or of the newest older version whose state reads
         when it is unreadable (logged), or {} (zeros) when none does."""
         try:
@@ -425,11 +421,11 @@ async def serve(settings: Settings) -> None:
             running.metrics.registry, settings.metrics_host, settings.server_metrics_port
         )
         print(f"loraloop server metrics on {exporter.host}:{exporter.port}", flush=True)
-    print(f"loraloop server listening on {settings.host}:{running.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the ready line, which invites them
         loop.add_signal_handler(sig, stop.set)
+    print(f"loraloop server listening on {settings.host}:{running.port}", flush=True)
     await stop.wait()
     await running.stop()
     if exporter is not None:

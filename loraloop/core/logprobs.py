@@ -6,13 +6,18 @@ so "the log-probability of a response" means one thing everywhere.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from loraloop.core.multi_lora import LoRABank
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 def response_distributions(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     bank: LoRABank,
     prompts: list[list[int]],
     responses: list[list[int]],
@@ -48,7 +53,7 @@ def response_distributions(
     return list(logits.float().log_softmax(-1).split(sizes))
 
 
-def _head_on_hidden_states(model: torch.nn.Module) -> bool:
+def _head_on_hidden_states(model: PreTrainedModel) -> bool:
     """True when logits are just the output embedding applied to the decoder's hidden
     states (Llama, Qwen, Mistral...), not rescaled or soft-capped afterwards (Gemma...)."""
     config = getattr(model, "config", None)
@@ -73,7 +78,7 @@ def token_logprobs(
 
 
 def response_logprobs(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     bank: LoRABank,
     prompts: list[list[int]],
     responses: list[list[int]],

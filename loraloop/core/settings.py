@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ENV_PREFIX = "LORALOOP_"
 
-def cache_dir() -> Path:
-    """Where built artefacts (Kafka jars, the tiny model) are cached between runs."""
-    root = os.environ.get("LORALOOP_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "loraloop"
-    )
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+Engine = Literal["hf", "vllm"]
+Bandit = Literal["thompson", "linucb"]
+DType = Literal["float32", "bfloat16", "float16"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+# LORALOOP_* variables that are not settings of the server or the learner: the Python
+# client's own (loraloop/client.py) and the fault-injection hooks of the crash tests.
+OTHER_ENV = frozenset(
+    {
+        "API_KEY",
+        "TLS_CA_FILE",
+        "TLS_CLIENT_CERT_FILE",
+        "TLS_CLIENT_KEY_FILE",
+        "FAULT_PAUSE_AT",
+        "FAULT_MARKER",
+    }
+)
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "loraloop"
 
 
 class Settings(BaseSettings):
@@ -25,7 +42,7 @@ class Settings(BaseSettings):
     Every field can be set from the environment as `LORALOOP_<FIELD>` or from a `.env` file.
     """
 
-    model_config = SettingsConfigDict(env_prefix="LORALOOP_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
 
     # --- model -----------------------------------------------------------------------------
     model: str = Field(
@@ -35,7 +52,9 @@ class Settings(BaseSettings):
         "demo's tiny Llama and prints its directory.",
     )
     model_id: str = Field("", description="Id recorded in events; defaults to the model path.")
-    dtype: str = Field("float32", description="torch dtype of the base model (float32/bfloat16).")
+    dtype: DType = Field(
+        "float32", description="torch dtype of the base model: float32, bfloat16 or float16."
+    )
     lora_rank: int = Field(8, ge=1, le=256, description="Rank of every per-user LoRA adapter.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; scaling is alpha / rank.")
     lora_targets: list[str] = Field(
@@ -87,6 +106,17 @@ class Settings(BaseSettings):
         description="Port of `loraloop learn`'s Prometheus /metrics endpoint: -1 disables it, "
         "0 picks a free one (the bound port is printed at start-up).",
     )
+    log_level: LogLevel = Field(
+        "WARNING",
+        description="Level of the root logger of `loraloop serve` / `learn` (DEBUG, INFO, "
+        "WARNING, ERROR, CRITICAL; any case); `-v` on the command line means INFO.",
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Where built artefacts are cached between runs (the Kafka jars and the "
+        "tiny model of `loraloop kafka` / `build-model`); default $XDG_CACHE_HOME/loraloop "
+        "or ~/.cache/loraloop.",
+    )
     log_json: bool = Field(
         False,
         description="Log one JSON object per line (with request_id/user_id where known) "
@@ -96,7 +126,7 @@ class Settings(BaseSettings):
     # --- server ----------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    engine: str = Field("hf", description="Engine backend: 'hf' (transformers) or 'vllm'.")
+    engine: Engine = Field("hf", description="Engine backend: 'hf' (transformers) or 'vllm'.")
     max_batch_size: int = Field(16, ge=1, description="Most requests decoded in one batch.")
     max_prompt_tokens: int = Field(512, ge=1, description="Longest prompt accepted, in tokens.")
     max_new_tokens: int = Field(256, ge=1, description="Upper bound on a request's max_tokens.")
@@ -221,7 +251,7 @@ class Settings(BaseSettings):
         description="TOML file of arms (system prompts, decoding settings); unset: one "
         "no-op arm, i.e. no bandit.",
     )
-    bandit: str = Field("thompson", description="Arm choice: 'thompson' or 'linucb'.")
+    bandit: Bandit = Field("thompson", description="Arm choice: 'thompson' or 'linucb'.")
     bandit_prior_strength: float = Field(
         5.0, ge=0, description="Observations the population prior is worth to a cold user."
     )
@@ -307,3 +337,38 @@ class Settings(BaseSettings):
         description="Rollback guard: a fall of the windowed mean reward this "
         "large below the best window rolls the user back to the best version.",
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+def default_of(name: str) -> Any:
+    """The default of setting `name`, for the config objects that mirror some settings, so
+    each default is written once (here)."""
+    field = Settings.model_fields[name]
+    return field.get_default(call_default_factory=True)
+
+
+def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """`LORALOOP_*` variables that no setting reads, each with the closest setting when one
+    is close (a typo, or a key from a newer chart), e.g. `LORALOOP_MODLE (did you mean
+    LORALOOP_MODEL?)`. Empty when every variable is known."""
+    environ = os.environ if environ is None else environ
+    known = {name.upper() for name in Settings.model_fields} | OTHER_ENV
+    out = []
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var[len(ENV_PREFIX) :] in known:
+            continue
+        close = difflib.get_close_matches(var[len(ENV_PREFIX) :], sorted(known), n=1)
+        out.append(var + (f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""))
+    return out
+
+
+def cache_dir() -> Path:
+    """Where built artefacts (Kafka jars, the tiny model) are cached between runs
+    (`Settings.cache_dir`, i.e. LORALOOP_CACHE_DIR); created if missing."""
+    path = Settings().cache_dir.expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -204,7 +204,9 @@ def _train(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     window = spec.seq_len
-    doc_starts = (stream == model.config.bos_token_id).nonzero().flatten()
+    bos = model.config.bos_token_id
+    assert bos is not None, "the tiny tokenizer defines <bos>"
+    doc_starts = stream.eq(bos).nonzero().flatten()
     doc_starts = doc_starts[doc_starts < len(stream) - window]
     if len(doc_starts) == 0:  # a corpus shorter than one window: any offset will do
         doc_starts = torch.zeros(1, dtype=torch.long)

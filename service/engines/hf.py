@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from loraloop.service.adapter_cache import HostAdapterCache
-from loraloop.service.adapter_slots import AdapterSlots, SlotsPinned
-from loraloop.service.engines.base import (
+from loraloop.service.adapters.host_cache import HostAdapterCache
+from loraloop.service.adapters.slots import AdapterSlots, SlotsPinned
+from loraloop.service.engines.batching import RunningBatch
+from loraloop.service.engines.protocol import (
     AdapterLoadError,
     Engine,
     GenerationRequest,
@@ -32,7 +33,6 @@ from loraloop.service.engines.base import (
     adapter_load_error,
     encode_with,
 )
-from loraloop.service.engines.batching import RunningBatch
 
 from loraloop.core.model_loading import LoadedModel, load_model
 from loraloop.core.multi_lora import BASE_SLOT

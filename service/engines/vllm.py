@@ -28,9 +28,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from loraloop.service.engines.base import (
+from loraloop.service.engines.protocol import (
     AdapterLoadError,
-    AdapterRef,
     Engine,
     GenerationRequest,
     TokenChunk,
@@ -38,9 +37,10 @@ from loraloop.service.engines.base import (
     encode_with,
 )
 
+from loraloop.core.adapters.peft_format import read_peft_dir, to_peft_files
+from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.model_loading import resolve_model_path
 from loraloop.core.multi_lora import LoRAWeights
-from loraloop.core.peft_format import read_peft_dir, to_peft_files
 from loraloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class VLLMEngine(Engine):
         self._loop.call_soon_threadsafe(schedule)
 
     # --- adapters -----------------------------------------------------------------------
-    async def _lora_for(self, ref: AdapterRef | None) -> Any:
+    async def _lora_for(self, ref: AdapterVersion | None) -> Any:
         """The LoRARequest serving `ref` (the zero adapter for None), registered with vLLM
         on first use; AdapterLoadError when the version is unreadable or incompatible."""
         from vllm.lora.request import LoRARequest
@@ -252,5 +252,5 @@ class VLLMEngine(Engine):
         return [lora.lora_name for lora in self._loras.values()]
 
 
-def _key(ref: AdapterRef) -> tuple[str, int]:
+def _key(ref: AdapterVersion) -> tuple[str, int]:
     return (ref.user_id, ref.version)

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from loraloop.client import LoraLoopClient
-from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.adapters.peft_format import read_peft_dir
+from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.gen.loraloop.v1 import events_pb2
 from loraloop.core.kafka.admin import ensure_loraloop_topics
 from loraloop.core.logprobs import response_logprobs
 from loraloop.core.model_loading import load_model
-from loraloop.core.peft_format import read_peft_dir
 from loraloop.core.settings import Settings
 from tests.support import Process, isolated_settings, read_topic, wait_until
 

@@ -18,10 +18,10 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraloop.client import LoraLoopClient
-from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.adapters.peft_format import read_peft_dir
+from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.gen.loraloop.v1 import common_pb2, events_pb2
 from loraloop.core.kafka.admin import ensure_loraloop_topics
-from loraloop.core.peft_format import read_peft_dir
 from loraloop.core.settings import Settings
 from tests.support import InProcessServer, Process, isolated_settings, read_topic, wait_until
 

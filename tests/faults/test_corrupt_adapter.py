@@ -14,17 +14,17 @@ import torch
 from kafka import KafkaProducer
 from loraloop.learner.loop import Learner
 from loraloop.learner.user_models import initial_weights
-from loraloop.service.adapter_registry import AdapterRegistry
-from loraloop.service.engines.base import AdapterRef
+from loraloop.service.adapters.registry import AdapterRegistry
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraloop.client import LoraLoopClient, Reply
-from loraloop.core.adapter_store import ADAPTER_WEIGHTS, AdapterStore, StoredVersion
+from loraloop.core.adapters.peft_format import read_peft_dir, to_peft_files
+from loraloop.core.adapters.store import AdapterStore
+from loraloop.core.adapters.version import ADAPTER_WEIGHTS, AdapterVersion
 from loraloop.core.gen.loraloop.v1 import events_pb2
 from loraloop.core.kafka.admin import ensure_loraloop_topics
 from loraloop.core.multi_lora import LoRAWeights
-from loraloop.core.peft_format import read_peft_dir, to_peft_files
 from loraloop.core.settings import Settings
 from tests.faults.crash_support import EventStream
 from tests.support import InProcessServer, isolated_settings, wait_until
@@ -41,12 +41,12 @@ def _counter(registry, name: str, **labels: str) -> float:
     raise AssertionError(f"no {name}{labels} in the metrics")
 
 
-def _truncate(stored: StoredVersion) -> None:
+def _truncate(stored: AdapterVersion) -> None:
     weights = stored.path / ADAPTER_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:100])
 
 
-def _flip_a_byte(stored: StoredVersion) -> None:
+def _flip_a_byte(stored: AdapterVersion) -> None:
     """One flipped bit deep in the tensor data: safetensors still parses, the checksum fails."""
     weights = stored.path / ADAPTER_WEIGHTS
     data = bytearray(weights.read_bytes())
@@ -63,7 +63,7 @@ class Publisher:
         self.shapes = shapes
         self.producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
 
-    def write(self, user: str, version: int, corrupt=None) -> StoredVersion:
+    def write(self, user: str, version: int, corrupt=None) -> AdapterVersion:
         weights = LoRAWeights(self.shapes.rank, self.shapes.alpha)
         gen = torch.Generator().manual_seed(version)
         for name, a in self.shapes.a.items():
@@ -148,7 +148,7 @@ def test_serving_keeps_the_previous_version_when_the_new_one_is_corrupt(
     assert len(logged) == 3 and any("does not match its recorded SHA-256" in m for m in logged)
 
 
-def _in_place_of_weights(stored: StoredVersion) -> None:
+def _in_place_of_weights(stored: AdapterVersion) -> None:
     """The weights file replaced by a directory: reading it is an OSError (as EIO or EMFILE
     would be), not a sign the version is corrupt."""
     weights = stored.path / ADAPTER_WEIGHTS
@@ -156,7 +156,7 @@ def _in_place_of_weights(stored: StoredVersion) -> None:
     weights.mkdir()
 
 
-def _restore_weights(stored: StoredVersion) -> None:
+def _restore_weights(stored: AdapterVersion) -> None:
     weights = stored.path / ADAPTER_WEIGHTS
     weights.rmdir()
     (stored.path / "weights.aside").rename(weights)
@@ -329,7 +329,7 @@ def test_a_version_that_keeps_failing_is_retried_less_and_less_often(tmp_path: P
     version that never loads costs one failed try per 16 pauses, not one per pause."""
     registry = AdapterRegistry(AdapterStore(tmp_path), "127.0.0.1:1", "unused-topic")
     registry.retry_s = 10.0
-    ref = AdapterRef("fay", 3, tmp_path / "fay" / "v3")
+    ref = AdapterVersion("fay", 3, tmp_path / "fay" / "v3")
     pauses = []
     for _ in range(7):
         registry.reject(ref, "EIO", transient=True)

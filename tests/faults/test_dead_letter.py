@@ -28,7 +28,7 @@ from loraloop.learner.dead_letter import (
 )
 from loraloop.learner.loop import Learner
 
-from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.gen.loraloop.v1 import common_pb2, events_pb2
 from loraloop.core.settings import Settings
 from tests.support import isolated_settings, read_topic, wait_until

@@ -19,11 +19,11 @@ import pytest
 from kafka import KafkaProducer
 from loraloop.learner.deletions import ORIGIN_HEADER
 from loraloop.learner.loop import Learner
-from loraloop.service.engines.base import AdapterRef
 
 from loraloop.client import LoraLoopClient
 from loraloop.configs import DEMO_ARMS
-from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.adapters.store import AdapterStore
+from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.gen.loraloop.v1 import events_pb2
 from loraloop.core.kafka.admin import ensure_loraloop_topics
 from tests.support import (
@@ -140,7 +140,7 @@ def test_delete_user_leaves_nothing_behind(loop) -> None:
         served = client.generate(GONE, "Tell me about travel", max_tokens=4, seed=5)
         assert served.adapter_version >= 1  # the adapter is now in the engine's caches
         # a version of theirs that failed to load here (an I/O error): rejected for a while
-        failed = AdapterRef(GONE, 99, store.version_dir(GONE, 99))
+        failed = AdapterVersion(GONE, 99, store.version_dir(GONE, 99))
         service.registry.reject(failed, "simulated EIO", transient=True)
         before_server = _held_by_server(service, GONE)
         assert all(v for k, v in before_server.items() if k != "registry publish times")

@@ -24,7 +24,7 @@ from kafka import KafkaProducer, TopicPartition
 from loraloop.learner.deletions import DELETED_AT_HEADER, ORIGIN_HEADER
 from loraloop.learner.loop import Learner
 
-from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.kafka.admin import ensure_loraloop_topics
 from loraloop.core.settings import Settings
 from tests.support import feedback_event, interaction_event, isolated_settings, read_topic

@@ -23,7 +23,7 @@ from kafka.admin import ConfigResource, ConfigResourceType
 from loraloop.learner.loop import Learner
 from loraloop.learner.outbox import Outbox, Outgoing
 
-from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.kafka.admin import ensure_loraloop_topics, topic_configs
 from loraloop.core.settings import Settings
 from loraloop.devtools.kafka_broker import KafkaBroker

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from loraloop.client import LoraLoopClient
-from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc
 from loraloop.core.kafka.admin import ensure_loraloop_topics
 from loraloop.core.structured_logs import JsonFormatter

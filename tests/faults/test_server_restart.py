@@ -15,7 +15,7 @@ from loraloop.learner.loop import Learner
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraloop.client import LoraLoopClient
-from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.kafka.admin import ensure_loraloop_topics
 from tests.faults.crash_support import (
     USERS,

@@ -10,7 +10,7 @@ import pytest
 from kafka import KafkaProducer
 from loraloop.learner.loop import KafkaUnavailableError, Learner
 
-from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.gen.loraloop.v1 import common_pb2, events_pb2
 from tests.support import isolated_settings
 

@@ -15,10 +15,10 @@ from loraloop.learner.ope_report import read_logs, run_ope
 
 from loraloop.client import LoraLoopClient
 from loraloop.configs import DEMO_ARMS
-from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.adapters.peft_format import read_peft_dir
+from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.bandits.features import DIM
 from loraloop.core.gen.loraloop.v1 import events_pb2
-from loraloop.core.peft_format import read_peft_dir
 from tests.support import (
     InProcessServer,
     feedback_event,

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from loraloop.service.adapter_cache import HostAdapterCache, adapter_bytes
-from loraloop.service.adapter_slots import AdapterSlots, SlotsPinned
-from loraloop.service.engines.base import AdapterRef
+from loraloop.service.adapters.host_cache import HostAdapterCache, adapter_bytes
+from loraloop.service.adapters.slots import AdapterSlots, SlotsPinned
 
+from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.multi_lora import LoRAWeights
 
 KIB = 1024
@@ -33,8 +33,8 @@ class Store:
         return weights()
 
 
-def ref(user: str, version: int = 1) -> AdapterRef:
-    return AdapterRef(user, version, Path(f"/store/{user}/v{version}"))
+def ref(user: str, version: int = 1) -> AdapterVersion:
+    return AdapterVersion(user, version, Path(f"/store/{user}/v{version}"))
 
 
 def test_hits_skip_the_store_and_lru_evicts_by_bytes() -> None:
@@ -64,7 +64,7 @@ def test_entry_cap_versions_and_drop_user() -> None:
 def test_unreadable_version_is_not_cached() -> None:
     store = Store()
     cache = HostAdapterCache(max_bytes=10 * KIB, max_entries=10, read=store)
-    bad = AdapterRef("x", 1, Path("/store/x/bad"))
+    bad = AdapterVersion("x", 1, Path("/store/x/bad"))
     for _ in range(2):
         with pytest.raises(ValueError, match="corrupt"):
             cache.get(bad)

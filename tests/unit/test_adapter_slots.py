@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from loraloop.service.adapter_slots import AdapterSlots
+from loraloop.service.adapters.slots import AdapterSlots
 
 from loraloop.core.multi_lora import LoRAWeights
 

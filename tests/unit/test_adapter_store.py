@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from loraloop.core.adapter_store import (
+from loraloop.core.adapters.store import AdapterStore, AdapterStoreError
+from loraloop.core.adapters.version import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     LEARNER_STATE,
-    AdapterStore,
-    AdapterStoreError,
     sha256_file,
 )
 

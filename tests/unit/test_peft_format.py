@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from loraloop.core.adapter_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterStore
+from loraloop.core.adapters.peft_format import read_peft_dir, to_peft_files
+from loraloop.core.adapters.store import AdapterStore
+from loraloop.core.adapters.version import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from loraloop.core.multi_lora import LoRAWeights
-from loraloop.core.peft_format import read_peft_dir, to_peft_files
 
 MODULES = [
     "model.layers.0.self_attn.q_proj",

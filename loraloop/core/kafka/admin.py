@@ -55,7 +55,7 @@ def _admin(bootstrap: str, timeout: float = 10.0) -> Iterator[KafkaAdminClient]:
     ms = max(int(timeout * 1000), 500)
     admin = KafkaAdminClient.__new__(KafkaAdminClient)
     try:
-        admin.__init__(  # type: ignore[misc]
+        admin.__init__(
             bootstrap_servers=bootstrap,
             client_id="loraloop-admin",
             bootstrap_timeout_ms=ms,

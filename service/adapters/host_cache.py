@@ -15,10 +15,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
 
-from loraloop.service.engines.base import AdapterRef
-
+from loraloop.core.adapters.peft_format import read_peft_dir
+from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.multi_lora import LoRAWeights
-from loraloop.core.peft_format import read_peft_dir
 
 CacheKey = tuple[str, int]  # (user_id, version)
 
@@ -49,7 +48,7 @@ class HostAdapterCache:
         self.hits = self.misses = self.evictions = 0
         self.load_seconds: deque[float] = deque(maxlen=recent_loads)  # recent store reads
 
-    def get(self, ref: AdapterRef) -> LoRAWeights:
+    def get(self, ref: AdapterVersion) -> LoRAWeights:
         """The adapter version `ref`, from RAM or else read from the store (and kept).
 
         Raises ValueError/OSError (from the reader) when the version is unreadable; nothing

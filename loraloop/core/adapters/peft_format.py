@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from loraloop.core.adapter_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, expected_checksum
+from loraloop.core.adapters.version import ADAPTER_CONFIG, ADAPTER_WEIGHTS, expected_checksum
 from loraloop.core.multi_lora import LoRAWeights
 
 _PREFIX = "base_model.model."

@@ -1,30 +1,21 @@
-"""The engine protocol serving depends on; backends are chosen by name and imported lazily."""
+"""The engine protocol serving depends on. It knows no backend: `factory.build_engine`
+chooses one by name and imports it lazily."""
 
 from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from loraloop.core.settings import Settings
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    """One immutable adapter version of one user."""
-
-    user_id: str
-    version: int
-    path: Path
+from loraloop.core.adapters.version import AdapterVersion
 
 
 @dataclass
 class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
-    adapter: AdapterRef | None  # None: the base model (no adapter yet)
+    adapter: AdapterVersion | None  # None: the base model (no adapter yet)
     max_tokens: int
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
@@ -74,7 +65,7 @@ class AdapterLoadError(RuntimeError):
         self.transient = transient
 
 
-def adapter_load_error(ref: AdapterRef, exc: BaseException) -> AdapterLoadError:
+def adapter_load_error(ref: AdapterVersion, exc: BaseException) -> AdapterLoadError:
     """AdapterLoadError for `exc` from reading `ref`: transient when an OSError caused it
     (readers wrap I/O errors in ValueError; the cause chain still names them)."""
     transient, cause = False, exc
@@ -122,16 +113,3 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def finish_reason(self, token_ids: list[int], max_tokens: int) -> str:
         """'stop' when generation ended on end-of-sequence, else 'length'."""
-
-
-def build_engine(settings: Settings) -> Engine:
-    """The engine named by `settings.engine`; its heavy imports happen only here."""
-    if settings.engine == "hf":
-        from loraloop.service.engines.hf import HFEngine
-
-        return HFEngine(settings)
-    if settings.engine == "vllm":
-        from loraloop.service.engines.vllm import VLLMEngine  # imports vllm: only when chosen
-
-        return VLLMEngine(settings)
-    raise ValueError(f"unknown engine {settings.engine!r}: use 'hf' or 'vllm'")

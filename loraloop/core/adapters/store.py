@@ -1,73 +1,39 @@
 """Versioned, immutable per-user adapter store on a local filesystem.
 
-Layout: `<root>/<user_id>/v<N>/` holding PEFT's `adapter_config.json` and
-`adapter_model.safetensors`, the weights' SHA-256 in `adapter_model.safetensors.sha256`,
-plus `learner_state.json` (the learner's per-user state that belongs with that version). A
-version is written into a temporary sibling directory (`.v<N>.<random>`), fsynced, then
-renamed into place, so readers see a whole version or none; what a writer killed half-way
-leaves behind is never listed, and is removed by the next successful write of that user.
+Layout: `<root>/<user_id>/v<N>/`, one directory per `AdapterVersion` with the files that
+`version.py` names. A version is written into a temporary sibling directory
+(`.v<N>.<random>`), fsynced, then renamed into place, so readers see a whole version or
+none; what a writer killed half-way leaves behind is never listed, and is removed by the
+next successful write of that user.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraloop.core.adapters.version import (
+    ADAPTER_WEIGHTS,
+    LEARNER_STATE,
+    WEIGHTS_CHECKSUM,
+    AdapterVersion,
+)
 from loraloop.core.durable_files import fsync_dir
 from loraloop.core.fault_points import pause_point
 from loraloop.core.user_ids import check_user_id
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-WEIGHTS_CHECKSUM = ADAPTER_WEIGHTS + ".sha256"
-ADAPTER_CONFIG = "adapter_config.json"
-LEARNER_STATE = "learner_state.json"
 _VERSION_DIR = re.compile(r"v(\d+)")
 _TEMP_DIR = re.compile(r"\.v(\d+)\..+")
 
 
 class AdapterStoreError(RuntimeError):
     """A version is missing, incomplete or fails its checksum."""
-
-
-@dataclass(frozen=True)
-class StoredVersion:
-    user_id: str
-    version: int
-    path: Path
-
-    @property
-    def uri(self) -> str:
-        return self.path.resolve().as_uri()
-
-    @functools.cached_property
-    def checksum(self) -> str:
-        """SHA-256 of the weights as written (serving never needs it): the recorded one,
-        else (a version written without it) computed from the file."""
-        return expected_checksum(self.path) or sha256_file(self.path / ADAPTER_WEIGHTS)
-
-
-def expected_checksum(version_dir: Path) -> str | None:
-    """The SHA-256 the weights had when this version was written (None: not recorded)."""
-    try:
-        return (version_dir / WEIGHTS_CHECKSUM).read_text().strip() or None
-    except FileNotFoundError:
-        return None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class AdapterStore:
@@ -93,16 +59,16 @@ class AdapterStore:
         found = (_VERSION_DIR.fullmatch(p.name) for p in udir.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
 
-    def latest(self, user_id: str) -> StoredVersion | None:
+    def latest(self, user_id: str) -> AdapterVersion | None:
         versions = self.versions(user_id)
         return self.get(user_id, versions[-1]) if versions else None
 
-    def get(self, user_id: str, version: int) -> StoredVersion:
+    def get(self, user_id: str, version: int) -> AdapterVersion:
         path = self.version_dir(user_id, version)
         weights = path / ADAPTER_WEIGHTS
         if not weights.is_file():
             raise AdapterStoreError(f"{user_id} v{version}: no {ADAPTER_WEIGHTS} in {path}")
-        return StoredVersion(user_id, version, path)
+        return AdapterVersion(user_id, version, path)
 
     def write(
         self,
@@ -110,7 +76,7 @@ class AdapterStore:
         version: int,
         files: dict[str, bytes],
         learner_state: dict[str, Any] | None = None,
-    ) -> StoredVersion:
+    ) -> AdapterVersion:
         """Atomically create `v<version>` from file contents; refuses to overwrite."""
         final = self.version_dir(user_id, version)
         if final.exists():
@@ -139,7 +105,7 @@ class AdapterStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._sweep_partial(final.parent, version)
-        return StoredVersion(user_id, version, final)
+        return AdapterVersion(user_id, version, final)
 
     def partial_writes(self, user_id: str) -> list[Path]:
         """Temporary directories of writes that never completed (a writer killed half-way)."""

@@ -15,22 +15,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from loraloop.service.adapter_registry import AdapterRegistry
-from loraloop.service.engines.base import (
+from loraloop.service.adapters.registry import AdapterRegistry
+from loraloop.service.engines.protocol import (
     AdapterLoadError,
-    AdapterRef,
     Engine,
     GenerationRequest,
     GenerationResult,
     TokenChunk,
 )
 
+from loraloop.core.adapters.version import AdapterVersion
+
 MAX_FALLBACKS = 8  # older versions tried before answering with the error
 
 
 async def _reject(
-    registry: AdapterRegistry, ref: AdapterRef, err: AdapterLoadError
-) -> AdapterRef | None:
+    registry: AdapterRegistry, ref: AdapterVersion, err: AdapterLoadError
+) -> AdapterVersion | None:
     return await asyncio.to_thread(registry.reject, ref, str(err), err.transient)
 
 

@@ -26,9 +26,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from loraloop.service.engines.base import AdapterRef
-
-from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.adapters.store import AdapterStore
+from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.gen.loraloop.v1 import events_pb2
 from loraloop.core.kafka.follow import TopicFollower
 
@@ -56,14 +55,14 @@ class AdapterRegistry:
         self._store = store
         self._on_delete = on_delete
         self._lock = threading.Lock()
-        self._latest: dict[str, AdapterRef | None] = {}
+        self._latest: dict[str, AdapterVersion | None] = {}
         self._checked: set[str] = set()  # users whose store directory was listed
         self.retry_s = retry_s
         # versions that failed to load -> when they may be tried again (inf: never)
         self._rejected: dict[tuple[str, int], float] = {}
         self._failures: dict[tuple[str, int], int] = {}  # transient failures in a row
         # user -> newest version rejected for a transient reason, to restore when it is due
-        self._retry: dict[str, AdapterRef] = {}
+        self._retry: dict[str, AdapterVersion] = {}
         self.rejected = 0  # rejections (a version rejected again after its retry counts again)
         self.transient_rejections = 0
         self._published_at: dict[tuple[str, int], float] = {}
@@ -87,7 +86,7 @@ class AdapterRegistry:
     def updates_seen(self) -> int:
         return self._follower.records
 
-    def resolve(self, user_id: str) -> AdapterRef | None:
+    def resolve(self, user_id: str) -> AdapterVersion | None:
         """The version to serve `user_id` with (None: the base model)."""
         with self._lock:
             if user_id in self._checked:
@@ -135,7 +134,7 @@ class AdapterRegistry:
                 "adapter %s v%d: trying it again after a transient failure", user_id, ref.version
             )
 
-    def _newest_stored(self, user_id: str, below: int | None = None) -> AdapterRef | None:
+    def _newest_stored(self, user_id: str, below: int | None = None) -> AdapterVersion | None:
         """The newest complete version in the store (below `below`) not rejected here."""
         for version in reversed(self._store.versions(user_id)):
             if below is not None and version >= below:
@@ -143,10 +142,12 @@ class AdapterRegistry:
             with self._lock:
                 if self._blocked((user_id, version)):
                     continue
-            return AdapterRef(user_id, version, self._store.version_dir(user_id, version))
+            return AdapterVersion(user_id, version, self._store.version_dir(user_id, version))
         return None
 
-    def reject(self, ref: AdapterRef, error: str, transient: bool = False) -> AdapterRef | None:
+    def reject(
+        self, ref: AdapterVersion, error: str, transient: bool = False
+    ) -> AdapterVersion | None:
         """`ref` failed to load: do not serve it here (for good, or for `retry_s` seconds
         when `transient`), and return what to serve instead (the newest older version not
         rejected, or None: the base model). Lists the store: call it off the event loop."""
@@ -202,7 +203,7 @@ class AdapterRegistry:
             self.forget(user_id)
             self.release(user_id)
             return True
-        ref = AdapterRef(user_id, event.version, self._checked_path(user_id, event))
+        ref = AdapterVersion(user_id, event.version, self._checked_path(user_id, event))
         with self._lock:
             current = self._latest.get(user_id)
             if current is not None and current.version >= ref.version:

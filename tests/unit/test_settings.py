@@ -1,0 +1,96 @@
+"""Settings: typed choices refused at start-up with a message, defaults written once, and a
+warning for LORALOOP_* variables that nothing reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from loraloop.core.settings import Settings, cache_dir, default_of, unknown_env
+from loraloop.learner.algos.reinforce import ReinforceConfig
+from loraloop.learner.guard import GuardConfig
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "accepted"),
+    [
+        ("engine", "vlm", "'hf' or 'vllm'"),
+        ("bandit", "ucb", "'thompson' or 'linucb'"),
+        ("dtype", "fp16", "'float32', 'bfloat16' or 'float16'"),
+        ("log_level", "loud", "'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'"),
+    ],
+)
+def test_choices_are_refused_with_what_is_accepted(field: str, bad: str, accepted: str) -> None:
+    with pytest.raises(ValidationError, match=accepted):
+        Settings(**{field: bad})
+
+
+def test_log_level_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORALOOP_LOG_LEVEL", "info")
+    assert Settings().log_level == "INFO"
+
+
+def test_cache_dir_is_a_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LORALOOP_CACHE_DIR", str(tmp_path / "cache"))
+    assert cache_dir() == tmp_path / "cache" and (tmp_path / "cache").is_dir()
+
+
+def test_learner_configs_take_their_defaults_from_settings() -> None:
+    """Each default lives once, in Settings; the config objects mirror it."""
+    pairs = {
+        ReinforceConfig: {f: f for f in ("learning_rate", "max_grad_norm", "baseline_decay")}
+        | {f: f for f in ("kl_coef", "is_truncation", "loo_baseline")},
+        GuardConfig: {"kl_limit": "kl_limit", "window": "guard_window", "drop": "guard_drop"},
+    }
+    for config, fields in pairs.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}  # type: ignore[arg-type]
+        for mine, setting in fields.items():
+            assert defaults[mine] == default_of(setting), (config.__name__, mine)
+    settings = Settings(learning_rate=0.1, guard_window=3)
+    assert ReinforceConfig.from_settings(settings).learning_rate == 0.1
+    assert GuardConfig.from_settings(settings).window == 3
+
+
+def test_unknown_variables_are_named_with_the_closest_setting() -> None:
+    environ = {
+        "LORALOOP_ADAPTER_STORE_URI": "s3://bucket/adapters",
+        "LORALOOP_MODLE": "x",
+        "LORALOOP_PORT": "50051",
+        "LORALOOP_API_KEY": "the Python client's own",
+        "LORALOOP_XYZZY": "1",
+        "PATH": "/usr/bin",
+    }
+    assert unknown_env(environ) == [
+        "LORALOOP_ADAPTER_STORE_URI (did you mean LORALOOP_ADAPTER_STORE?)",
+        "LORALOOP_MODLE (did you mean LORALOOP_MODEL?)",
+        "LORALOOP_XYZZY",
+    ]
+
+
+def _cli(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loraloop.cli", *args],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_serve_refuses_bad_settings_at_start_up(tmp_path: Path) -> None:
+    """A bad choice, or no model at all, ends `serve` with exit code 2 and one line that
+    names the variable; an unknown variable is warned about."""
+    bad = _cli(tmp_path, {"LORALOOP_ENGINE": "vlm"}, "serve")
+    assert bad.returncode == 2, bad.stderr
+    assert "LORALOOP_ENGINE='vlm': Input should be 'hf' or 'vllm'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    unset = _cli(tmp_path, {"LORALOOP_MODLE": "typo", "LORALOOP_PORT": "0"}, "serve")
+    assert unset.returncode == 2, unset.stderr
+    assert "no base model: set LORALOOP_MODEL" in unset.stderr
+    assert "LORALOOP_MODLE (did you mean LORALOOP_MODEL?) is set but no" in unset.stderr
