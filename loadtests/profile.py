@@ -65,11 +65,15 @@ def categorize(stack: str) -> str:
     return "other"
 
 
+# The event log's modules (service/event_log.py and the roles split out of it).
+EVENT_LOG_MODULES = ("event_log", "event_sender", "event_producer", "journal_drain")
+
+
 def thread_of(stack: str) -> str:
     if "service/engines/hf.py" in stack or "hf-engine" in stack:
         return "engine thread"
-    if "event_log.py" in stack:
-        return "event log thread (Kafka producer)"
+    if any(f"service/{m}.py" in stack for m in EVENT_LOG_MODULES):
+        return "event log threads (sender, producer connector)"
     if "service/adapters/registry.py" in stack:
         return "adapter registry thread (Kafka consumer)"
     if "kafka/" in stack:
