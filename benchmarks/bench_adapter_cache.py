@@ -23,15 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loraloop.service.adapters.host_cache import HostAdapterCache, adapter_bytes
-from loraloop.service.adapters.slots import AdapterSlots
-
 from loraloop.core.adapters.peft_format import to_peft_files
 from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.model_loading import load_model
 from loraloop.core.multi_lora import LoRAWeights
 from loraloop.core.settings import Settings
 from loraloop.devtools.tiny_model import ensure_tiny_model
+from loraloop.service.adapters.host_cache import HostAdapterCache, adapter_bytes
+from loraloop.service.adapters.slots import AdapterSlots
 
 
 def pct(values: list[float], q: float) -> float:

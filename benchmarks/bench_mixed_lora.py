@@ -34,11 +34,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loraloop.service.engines.batching import RunningBatch
-
 from loraloop.core.adapters.peft_format import read_peft_dir, to_peft_files
 from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.multi_lora import LoRABank, LoRAWeights
+from loraloop.service.engines.batching import RunningBatch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RANK, ALPHA = 8, 16.0

@@ -34,8 +34,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loraloop.service.engines.protocol import GenerationRequest
-
 from loraloop.client import LoraLoopClient
 from loraloop.core.adapters.peft_format import to_peft_files
 from loraloop.core.adapters.store import AdapterStore
@@ -45,6 +43,7 @@ from loraloop.core.multi_lora import LoRAWeights
 from loraloop.core.settings import Settings
 from loraloop.devtools.kafka_broker import KafkaBroker
 from loraloop.devtools.tiny_model import TinyModelSpec, ensure_tiny_model, init_model, make_config
+from loraloop.service.engines.protocol import GenerationRequest
 from tests.support import InProcessServer, isolated_settings
 
 

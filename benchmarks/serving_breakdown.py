@@ -33,14 +33,13 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loraloop.service.engines.protocol import Engine, GenerationRequest, TokenChunk
-
 from loadtests.config import LoadConfig
 from loadtests.generator import run_load
 from loraloop.core.kafka.admin import ensure_loraloop_topics
 from loraloop.core.settings import Settings
 from loraloop.devtools.kafka_broker import KafkaBroker
 from loraloop.devtools.tiny_model import ensure_tiny_model
+from loraloop.service.engines.protocol import Engine, GenerationRequest, TokenChunk
 
 
 class TimedEngine(Engine):

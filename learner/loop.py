@@ -29,6 +29,19 @@ from typing import Any
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
+
+from loraloop.core.adapters.store import AdapterStore, AdapterStoreError
+from loraloop.core.bandits.arms import load_arms
+from loraloop.core.bandits.features import DIM
+from loraloop.core.bandits.linear import POPULATION, BanditState
+from loraloop.core.event_checks import feedback_error, interaction_error
+from loraloop.core.fault_points import pause_point
+from loraloop.core.gen.loraloop.v1 import events_pb2
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.core.kafka.replay import read_to_end
+from loraloop.core.model_loading import LoadedModel, load_model
+from loraloop.core.settings import Settings
+from loraloop.core.user_ids import user_id_error
 from loraloop.learner import guard
 from loraloop.learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
 from loraloop.learner.announcements import Announcements
@@ -44,19 +57,6 @@ from loraloop.learner.metrics import LearnerMetrics
 from loraloop.learner.outbox import Outbox, Outgoing
 from loraloop.learner.rewards import reward, reward_config
 from loraloop.learner.user_models import UserModel, UserModels, position_text
-
-from loraloop.core.adapters.store import AdapterStore, AdapterStoreError
-from loraloop.core.bandits.arms import load_arms
-from loraloop.core.bandits.features import DIM
-from loraloop.core.bandits.linear import POPULATION, BanditState
-from loraloop.core.event_checks import feedback_error, interaction_error
-from loraloop.core.fault_points import pause_point
-from loraloop.core.gen.loraloop.v1 import events_pb2
-from loraloop.core.kafka.admin import ensure_loraloop_topics
-from loraloop.core.kafka.replay import read_to_end
-from loraloop.core.model_loading import LoadedModel, load_model
-from loraloop.core.settings import Settings
-from loraloop.core.user_ids import user_id_error
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,6 @@ and a greedy linear policy fitted on the first half of the logs (evaluated on th
 from __future__ import annotations
 
 import numpy as np
-from loraloop.learner import ope
-from loraloop.learner.joiner import Joiner
-from loraloop.learner.rewards import reward, reward_config
 from rich.console import Console
 from rich.table import Table
 
@@ -20,6 +17,9 @@ from loraloop.core.bandits.features import DIM
 from loraloop.core.gen.loraloop.v1 import events_pb2
 from loraloop.core.kafka.replay import read_to_end
 from loraloop.core.settings import Settings
+from loraloop.learner import ope
+from loraloop.learner.joiner import Joiner
+from loraloop.learner.rewards import reward, reward_config
 
 
 def read_logs(settings: Settings, timeout_s: float = 30.0) -> tuple[ope.Logs, list[str]]:

@@ -22,9 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from loraloop.learner.algos.reinforce import AdamState
-from loraloop.learner.applied import AppliedOffsets, Position
-from loraloop.learner.guard import GuardState
 
 from loraloop.core.adapters.peft_format import read_peft_dir, to_peft_files
 from loraloop.core.adapters.store import AdapterStore, AdapterStoreError
@@ -32,6 +29,9 @@ from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.bandits.features import DIM
 from loraloop.core.bandits.linear import BanditState
 from loraloop.core.multi_lora import LoRABank, LoRAWeights
+from loraloop.learner.algos.reinforce import AdamState
+from loraloop.learner.applied import AppliedOffsets, Position
+from loraloop.learner.guard import GuardState
 
 log = logging.getLogger(__name__)
 MAX_APPLIED_IDS = 4096

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 
 import grpc
+
 from loraloop.service.validation import RequestError
 
 

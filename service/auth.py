@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from loraloop.service.log_throttle import LogThrottle
 
 from loraloop.core.user_ids import MAX_USER_ID_LEN, user_id_error
+from loraloop.service.log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 

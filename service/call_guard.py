@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+
 from loraloop.service.admission import ConcurrencyLimit
 from loraloop.service.validation import RequestError
 

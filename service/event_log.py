@@ -230,7 +230,8 @@ class EventLog:
     @property
     def dropped_by(self) -> dict[str, int]:
         """Events lost, by reason (see the module's docstring)."""
-        return self._stats.dropped | {"journal_torn": self.journal.torn}
+        dropped: dict[str, int] = dict(self._stats.dropped.items())
+        return dropped | {"journal_torn": self.journal.torn}
 
     @property
     def dropped(self) -> int:

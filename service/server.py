@@ -14,6 +14,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from loraloop.core.adapters.store import AdapterStore, AdapterStoreError
+from loraloop.core.adapters.version import AdapterVersion
+from loraloop.core.bandits.features import context_features
+from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
+from loraloop.core.metrics_exporter import start_metrics_exporter
+from loraloop.core.settings import Settings
 from loraloop.service.adapters import fallback
 from loraloop.service.adapters.registry import AdapterRegistry
 from loraloop.service.admission import ConcurrencyLimit
@@ -36,13 +43,6 @@ from loraloop.service.validation import (
     check_user,
     invalid,
 )
-
-from loraloop.core.adapters.store import AdapterStore, AdapterStoreError
-from loraloop.core.adapters.version import AdapterVersion
-from loraloop.core.bandits.features import context_features
-from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
-from loraloop.core.metrics_exporter import start_metrics_exporter
-from loraloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = api_pb2.DESCRIPTOR.services_by_name["LoraLoop"].full_name
@@ -132,7 +132,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             top_p=top_p,
             seed=decoding.seed,
         )
-        text = prompt if messages is None else "\n".join(f"{r}: {c}" for r, c in messages)
+        text = (prompt or "") if messages is None else "\n".join(f"{r}: {c}" for r, c in messages)
         return Prepared(gen, choice, [float(v) for v in context], text, started_ms)
 
     def _response(

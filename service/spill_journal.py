@@ -40,6 +40,7 @@ loop).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -84,7 +85,7 @@ class Position(NamedTuple):
 
     seq: int
     offset: int
-    count: int
+    records: int
 
 
 Record = tuple[Position, SpilledEvent]
@@ -222,7 +223,7 @@ class SpillJournal:
     def pending(self) -> int:
         """Records appended (or found at start-up) and not committed yet."""
         commit = self._commit
-        return self._records - (commit.count if commit.seq in self._segments else 0)
+        return self._records - (commit.records if commit.seq in self._segments else 0)
 
     # --- writing ------------------------------------------------------------------------
     def append(self, event: SpilledEvent) -> Position | None:
@@ -286,11 +287,11 @@ class SpillJournal:
                     break
                 raise
             if found is None:  # corrupted since it was checked: end the segment here
-                self._torn(seg, self._read.offset, self._read.count, "while reading")
+                self._torn(seg, self._read.offset, self._read.records, "while reading")
                 continue
             event, stop = found
             size += stop - self._read.offset
-            self._read = Position(seg.seq, stop, self._read.count + 1)
+            self._read = Position(seg.seq, stop, self._read.records + 1)
             out.append((self._read, event))
         return out
 
@@ -465,7 +466,7 @@ class SpillJournal:
             with contextlib.suppress(OSError):
                 reader[1].close()
 
-    def _reader_for(self, seg: _Segment) -> IO[bytes]:
+    def _reader_for(self, seg: _Segment) -> IO[builtins.bytes]:  # `bytes` is a property here
         if self._reader is None or self._reader[0] != seg.seq:
             self._close_reader()
             self._reader = (seg.seq, open(seg.path, "rb"))  # noqa: SIM115 - closed on change

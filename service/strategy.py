@@ -12,7 +12,6 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
-from loraloop.service.validation import invalid
 
 from loraloop.core.bandits import linucb, thompson
 from loraloop.core.bandits.arms import Arm, load_arms
@@ -21,6 +20,7 @@ from loraloop.core.bandits.linear import POPULATION, BanditState, posterior
 from loraloop.core.gen.loraloop.v1 import events_pb2
 from loraloop.core.kafka.follow import TopicFollower
 from loraloop.core.settings import Settings
+from loraloop.service.validation import invalid
 
 
 @dataclass(frozen=True)

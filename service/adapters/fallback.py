@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from loraloop.core.adapters.version import AdapterVersion
 from loraloop.service.adapters.registry import AdapterRegistry
 from loraloop.service.engines.protocol import (
     AdapterLoadError,
@@ -23,8 +24,6 @@ from loraloop.service.engines.protocol import (
     GenerationResult,
     TokenChunk,
 )
-
-from loraloop.core.adapters.version import AdapterVersion
 
 MAX_FALLBACKS = 8  # older versions tried before answering with the error
 

@@ -60,7 +60,7 @@ class GrowingLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized or self._kbuf is None:
             self.set(key_states, value_states)
-            return self.keys, self.values
+            return self.kv()
         end = self._len + key_states.shape[2]
         self._ensure(key_states, key_states.shape[0], end)
         assert self._kbuf is not None and self._vbuf is not None
@@ -68,10 +68,15 @@ class GrowingLayer(DynamicLayer):
         self._vbuf[:, :, self._len : end] = value_states
         self._len = end
         self.keys, self.values = self._kbuf[:, :, :end], self._vbuf[:, :, :end]
-        return self.keys, self.values
+        return self.kv()
 
     def get_seq_length(self) -> int:
         return self._len if self.is_initialized else 0
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values (set once the layer holds rows)."""
+        assert self.keys is not None and self.values is not None, "an empty cache layer"
+        return self.keys, self.values
 
 
 def _new_cache() -> DynamicCache:
@@ -160,9 +165,11 @@ class RunningBatch:
         old_len, new_len = self.mask.shape[1], mask.shape[1]
         width = max(old_len, new_len)
         for mine, theirs in zip(_layers(self.cache), _layers(cache), strict=True):
-            k = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-            v = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
-            mine.set(k, v)
+            (mk, mv), (tk, tv) = mine.kv(), theirs.kv()
+            mine.set(
+                torch.cat([_left_pad(mk, width), _left_pad(tk, width)]),
+                torch.cat([_left_pad(mv, width), _left_pad(tv, width)]),
+            )
         self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
         self.positions = torch.cat([self.positions, positions])
         self.slots = self.slots + slots
@@ -193,9 +200,10 @@ class RunningBatch:
         self.mask = mask[:, first:]
         assert self.cache is not None
         for layer in _layers(self.cache):
+            keys, values = layer.kv()
             layer.set(
-                layer.keys.index_select(0, index)[:, :, first:],
-                layer.values.index_select(0, index)[:, :, first:],
+                keys.index_select(0, index)[:, :, first:],
+                values.index_select(0, index)[:, :, first:],
             )
         self.positions = self.positions.index_select(0, index)
         self.slots = [self.slots[i] for i in rows]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from loraloop.service.engines.protocol import Engine
-
 from loraloop.core.settings import Settings
+from loraloop.service.engines.protocol import Engine
 
 
 def build_engine(settings: Settings) -> Engine:

@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from loraloop.core.model_loading import LoadedModel, load_model
+from loraloop.core.multi_lora import BASE_SLOT
+from loraloop.core.settings import Settings
 from loraloop.service.adapters.host_cache import HostAdapterCache
 from loraloop.service.adapters.slots import AdapterSlots, SlotsPinned
 from loraloop.service.engines.batching import RunningBatch
@@ -33,10 +37,6 @@ from loraloop.service.engines.protocol import (
     adapter_load_error,
     encode_with,
 )
-
-from loraloop.core.model_loading import LoadedModel, load_model
-from loraloop.core.multi_lora import BASE_SLOT
-from loraloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 _DONE = object()

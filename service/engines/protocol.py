@@ -68,7 +68,8 @@ class AdapterLoadError(RuntimeError):
 def adapter_load_error(ref: AdapterVersion, exc: BaseException) -> AdapterLoadError:
     """AdapterLoadError for `exc` from reading `ref`: transient when an OSError caused it
     (readers wrap I/O errors in ValueError; the cause chain still names them)."""
-    transient, cause = False, exc
+    transient = False
+    cause: BaseException | None = exc
     while cause is not None and not transient:
         transient = isinstance(cause, OSError)
         cause = cause.__cause__

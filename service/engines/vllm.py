@@ -28,6 +28,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from loraloop.core.adapters.peft_format import read_peft_dir, to_peft_files
+from loraloop.core.adapters.version import AdapterVersion
+from loraloop.core.model_loading import resolve_model_path
+from loraloop.core.multi_lora import LoRAWeights
+from loraloop.core.settings import Settings
 from loraloop.service.engines.protocol import (
     AdapterLoadError,
     Engine,
@@ -36,12 +41,6 @@ from loraloop.service.engines.protocol import (
     adapter_load_error,
     encode_with,
 )
-
-from loraloop.core.adapters.peft_format import read_peft_dir, to_peft_files
-from loraloop.core.adapters.version import AdapterVersion
-from loraloop.core.model_loading import resolve_model_path
-from loraloop.core.multi_lora import LoRAWeights
-from loraloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 _VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # max_lora_rank values vLLM accepts

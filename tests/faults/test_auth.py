@@ -16,13 +16,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from loraloop.service.auth import ApiKeyConfigError, ApiKeys, RefusalLog, parse_api_keys
-from loraloop.service.server import create_server
 
 from loadtests.config import LoadConfig
 from loadtests.generator import run_load
 from loraloop.client import LoraLoopClient
 from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc
+from loraloop.service.auth import ApiKeyConfigError, ApiKeys, RefusalLog, parse_api_keys
+from loraloop.service.server import create_server
 from tests.support import InProcessServer, isolated_settings
 
 ADMIN = "adm-" + secrets.token_urlsafe(24)

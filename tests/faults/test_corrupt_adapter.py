@@ -12,9 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from kafka import KafkaProducer
-from loraloop.learner.loop import Learner
-from loraloop.learner.user_models import initial_weights
-from loraloop.service.adapters.registry import AdapterRegistry
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,6 +23,9 @@ from loraloop.core.gen.loraloop.v1 import events_pb2
 from loraloop.core.kafka.admin import ensure_loraloop_topics
 from loraloop.core.multi_lora import LoRAWeights
 from loraloop.core.settings import Settings
+from loraloop.learner.loop import Learner
+from loraloop.learner.user_models import initial_weights
+from loraloop.service.adapters.registry import AdapterRegistry
 from tests.faults.crash_support import EventStream
 from tests.support import InProcessServer, isolated_settings, wait_until
 

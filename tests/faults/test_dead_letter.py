@@ -18,6 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka import KafkaProducer
+
+from loraloop.core.adapters.store import AdapterStore
+from loraloop.core.gen.loraloop.v1 import common_pb2, events_pb2
+from loraloop.core.settings import Settings
 from loraloop.learner.dead_letter import (
     HEADER_ERROR,
     HEADER_GROUP,
@@ -27,10 +31,6 @@ from loraloop.learner.dead_letter import (
     header_values,
 )
 from loraloop.learner.loop import Learner
-
-from loraloop.core.adapters.store import AdapterStore
-from loraloop.core.gen.loraloop.v1 import common_pb2, events_pb2
-from loraloop.core.settings import Settings
 from tests.support import isolated_settings, read_topic, wait_until
 
 pytestmark = pytest.mark.kafka

@@ -17,8 +17,6 @@ from typing import Any
 
 import pytest
 from kafka import KafkaProducer
-from loraloop.learner.deletions import ORIGIN_HEADER
-from loraloop.learner.loop import Learner
 
 from loraloop.client import LoraLoopClient
 from loraloop.configs import DEMO_ARMS
@@ -26,6 +24,8 @@ from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.gen.loraloop.v1 import events_pb2
 from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.learner.deletions import ORIGIN_HEADER
+from loraloop.learner.loop import Learner
 from tests.support import (
     InProcessServer,
     feedback_event,

@@ -24,9 +24,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from loraloop.service.event_log import EventLog, SpillDirUnusable
-from loraloop.service.metrics import ServerMetrics
-from loraloop.service.spill_journal import SpilledEvent, SpillJournal
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -34,6 +31,9 @@ from prometheus_client.samples import Sample
 from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
 from loraloop.core.kafka.admin import create_topics, ensure_loraloop_topics
 from loraloop.devtools.kafka_broker import KafkaBroker
+from loraloop.service.event_log import EventLog, SpillDirUnusable
+from loraloop.service.metrics import ServerMetrics
+from loraloop.service.spill_journal import SpilledEvent, SpillJournal
 from tests.support import InProcessServer, isolated_settings, own_broker, read_topic, wait_until
 
 pytestmark = pytest.mark.kafka

@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 from kafka import KafkaProducer, TopicPartition
-from loraloop.learner.deletions import DELETED_AT_HEADER, ORIGIN_HEADER
-from loraloop.learner.loop import Learner
 
 from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.kafka.admin import ensure_loraloop_topics
 from loraloop.core.settings import Settings
+from loraloop.learner.deletions import DELETED_AT_HEADER, ORIGIN_HEADER
+from loraloop.learner.loop import Learner
 from tests.support import feedback_event, interaction_event, isolated_settings, read_topic
 
 pytestmark = pytest.mark.kafka

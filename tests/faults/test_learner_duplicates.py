@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaProducer
-from loraloop.learner.loop import Learner
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraloop.core.adapters.store import AdapterStore
+from loraloop.learner.loop import Learner
 from tests.support import feedback_event, interaction_event, isolated_settings
 
 pytestmark = pytest.mark.kafka

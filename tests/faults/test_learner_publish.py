@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
-from loraloop.learner.loop import Learner
-from loraloop.learner.outbox import Outbox, Outgoing
 
 from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.kafka.admin import ensure_loraloop_topics, topic_configs
 from loraloop.core.settings import Settings
 from loraloop.devtools.kafka_broker import KafkaBroker
+from loraloop.learner.loop import Learner
+from loraloop.learner.outbox import Outbox, Outgoing
 from tests.faults.crash_support import announced_versions
 from tests.faults.test_learner_deletions import _drain, _send_pair
 from tests.support import isolated_settings, own_broker, read_topic

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from kafka import KafkaProducer
-from loraloop.learner.applied import AppliedOffsets
-from loraloop.learner.loop import Learner
 
 from loraloop.core.adapters.peft_format import read_peft_dir
 from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.adapters.version import ADAPTER_WEIGHTS, LEARNER_STATE
 from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.learner.applied import AppliedOffsets
+from loraloop.learner.loop import Learner
 from tests.faults.test_learner_deletions import _drain, _send_pair
 from tests.support import isolated_settings
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaProducer
-from loraloop.learner.loop import Learner
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraloop.client import LoraLoopClient
 from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.learner.loop import Learner
 from tests.faults.crash_support import (
     USERS,
     EventStream,

@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+
 from loraloop.service.spill_journal import MAGIC, SpilledEvent, SpillJournal
 
 ROOT = Path(__file__).resolve().parents[2]

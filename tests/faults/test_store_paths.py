@@ -16,14 +16,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka import KafkaProducer
-from loraloop.learner.loop import Learner
-from loraloop.service.adapters.registry import AdapterRegistry
 
 from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.adapters.version import ADAPTER_WEIGHTS
 from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
 from loraloop.core.kafka.admin import ensure_loraloop_topics
 from loraloop.core.user_ids import user_id_error
+from loraloop.learner.loop import Learner
+from loraloop.service.adapters.registry import AdapterRegistry
 from tests.support import InProcessServer, isolated_settings
 
 BAD_IDS = [

@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loraloop.service.tls import TlsConfigError, server_credentials
 
 from loraloop.client import LoraLoopClient, tls_credentials
 from loraloop.core.settings import Settings
+from loraloop.service.tls import TlsConfigError, server_credentials
 from tests.support import InProcessServer, isolated_settings
 
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import yaml
-from loraloop.service.auth import parse_api_keys
 
 from loraloop.core.settings import Settings
+from loraloop.service.auth import parse_api_keys
 from tests.ops_tools import INSTALL_HINT, find_tool, kubernetes_schemas
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -24,14 +24,14 @@ import pytest
 pytestmark = pytest.mark.kafka
 
 ROOT = Path(__file__).resolve().parents[2]
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-        + [str(ROOT), "-w", str(out)],
+        [*PIP, "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(out)],
         check=True,
         capture_output=True,
         timeout=300,
@@ -55,8 +55,7 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     main_site = sysconfig.get_paths()["purelib"]
     Path(site, "_suite_packages.pth").write_text(f"import site; site.addsitedir({main_site!r})\n")
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps"]
-        + [str(wheel)],
+        [*PIP, "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
         check=True,
         capture_output=True,
         timeout=300,

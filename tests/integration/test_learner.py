@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaProducer
-from loraloop.learner.loop import KafkaUnavailableError, Learner
 
 from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.gen.loraloop.v1 import common_pb2, events_pb2
+from loraloop.learner.loop import KafkaUnavailableError, Learner
 from tests.support import isolated_settings
 
 pytestmark = pytest.mark.kafka

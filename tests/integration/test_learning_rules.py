@@ -9,9 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from kafka import KafkaProducer
-from loraloop.learner import ope
-from loraloop.learner.loop import Learner
-from loraloop.learner.ope_report import read_logs, run_ope
 
 from loraloop.client import LoraLoopClient
 from loraloop.configs import DEMO_ARMS
@@ -19,6 +16,9 @@ from loraloop.core.adapters.peft_format import read_peft_dir
 from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.bandits.features import DIM
 from loraloop.core.gen.loraloop.v1 import events_pb2
+from loraloop.learner import ope
+from loraloop.learner.loop import Learner
+from loraloop.learner.ope_report import read_logs, run_ope
 from tests.support import (
     InProcessServer,
     feedback_event,

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from loraloop.service.adapters.host_cache import HostAdapterCache, adapter_bytes
-from loraloop.service.adapters.slots import AdapterSlots, SlotsPinned
 
 from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.multi_lora import LoRAWeights
+from loraloop.service.adapters.host_cache import HostAdapterCache, adapter_bytes
+from loraloop.service.adapters.slots import AdapterSlots, SlotsPinned
 
 KIB = 1024
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from loraloop.service.adapters.slots import AdapterSlots
 
 from loraloop.core.multi_lora import LoRAWeights
+from loraloop.service.adapters.slots import AdapterSlots
 
 
 class Recorder:

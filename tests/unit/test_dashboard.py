@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from loraloop.learner.metrics import LearnerMetrics
 from loraloop.service.metrics import ServerMetrics
-
 from tests.ops_tools import INSTALL_HINT, find_tool
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "ops" / "grafana" / "loraloop-dashboard.json"

@@ -3,9 +3,8 @@ anything still held in memory."""
 
 from __future__ import annotations
 
-from loraloop.learner.joiner import Joiner
-
 from loraloop.core.gen.loraloop.v1 import common_pb2, events_pb2
+from loraloop.learner.joiner import Joiner
 
 I_TOPIC, F_TOPIC = "interactions", "feedback"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from loraloop.learner import ope
 
 THETA = np.array([[0.2, 0.5], [0.6, -0.3], [0.1, 0.1]])  # true reward weights per arm

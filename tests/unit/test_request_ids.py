@@ -6,6 +6,7 @@ import hashlib
 import hmac
 
 import pytest
+
 from loraloop.service.request_ids import RequestIds
 
 

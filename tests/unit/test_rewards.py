@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pydantic
 import pytest
-from loraloop.learner.rewards import RewardConfig, reward, reward_config
 
 from loraloop.core.gen.loraloop.v1 import common_pb2
 from loraloop.core.settings import Settings
+from loraloop.learner.rewards import RewardConfig, reward, reward_config
 
 
 def sig(**kw) -> common_pb2.FeedbackSignals:

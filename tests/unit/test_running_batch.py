@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loraloop.service.engines.batching import RunningBatch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loraloop.core.multi_lora import LoRABank, LoRAWeights
+from loraloop.service.engines.batching import RunningBatch
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from loraloop.service.engines.hf import sample_tokens
 
 V = 6

@@ -6,6 +6,9 @@ import math
 
 import grpc
 import pytest
+
+from loraloop.core.gen.loraloop.v1 import api_pb2, common_pb2
+from loraloop.core.settings import Settings
 from loraloop.service.validation import (
     MAX_PROMPT_CHARS,
     RequestError,
@@ -14,9 +17,6 @@ from loraloop.service.validation import (
     check_signals,
     check_user,
 )
-
-from loraloop.core.gen.loraloop.v1 import api_pb2, common_pb2
-from loraloop.core.settings import Settings
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -27,7 +27,7 @@ def to_peft_files(weights: LoRAWeights, base_model: str, targets: list[str]) -> 
 
     config = LoraConfig(
         r=weights.rank,
-        lora_alpha=weights.alpha,
+        lora_alpha=weights.alpha,  # type: ignore[arg-type]  # peft says int; floats work
         target_modules=sorted(targets),
         lora_dropout=0.0,
         bias="none",
