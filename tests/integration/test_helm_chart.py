@@ -18,8 +18,10 @@ from tests.ops_tools import INSTALL_HINT, find_tool, kubernetes_schemas
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "loraloop"
+MODEL_VALUES = Path(__file__).with_name("helm_model_values.yaml")
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 KUBE_VERSION = "1.33.0"
+KUBE = ("--kube-version", KUBE_VERSION)
 CRDS = {"ServiceMonitor"}  # not in the core schemas: checked by hand below
 
 
@@ -38,6 +40,8 @@ def render(helm: str, values: Path) -> tuple[str, list[dict[str, Any]]]:
             "template",
             "demo",
             str(CHART),
+            "-f",
+            str(MODEL_VALUES),
             "-f",
             str(values),
             "--namespace",
@@ -255,7 +259,7 @@ def render_error(helm: str, values: dict[str, Any], tmp_path: Path) -> str:
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump(values))
     result = subprocess.run(
-        [helm, "template", "demo", str(CHART), "-f", str(path), "--kube-version", KUBE_VERSION],
+        [helm, "template", "demo", str(CHART), "-f", str(MODEL_VALUES), "-f", str(path), *KUBE],
         capture_output=True,
         text=True,
     )
@@ -264,6 +268,14 @@ def render_error(helm: str, values: dict[str, Any], tmp_path: Path) -> str:
 
 
 KEYS_SET = {"secrets": {"apiKeys": "ci-placeholder-0123456789abcdef=*"}}
+
+
+def test_a_base_model_is_required(helm: str, tmp_path: Path) -> None:
+    """No default model: a pod must never build or download one at start-up."""
+    for model in ("", "  "):
+        values = {**KEYS_SET, "config": {"model": model}}
+        values["secrets"] = {**KEYS_SET["secrets"], "requestIdSecret": "a-real-one-0123"}
+        assert "config.model is empty" in render_error(helm, values, tmp_path)
 
 
 def test_auth_with_the_default_request_id_secret_does_not_render(helm: str, tmp_path: Path) -> None:
@@ -303,14 +315,7 @@ def test_tls_needs_a_secret_and_can_probe_with_a_command(helm: str, tmp_path: Pa
 def test_api_keys_are_required_unless_turned_off(helm: str, tmp_path: Path) -> None:
     """auth.required (on by default) renders LORALOOP_AUTH_REQUIRED, a Secret whose keys the
     server accepts, and no chart at all when the keys are missing."""
-    bare = tmp_path / "no-keys.yaml"
-    bare.write_text("{}\n")
-    result = subprocess.run(
-        [helm, "template", "demo", str(CHART), "-f", str(bare), "--kube-version", KUBE_VERSION],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode != 0 and "secrets.apiKeys is empty" in result.stderr
+    assert "secrets.apiKeys is empty" in render_error(helm, {}, tmp_path)
     for values in CI_VALUES:
         chosen = yaml.safe_load(values.read_text()) or {}
         required = chosen.get("auth", {}).get("required", True)
