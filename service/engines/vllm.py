@@ -11,9 +11,11 @@ Every request is served with an adapter: cold users get an all-zero adapter (exa
 model). In vLLM a batch mixing LoRA and no-LoRA requests gave the no-LoRA request the last
 adapter's output (an open upstream bug), so no request here is ever without one.
 
-Per-token log-probabilities of the sampled tokens come back with every chunk (vLLM's raw
-log-probs: the model's own distribution, as the hf engine reports for greedy rows); they are
-recorded as the behaviour policy. Only this module imports vllm, and only when chosen.
+Per-token log-probabilities of the sampled tokens come back with every chunk. They are
+vLLM's *processed* log-probs (`logprobs_mode="processed_logprobs"`): those of the
+distribution actually sampled from, after temperature and top-p, as the hf engine reports;
+the learner records them as the behaviour policy. Only this module imports vllm, and only
+when chosen.
 """
 
 from __future__ import annotations

@@ -21,14 +21,15 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
-from loraloop.service.engines.base import AdapterLoadError, AdapterRef, Engine, GenerationRequest
 
-from loraloop.core.adapter_store import AdapterStore
+from loraloop.core.adapters.peft_format import to_peft_files
+from loraloop.core.adapters.store import AdapterStore
+from loraloop.core.adapters.version import AdapterVersion as AdapterRef
 from loraloop.core.logprobs import response_logprobs
 from loraloop.core.model_loading import LoadedModel, load_model
 from loraloop.core.multi_lora import BASE_SLOT, LoRAWeights
-from loraloop.core.peft_format import to_peft_files
 from loraloop.core.settings import Settings
+from loraloop.service.engines.protocol import AdapterLoadError, Engine, GenerationRequest
 
 T = TypeVar("T")
 PROMPTS = ["How do I cook rice?", "What should I see in Tokyo?", "Tell me about bread"]
@@ -162,7 +163,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def engine(
     request: pytest.FixtureRequest, world: dict[str, Any]
 ) -> Iterator[tuple[Engine, LoopThread]]:
-    from loraloop.service.engines.base import build_engine
+    from loraloop.service.engines.factory import build_engine
 
     settings = world["settings"].model_copy(
         update={"engine": request.param, "adapter_slots": 4, "max_batch_size": 8}

@@ -10,13 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from loraloop.learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
-from loraloop.learner.user_models import initial_weights
 
 from loraloop.core.logprobs import response_logprobs
 from loraloop.core.model_loading import LoadedModel, load_model
 from loraloop.core.multi_lora import LoRABank, LoRAWeights
 from loraloop.core.settings import Settings
+from loraloop.learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
+from loraloop.learner.user_models import initial_weights
+from tests.tolerances import adam_atol, backward_atol, float64_model, rounding_atol
 
 SLOTS = 4
 # The exact-KL penalty (kl_coef) is newer than the REINFORCE core: the REINFORCE checks
@@ -38,12 +39,22 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     return load_model(Settings(adapter_store=tmp_path_factory.mktemp("store")), slots=SLOTS)
 
 
+@pytest.fixture(scope="module")
+def lm64(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """The same model and bank in float64, for the checks that two paths compute the same
+    step: batched and per user sum in other orders, which float32 cannot tell from a bug
+    once Adam has divided by sqrt(v) + eps (see tests/tolerances.py)."""
+    settings = Settings(adapter_store=tmp_path_factory.mktemp("store64"))
+    return float64_model(load_model(settings, slots=SLOTS))
+
+
 @pytest.fixture(autouse=True)
-def _clean_bank(lm: LoadedModel) -> Iterator[None]:
+def _clean_bank(lm: LoadedModel, lm64: LoadedModel) -> Iterator[None]:
     yield
-    lm.bank.set_rows(None)
-    for slot in range(1, SLOTS):
-        lm.bank.clear(slot)
+    for m in (lm, lm64):
+        m.bank.set_rows(None)
+        for slot in range(1, SLOTS):
+            m.bank.clear(slot)
 
 
 def encode(lm: LoadedModel, text: str) -> list[int]:
@@ -82,6 +93,38 @@ def assert_weights_close(a: LoRAWeights, b: LoRAWeights, atol: float) -> None:
     for n in a.a:
         torch.testing.assert_close(a.a[n], b.a[n], atol=atol, rtol=0)
         torch.testing.assert_close(a.b[n], b.b[n], atol=atol, rtol=0)
+
+
+def float32_sum_atol(lm: LoadedModel, scale: float) -> float:
+    """Losses and KLs come out of `response_distributions`' float32 log-softmax (in the
+    float64 model too): sums over the vocabulary of values of total size `scale`."""
+    return rounding_atol(torch.float32, scale, lm.model.config.vocab_size)
+
+
+def pg_scale(lm: LoadedModel, user: UserBatch, advantages: list[float]) -> float:
+    """Size of the policy-gradient loss's terms, sum_i |A_i * mean_t log p| / n (the loss
+    itself can be much smaller: advantages of both signs cancel)."""
+    lps = mean_logps(lm, user.weights, user.prompts, user.responses)
+    return sum(abs(a * lp) for a, lp in zip(advantages, lps, strict=True)) / len(lps)
+
+
+def kl_scale(lm: LoadedModel, kl: float) -> float:
+    """Size of a KL's terms: sum_v p |log p - log p0| <= H(p) + H(p, p0) = 2 H(p) + KL, and
+    H(p) <= log V."""
+    return 2 * math.log(lm.model.config.vocab_size) + kl
+
+
+def grad_atol(lm: LoadedModel, grad_norm: float) -> float:
+    """How far two summation orders may move a user's gradient: every component is at most
+    the user's gradient norm."""
+    return backward_atol(lm.model.config, next(lm.model.parameters()).dtype, grad_norm)
+
+
+def adapter_size(lm: LoadedModel) -> int:
+    """Number of one user's adapter weights (the norm sums that many squares)."""
+    return sum(
+        layer.lora_A[0].numel() + layer.lora_B[0].numel() for layer in lm.bank.layers.values()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +187,8 @@ def test_zero_advantage_leaves_weights_unchanged(lm, data) -> None:
     assert user.adam.step == 0  # a numerically zero gradient takes no Adam step
 
 
-def test_batched_users_equal_separate_steps(lm, data) -> None:
+def test_batched_users_equal_separate_steps(lm64, data) -> None:
+    lm = lm64  # the same math in another summation order: float64, see tests/tolerances.py
     prompts, responses = data
     extra_p = [encode(lm, "user: Any tips for tennis?\nassistant:")]
     extra_r = [encode(lm, " Keep your eye on the ball.")[1:]]
@@ -159,14 +203,20 @@ def test_batched_users_equal_separate_steps(lm, data) -> None:
 
     a_alone, b_alone = make()
     a_both, b_both = make()
+    drift = [0.0, 0.0]  # per user: how far the weights may have drifted apart so far
+    g_atol = [0.0, 0.0]
     for _ in range(2):  # two steps, so Adam's carried state is compared too
+        scales = [pg_scale(lm, u, [r - u.baseline for r in u.rewards]) for u in (a_alone, b_alone)]
         (ua,) = reinforce_step(lm, [a_alone], cfg)
         (ub,) = reinforce_step(lm, [b_alone], cfg)
         ua2, ub2 = reinforce_step(lm, [a_both, b_both], cfg)
-        for one, two in ((ua, ua2), (ub, ub2)):
-            assert_weights_close(one.weights, two.weights, atol=1e-6)
-            assert one.loss == pytest.approx(two.loss, abs=1e-6)
-            assert one.grad_norm == pytest.approx(two.grad_norm, rel=1e-4)
+        for k, (one, two) in enumerate(((ua, ua2), (ub, ub2))):
+            g_atol[k] = max(g_atol[k], grad_atol(lm, one.grad_norm))
+            drift[k] += adam_atol(g_atol[k], cfg.learning_rate, cfg.adam_eps, steps=1)
+            assert_weights_close(one.weights, two.weights, atol=drift[k])
+            assert one.loss == pytest.approx(two.loss, abs=float32_sum_atol(lm, scales[k]))
+            norm_atol = math.sqrt(adapter_size(lm)) * g_atol[k]  # |d||g||| <= ||dg||
+            assert one.grad_norm == pytest.approx(two.grad_norm, abs=norm_atol, rel=0)
             assert one.baseline == pytest.approx(two.baseline)
         assert diff(ua.weights, a_alone.weights) > 1e-4  # the step did something
         for alone, both, ualone, uboth in ((a_alone, a_both, ua, ua2), (b_alone, b_both, ub, ub2)):
@@ -174,7 +224,9 @@ def test_batched_users_equal_separate_steps(lm, data) -> None:
             alone.baseline, both.baseline = ualone.baseline, uboth.baseline
     assert a_alone.adam.step == a_both.adam.step == 2
     for key in a_alone.adam.m:
-        torch.testing.assert_close(a_alone.adam.m[key], a_both.adam.m[key], atol=1e-6, rtol=1e-4)
+        # m: a weighted mean of the clipped gradients (clipping at most doubles a change)
+        m_alone, m_both = a_alone.adam.m[key], a_both.adam.m[key]
+        torch.testing.assert_close(m_alone, m_both, atol=2 * g_atol[0], rtol=0)
 
 
 def _manual_grad_norm(lm, w, prompts, responses, rewards, baseline) -> float:
@@ -364,7 +416,8 @@ def test_kl_at_the_base_model_with_zero_advantage_moves_nothing(lm, data) -> Non
 
 
 @needs_kl
-def test_kl_value_and_loss_by_hand(lm, data) -> None:
+def test_kl_value_and_loss_by_hand(lm64, data) -> None:
+    lm = lm64  # one row at a time vs the step's batch: float64, see tests/tolerances.py
     prompts, responses = data
     w = random_weights(lm.bank, 13, scale=0.1)
     rewards, b, beta = [0.9, -0.4], 0.1, 0.3
@@ -372,9 +425,11 @@ def test_kl_value_and_loss_by_hand(lm, data) -> None:
     assert min(kls) > 1e-4  # the adapter really is away from the base
     lps = mean_logps(lm, w, prompts, responses)
     (upd,) = reinforce_step(lm, [batch(w, prompts, responses, rewards, b)], config(kl_coef=beta))
-    assert upd.kl == pytest.approx(sum(kls) / 2, rel=1e-4)
-    pg = -sum((r - b) * lp for r, lp in zip(rewards, lps, strict=True)) / 2
-    assert upd.loss == pytest.approx(pg + beta * sum(kls) / 2, rel=1e-4)
+    kl_atol = float32_sum_atol(lm, kl_scale(lm, upd.kl))
+    assert upd.kl == pytest.approx(sum(kls) / 2, abs=kl_atol, rel=0)
+    terms = [(r - b) * lp for r, lp in zip(rewards, lps, strict=True)]
+    pg, pg_atol = -sum(terms) / 2, float32_sum_atol(lm, sum(map(abs, terms)) / 2)
+    assert upd.loss == pytest.approx(pg + beta * sum(kls) / 2, abs=pg_atol + beta * kl_atol)
 
 
 @needs_kl
@@ -390,21 +445,31 @@ def test_kl_alone_pulls_the_adapter_toward_the_base(lm, data) -> None:
 
 
 @needs_kl
-def test_kl_batched_users_equal_separate_steps(lm, data) -> None:
+def test_kl_batched_users_equal_separate_steps(lm64, data) -> None:
+    lm = lm64  # the same math in another summation order: float64, see tests/tolerances.py
     prompts, responses = data
     wa, wb = random_weights(lm.bank, 15), random_weights(lm.bank, 16)
     cfg = ReinforceConfig(kl_coef=0.2)
-    (ua,) = reinforce_step(lm, [batch(wa, prompts, responses, [1.0, 0.0])], cfg)
-    (ub,) = reinforce_step(lm, [batch(wb, prompts[:1], responses[:1], [-1.0])], cfg)
+    users = [
+        batch(wa, prompts, responses, [1.0, 0.0]),
+        batch(wb, prompts[:1], responses[:1], [-1.0]),
+    ]
+    # advantages: leave-one-out for a (1 - 0 and 0 - 1), the running baseline 0 for b
+    scales = [pg_scale(lm, users[0], [1.0, -1.0]), pg_scale(lm, users[1], [-1.0])]
+    (ua,) = reinforce_step(lm, [users[0]], cfg)
+    (ub,) = reinforce_step(lm, [users[1]], cfg)
     ua2, ub2 = reinforce_step(
         lm,
         [batch(wa, prompts, responses, [1.0, 0.0]), batch(wb, prompts[:1], responses[:1], [-1.0])],
         cfg,
     )
-    for one, two in ((ua, ua2), (ub, ub2)):
-        assert_weights_close(one.weights, two.weights, atol=1e-6)
-        assert one.kl == pytest.approx(two.kl, rel=1e-4, abs=1e-7)
-        assert one.loss == pytest.approx(two.loss, abs=1e-6)
+    for k, (one, two) in enumerate(((ua, ua2), (ub, ub2))):
+        atol = adam_atol(grad_atol(lm, one.grad_norm), cfg.learning_rate, cfg.adam_eps, steps=1)
+        assert_weights_close(one.weights, two.weights, atol=atol)
+        kl_atol = float32_sum_atol(lm, kl_scale(lm, one.kl))
+        assert one.kl == pytest.approx(two.kl, abs=kl_atol, rel=0)
+        loss_atol = float32_sum_atol(lm, scales[k]) + cfg.kl_coef * kl_atol
+        assert one.loss == pytest.approx(two.loss, abs=loss_atol, rel=0)
 
 
 def test_leave_one_out_baseline_by_hand(lm, data) -> None:
