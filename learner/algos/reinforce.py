@@ -22,10 +22,14 @@ by 300 interactions; a k1 KL estimate in the reward and positive-only advantages
 prevent it. The exact per-position KL over the full vocabulary (beta 0.05) did: reward
 0.86 at 100 interactions.
 
-Users' adapters are disjoint parameters, so the summed loss gives each user exactly the
-gradient of their own loss. Each user's gradient is clipped to `max_grad_norm`, then an
-Adam step (state kept per user) moves that user's adapter. After the step the baseline
-moves toward the new rewards: b_u <- d * b_u + (1 - d) * mean_i r_i.
+Users' adapters are disjoint parameters, so the summed loss gives each user the gradient of
+their own loss: in exact arithmetic the same as a step for that user alone; numerically equal
+in float64 up to rounding, and in float32 within rounding scaled by the gradient's size (tens
+of ulps of the largest gradient), as the batch sums in another order than a user alone, and
+BLAS's order differs between CPUs. Each user's gradient is
+clipped to `max_grad_norm`, then an Adam step (state kept per user) moves that user's
+adapter. After the step the baseline moves toward the new rewards:
+b_u <- d * b_u + (1 - d) * mean_i r_i.
 """
 
 from __future__ import annotations

@@ -50,7 +50,9 @@ def response_distributions(
             logits = model.get_output_embeddings()(hidden[rows, cols])
         else:
             logits = model(input_ids=ids, attention_mask=mask).logits[rows, cols]
-    return list(logits.float().log_softmax(-1).split(sizes))
+    # At least float32 (bf16 logits are promoted), and float64 stays float64.
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return list(wide.log_softmax(-1).split(sizes))
 
 
 def _head_on_hidden_states(model: PreTrainedModel) -> bool:

@@ -142,7 +142,9 @@ class LoRABank:
     @torch.no_grad()
     def load(self, slot: int, weights: LoRAWeights) -> None:
         """Copy an adapter into a slot. Lower ranks are zero-padded; the adapter's own
-        scaling is folded into B, so any rank/alpha up to the bank's rank is exact."""
+        scaling is folded into B, so any rank/alpha up to the bank's rank serves the same
+        adapter (folding rounds each B weight once unless the ratio of scalings is a power
+        of two)."""
         self._check_slot(slot)
         if weights.rank > self.rank:
             raise ValueError(

@@ -1,11 +1,13 @@
 """One contract for every engine (hf, vllm), checked against a reference forward pass.
 
-The reference is the tiny model with a multi-LoRA bank, decoded greedily by full forwards
-(no KV cache, no batching), so it shares no code with either engine's decode path. Each
-engine must: give that greedy output for the same adapter (alone and in a mixed batch with
-cold users), serve exactly the requested version (hot swap, no stale same-name cache),
+The reference is the tiny model with a multi-LoRA bank, scoring the engine's output by full
+forwards (no KV cache, no batching), so it shares no code with either engine's decode path.
+Each engine must: give the greedy output for the same adapter (alone and in a mixed batch
+with cold users), serve exactly the requested version (hot swap, no stale same-name cache),
 report per-token log-probs equal to the forward pass's, stream token by token, and refuse a
-corrupt adapter before the first token.
+corrupt adapter before the first token. "Greedy" and "equal" hold up to rounding: the engine
+sums in other orders (KV cache, batches, its own kernels), so its logits agree with the
+reference's to `logit_atol`, and a near-tie within that may go either way.
 
 The vllm half needs vllm importable (`scripts/install-vllm.sh`, then run pytest from
 .venv-vllm); elsewhere it is skipped with the reason.
@@ -24,12 +26,13 @@ import torch
 
 from loraloop.core.adapters.peft_format import to_peft_files
 from loraloop.core.adapters.store import AdapterStore
-from loraloop.core.adapters.version import AdapterVersion as AdapterRef
+from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.logprobs import response_logprobs
 from loraloop.core.model_loading import LoadedModel, load_model
 from loraloop.core.multi_lora import BASE_SLOT, LoRAWeights
 from loraloop.core.settings import Settings
 from loraloop.service.engines.protocol import AdapterLoadError, Engine, GenerationRequest
+from tests.tolerances import forward_atol, rounding_atol
 
 T = TypeVar("T")
 PROMPTS = ["How do I cook rice?", "What should I see in Tokyo?", "Tell me about bread"]
@@ -77,32 +80,81 @@ def make_adapter(lm: LoadedModel, seed: int) -> LoRAWeights:
     return w
 
 
+# vLLM runs its own kernels (attention, LoRA and sampler ops), whose rounding this file does
+# not model: its log-probs keep the bound they were first checked with (not derived here).
+VLLM_LOGPROB_ATOL = 2e-3
+
+
 class Reference:
-    """Greedy decoding and log-probs by plain full forwards through the bank."""
+    """Greedy checks and log-probs by plain full forwards through the bank."""
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
 
     @torch.no_grad()
-    def greedy(self, prompt: list[int], weights: LoRAWeights | None, n: int) -> list[int]:
+    def logits(self, prompt: list[int], response: list[int], weights: LoRAWeights | None):
+        """The float32 logits that predict each response token, `[len(response), V]`."""
         slot = BASE_SLOT
         if weights is not None:
             self.lm.bank.load(1, weights)
             slot = 1
-        ids = list(prompt)
-        eos = self.lm.tokenizer.eos_token_id
         with self.lm.bank.rows([slot]):
-            for _ in range(n):
-                logits = self.lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
-                ids.append(int(logits.argmax()))
-                if ids[-1] == eos:
-                    break
-        return ids[len(prompt) :]
+            out = self.lm.model(input_ids=torch.tensor([prompt + response])).logits[0].float()
+        return out[len(prompt) - 1 : len(prompt) - 1 + len(response)]
+
+    def logit_atol(self, eng: Engine, logits: torch.Tensor) -> float:
+        """How far the engine's logits may be from these: the same float32 forward summed
+        in other orders (`forward_atol`); for vLLM, half its log-prob bound (log p moves by
+        up to twice the logits' change)."""
+        if eng.settings.engine == "vllm":
+            return VLLM_LOGPROB_ATOL / 2
+        return forward_atol(self.lm.model.config, torch.float32, float(logits.abs().max()))
+
+    def assert_greedy(
+        self,
+        eng: Engine,
+        prompt: list[int],
+        weights: LoRAWeights | None,
+        got: list[int],
+        n: int,
+        label: object = "",
+    ) -> None:
+        """`got` is the greedy continuation of `prompt`: n tokens, or up to eos, each the
+        argmax of the reference's logits after the prompt and the tokens before it, or
+        within rounding of it (the engine's logits and these differ by up to `logit_atol`
+        each way, so a near-tie that close may be broken either way)."""
+        eos = self.lm.tokenizer.eos_token_id
+        assert 0 < len(got) <= n and eos not in got[:-1], (label, got)
+        assert len(got) == n or got[-1] == eos, (label, "stopped early without eos", got)
+        logits = self.logits(prompt, got, weights)
+        best = logits.max(-1).values
+        picked = logits.gather(-1, torch.tensor(got)[:, None]).squeeze(-1)
+        gap = best - picked  # 0 where the engine took the reference's argmax
+        assert float(gap.max()) <= 2 * self.logit_atol(eng, logits), (label, got, gap.tolist())
 
     @torch.no_grad()
     def logprobs(self, prompt: list[int], response: list[int], weights: LoRAWeights) -> list[float]:
         self.lm.bank.load(1, weights)
         return response_logprobs(self.lm.model, self.lm.bank, [prompt], [response], [1])[0].tolist()
+
+    def logprob_atol(
+        self,
+        eng: Engine,
+        prompt: list[int],
+        response: list[int],
+        weights: LoRAWeights,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> float:
+        """log_softmax(z / T) moves by up to 2 * |dz| / T; renormalising over a nucleus
+        (top_p < 1) by as much again (its log-mass is a log-sum-exp of the same values); and
+        the float32 log-softmax itself rounds a sum over V terms of size <= 1."""
+        if eng.settings.engine == "vllm":
+            return VLLM_LOGPROB_ATOL
+        logits = self.logits(prompt, response, weights)
+        factor = (2 if top_p >= 1.0 else 4) / temperature
+        vocab = self.lm.model.config.vocab_size
+        return factor * self.logit_atol(eng, logits) + rounding_atol(torch.float32, 1.0, vocab)
 
     @torch.no_grad()
     def sampled_logprobs(
@@ -127,6 +179,33 @@ class Reference:
             out.append(float((probs[token] / probs[keep].sum()).log()) if token in keep else -1e9)
         return out
 
+    def nucleus_slack(
+        self,
+        eng: Engine,
+        prompt: list[int],
+        response: list[int],
+        weights: LoRAWeights,
+        temperature: float,
+        top_p: float,
+    ) -> list[float]:
+        """Per token, how far the nucleus cut itself may move the log-prob. A token whose
+        preceding cumulative mass lies within rounding of top_p is in the engine's nucleus or
+        not by summation order (the engine's probabilities differ by up to 2 * logit_atol / T
+        relative, and each side's float32 cumsum rounds V terms of size <= 1); each such
+        token moves the normaliser by its mass, so log p by at most its share of the kept
+        mass. (This tiny model's nuclei hold hundreds of tokens, so near-ties are common.)"""
+        logits = self.logits(prompt, response, weights)
+        vocab = self.lm.model.config.vocab_size
+        window = 2 * self.logit_atol(eng, logits) / temperature
+        window += rounding_atol(torch.float32, 1.0, vocab)
+        out = []
+        for row in logits:
+            ranked = (row / temperature).softmax(-1).sort(descending=True).values
+            before = ranked.cumsum(-1) - ranked
+            near = (before - top_p).abs() <= window
+            out.append(float(ranked[near].sum() / ranked[before < top_p].sum()))
+        return out
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -136,7 +215,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     store = AdapterStore(store_dir)
     weights = {(u, v): make_adapter(lm, 10 * u + v) for u in range(3) for v in (1, 2)}
     refs = {
-        key: AdapterRef(
+        key: AdapterVersion(
             f"user{key[0]}",
             key[1],
             store.write(
@@ -154,7 +233,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "ref": Reference(lm),
         "weights": weights,
         "refs": refs,
-        "bad": AdapterRef("broken", 1, bad),
+        "bad": AdapterVersion("broken", 1, bad),
         "tokenizer": lm.tokenizer,
     }
 
@@ -176,7 +255,7 @@ def engine(
     loop.close()
 
 
-def _request(world: dict[str, Any], prompt: str, ref: AdapterRef | None, tag: str):
+def _request(world: dict[str, Any], prompt: str, ref: AdapterVersion | None, tag: str):
     ids = list(world["tokenizer"](prompt)["input_ids"])
     return GenerationRequest(f"contract-{tag}", ids, ref, TOKENS, temperature=0.0)
 
@@ -187,14 +266,14 @@ def test_greedy_output_matches_the_reference_for_each_adapter(engine, world) -> 
         key = (i % 3, 1)
         req = _request(world, prompt, world["refs"][key], f"greedy{i}")
         got = loop.run(eng.generate(req)).token_ids
-        assert got == world["ref"].greedy(req.prompt_token_ids, world["weights"][key], TOKENS)
+        world["ref"].assert_greedy(eng, req.prompt_token_ids, world["weights"][key], got, TOKENS)
 
 
 def test_cold_user_is_the_base_model(engine, world) -> None:
     eng, loop = engine
     req = _request(world, PROMPTS[0], None, "cold")
     got = loop.run(eng.generate(req)).token_ids
-    assert got == world["ref"].greedy(req.prompt_token_ids, None, TOKENS)
+    world["ref"].assert_greedy(eng, req.prompt_token_ids, None, got, TOKENS)
 
 
 def test_mixed_batch_of_adapters_and_cold_users(engine, world) -> None:
@@ -214,7 +293,7 @@ def test_mixed_batch_of_adapters_and_cold_users(engine, world) -> None:
     got = loop.run(all_at_once())
     for req, key, tokens in zip(reqs, keys, got, strict=True):
         weights = world["weights"][key] if key else None
-        assert tokens == world["ref"].greedy(req.prompt_token_ids, weights, TOKENS), key
+        world["ref"].assert_greedy(eng, req.prompt_token_ids, weights, tokens, TOKENS, key)
 
 
 def test_hot_swap_serves_exactly_the_requested_version(engine, world) -> None:
@@ -223,7 +302,7 @@ def test_hot_swap_serves_exactly_the_requested_version(engine, world) -> None:
         key = (1, version)
         req = _request(world, PROMPTS[1], world["refs"][key], f"swap{version}")
         got = loop.run(eng.generate(req)).token_ids
-        assert got == world["ref"].greedy(req.prompt_token_ids, world["weights"][key], TOKENS)
+        world["ref"].assert_greedy(eng, req.prompt_token_ids, world["weights"][key], got, TOKENS)
 
 
 def test_logprobs_match_a_forward_pass(engine, world) -> None:
@@ -233,7 +312,10 @@ def test_logprobs_match_a_forward_pass(engine, world) -> None:
     result = loop.run(eng.generate(req))
     expected = world["ref"].logprobs(req.prompt_token_ids, result.token_ids, world["weights"][key])
     assert len(result.logprobs) == len(result.token_ids)
-    assert result.logprobs == pytest.approx(expected, abs=2e-3)
+    atol = world["ref"].logprob_atol(
+        eng, req.prompt_token_ids, result.token_ids, world["weights"][key]
+    )
+    assert result.logprobs == pytest.approx(expected, abs=atol, rel=0)
 
 
 def test_sampled_logprobs_are_the_distribution_sampled(engine, world) -> None:
@@ -251,7 +333,10 @@ def test_sampled_logprobs_are_the_distribution_sampled(engine, world) -> None:
         ids, result.token_ids, world["weights"][key], temperature, top_p
     )
     assert len(result.logprobs) == len(result.token_ids) > 1
-    assert result.logprobs == pytest.approx(expected, abs=2e-3)
+    args = (eng, ids, result.token_ids, world["weights"][key], temperature, top_p)
+    atol, slack = world["ref"].logprob_atol(*args), world["ref"].nucleus_slack(*args)
+    for got, want, cut in zip(result.logprobs, expected, slack, strict=True):
+        assert abs(got - want) <= atol + cut, (result.logprobs, expected, atol, slack)
 
 
 def test_streams_token_by_token(engine, world) -> None:

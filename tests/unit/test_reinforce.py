@@ -1,5 +1,6 @@
 """REINFORCE step on the tiny Llama: direction of the update, zero-advantage no-op,
-batched == per-user, per-user clipping, baseline and loss by hand."""
+batched == per-user (in float64, up to rounding), per-user clipping, baseline and loss by
+hand."""
 
 from __future__ import annotations
 
