@@ -92,10 +92,10 @@ def test_server_and_learner_logs_hold_no_secret(
         auth_required=True,
         request_id_secret=REQUEST_ID_SECRET,
         log_json=True,
+        log_level="DEBUG",
         max_new_tokens=8,
     )
     ensure_loraloop_topics(settings)
-    monkeypatch.setenv("LORALOOP_LOG_LEVEL", "DEBUG")
     monkeypatch.delenv("LORALOOP_API_KEY", raising=False)
     server = Process(["serve"], settings, r"listening on [\d.]+:(\d+)", log=tmp_path / "server.log")
     learner = None
