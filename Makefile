@@ -55,6 +55,7 @@ bench: setup
 	$(PY) benchmarks/bench_adapter_cache.py
 	$(PY) benchmarks/bench_serving_overheads.py
 	$(PY) benchmarks/bench_learner_step.py
+	$(PY) benchmarks/bench_bandit_choice.py
 
 # Load tests (loadtests/README.md): ghz for the comparison, the scenarios, the capacity sweep.
 loadtest-tools:

@@ -59,12 +59,38 @@ def test_thompson_propensity_matches_choice_frequency() -> None:
         user.update("a", x1, r)
     user.update("b", x1, 0.5)
     post = posterior(user, None, ARMS, 1)
-    picks = [thompson.choose(post, x1, rng, noise=0.5, draws=400) for _ in range(1500)]
+    picks = [thompson.choose(post, x1, rng, noise=0.5) for _ in range(4000)]
     counts = np.bincount([p[0] for p in picks], minlength=3) / len(picks)
     for arm in range(3):
         reported = [p for a, p in picks if a == arm]
-        if reported:
-            assert np.mean(reported) == pytest.approx(counts[arm], abs=0.04)
+        if reported:  # the same propensity every time (same posterior): one number
+            assert max(reported) == pytest.approx(min(reported), abs=1e-12)
+            # 4 standard errors of a frequency from 4000 choices
+            assert reported[0] == pytest.approx(counts[arm], abs=4 * (0.25 / 4000) ** 0.5)
+
+
+@pytest.mark.parametrize(
+    ("means", "sds"),
+    [
+        ([0.1, 0.3, 0.25, -0.2, 0.0, 0.28], [0.3, 0.1, 0.2, 0.5, 0.05, 0.15]),  # mixed
+        ([0.0, 0.1, 0.05], [1.0, 1e-4, 0.0]),  # arms far sharper than the others: steps
+        ([0.5, 0.5], [0.2, 0.2]),  # a symmetric pair
+        ([2.0, 0.0, 0.0], [0.01, 0.01, 0.01]),  # one sure winner
+    ],
+)
+def test_thompson_propensity_matches_monte_carlo(means: list[float], sds: list[float]) -> None:
+    """The quadrature against a million draws of the scores: within 4 standard errors
+    of the Monte Carlo estimate plus the quadrature's own bound (1/QUANTILES per step)."""
+    m, s = np.array(means), np.array(sds)
+    rng = np.random.default_rng(7)
+    draws = 1_000_000
+    wins = np.bincount((m + s * rng.standard_normal((draws, len(m)))).argmax(1), minlength=len(m))
+    for k in range(len(m)):
+        mc = wins[k] / draws
+        tol = 4 * (max(mc * (1 - mc), 1e-6) / draws) ** 0.5 + len(m) / thompson.QUANTILES
+        assert thompson.win_probability(m, s, k) == pytest.approx(mc, abs=tol)
+    total = sum(thompson.win_probability(m, s, k) for k in range(len(m)))
+    assert total == pytest.approx(1.0, abs=len(m) / thompson.QUANTILES)
 
 
 def test_linucb_propensities_are_exact() -> None:
