@@ -341,6 +341,6 @@ def _run_users(
         plot_rewards(rewards, people, plot)
         where = f"plot: {plot}"
     except ImportError:  # matplotlib is the `demo` extra, not a dependency of the service
-        where = "no plot: pip install 'loraloop[demo]' for matplotlib"
+        where = "no plot: pip install 'loraloop\\[demo]' for matplotlib"  # \[: not rich markup
     console.print("  ".join(f"{n} {means[n]:.2f}" for n in series) + f"   (last {tail}); {where}")
     return code, rewards
