@@ -158,6 +158,17 @@ def _until(proc: subprocess.Popen[str], pattern: str, timeout: float = 120) -> s
     raise AssertionError(f"no line matching {pattern!r}:\n{''.join(seen)}")
 
 
+def _start(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["loraloop", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def _stop(proc: subprocess.Popen[str], sig: int) -> int:
     proc.send_signal(sig)
     try:
@@ -170,26 +181,12 @@ def _stop(proc: subprocess.Popen[str], sig: int) -> int:
 def test_installed_kafka_and_serve(outside: dict[str, str], tmp_path: Path) -> None:
     """`loraloop kafka` starts a broker from the packaged pom; `loraloop serve` serves on it;
     both stop on a signal."""
-    kafka = subprocess.Popen(
-        ["loraloop", "kafka", "--port", "0", "--data-dir", str(tmp_path / "kafka")],
-        env=outside,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    kafka = _start(outside, tmp_path, "kafka", "--port", "0", "--data-dir", str(tmp_path / "k"))
     try:
         started = _until(kafka, r"Kafka ready at")
         bootstrap = re.search(r"Kafka ready at (\S+)", started).group(1)  # type: ignore[union-attr]
         env = {**outside, "LORALOOP_KAFKA_BOOTSTRAP": bootstrap, "LORALOOP_PORT": "0"}
-        server = subprocess.Popen(
-            ["loraloop", "serve"],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        server = _start(env, tmp_path, "serve")
         try:
             _until(server, r"loraloop server listening on [\d.]+:\d+")
         finally:
