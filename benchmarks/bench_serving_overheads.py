@@ -6,14 +6,18 @@ model): hot-swap latency, the cost of event logging, and the gRPC layer's share 
   keeps asking, max_tokens=1). Target p95 <= 250 ms.
 - event logging: time spent building, serialising and queueing the Interaction event of a
   Generate (the server's `_response`, which also builds the reply). Target p99 <= 1 ms.
-- gRPC TTFT: time to the first streamed token through GenerateStream, from a client in its
-  own process (as a real client is: it does not share the server's GIL), vs `engine.stream`
-  on the server's own loop, same prompt, interleaved. Target <= 5 % more. Measured for the
+- gRPC and HTTP TTFT: time to the first streamed token through GenerateStream, and through
+  the OpenAI-compatible API (a streamed /v1/completions with the `openai` client, which the
+  server answers by calling the same GenerateStream), each from a client in its own process
+  (as a real client is: it does not share the server's GIL), vs `engine.stream` on the
+  server's own loop, same prompt, interleaved. Target <= 5 % more. Measured for the
   tiny model and for larger untrained Llamas with the tiny tokenizer (`--ttft-sizes`), with
-  a chat-sized prompt (~130 tokens): gRPC's cost is fixed, so its share depends on how long
-  the model takes to its first token.
+  a chat-sized prompt (~130 tokens): a protocol's cost is fixed, so its share depends on how
+  long the model takes to its first token.
 
     python benchmarks/bench_serving_overheads.py      # starts its own broker; ~3 minutes
+    python benchmarks/bench_serving_overheads.py --swaps 5 --requests 20 --ttft-pairs 20 \
+        --ttft-sizes ""                               # the small mode: tiny model only, ~1 minute
 """
 
 from __future__ import annotations
@@ -92,8 +96,27 @@ def _ttft_client(conn: Connection, target: str, prompt: str) -> None:
             conn.send(time.perf_counter() - start)
 
 
-def grpc_vs_direct_ttft(server: InProcessServer, pairs: int) -> tuple[list[float], list[float]]:
-    """Interleaved TTFT pairs: gRPC from a client process, then the engine called directly."""
+def _ttft_http_client(conn: Connection, base_url: str, model: str, prompt: str) -> None:
+    """Child process: the same, as a streamed /v1/completions through the openai client."""
+    import openai
+
+    with openai.OpenAI(base_url=base_url, api_key="none", max_retries=0) as client:
+        while conn.recv():
+            start = time.perf_counter()
+            stream = client.completions.create(
+                model=model, prompt=prompt, user="ttft", max_tokens=1, temperature=0.0, stream=True
+            )
+            for _ in stream:
+                break
+            conn.send(time.perf_counter() - start)
+            stream.close()
+
+
+def protocols_vs_direct_ttft(
+    server: InProcessServer, pairs: int
+) -> tuple[list[float], list[float], list[float]]:
+    """Interleaved TTFT triples: gRPC and HTTP from client processes, then the engine called
+    directly."""
     engine = server.running.service.engine
     ids = engine.encode(PROMPT, None)
 
@@ -108,19 +131,29 @@ def grpc_vs_direct_ttft(server: InProcessServer, pairs: int) -> tuple[list[float
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_ttft_client, args=(child, server.target, PROMPT), daemon=True)
     proc.start()
-    grpc_t, direct_t = [], []
+    assert server.running.http is not None
+    http_parent, http_child = ctx.Pipe()
+    args = (http_child, f"{server.running.http.url}/v1", engine.model_id, PROMPT)
+    http_proc = ctx.Process(target=_ttft_http_client, args=args, daemon=True)
+    http_proc.start()
+    grpc_t, http_t, direct_t = [], [], []
     try:
-        for i in range(pairs + 5):  # the first 5 pairs warm both paths up
+        for i in range(pairs + 5):  # the first 5 triples warm all paths up
             parent.send(True)
             g = parent.recv()
+            http_parent.send(True)
+            h = http_parent.recv()
             d = asyncio.run_coroutine_threadsafe(direct(), server.loop).result(120)
             if i >= 5:
                 grpc_t.append(g)
+                http_t.append(h)
                 direct_t.append(d)
     finally:
         parent.send(False)
+        http_parent.send(False)
         proc.join(30)
-    return grpc_t, direct_t
+        http_proc.join(30)
+    return grpc_t, http_t, direct_t
 
 
 def main() -> None:
@@ -185,7 +218,9 @@ def main() -> None:
                         * 0.1
                     )
                 stored = store.write(
-                    "swapper", version, to_peft_files(w, "tiny", settings.lora_targets)
+                    "swapper",
+                    version,
+                    to_peft_files(w, settings.model_id or settings.model, settings.lora_targets),
                 )
                 event = events_pb2.AdapterUpdated(
                     user_id="swapper",
@@ -231,24 +266,26 @@ def main() -> None:
 
 def ttft(settings: Settings, tmp: Path, sizes: str, pairs: int) -> None:
     print(
-        f"\n  TTFT, GenerateStream from a client process vs engine.stream in the server, "
-        f"{pairs} interleaved pairs, {len(PROMPT)}-character prompt, medians (target <= 5 %):"
+        f"\n  TTFT, GenerateStream (gRPC) and streamed /v1/completions (HTTP, openai client) "
+        f"from client processes vs engine.stream in the server, {pairs} interleaved triples, "
+        f"{len(PROMPT)}-character prompt, medians (target <= 5 %):"
     )
     for size in ["tiny", *filter(None, sizes.split(","))]:
         model = (
             settings.model if size == "tiny" else str(build_untrained(size, tmp / f"llama-{size}"))
         )
-        server = InProcessServer(settings.model_copy(update={"model": model}))
+        server = InProcessServer(settings.model_copy(update={"model": model, "http_port": 0}))
         try:
             tokens = len(server.running.service.engine.encode(PROMPT, None))
-            grpc_t, direct_t = grpc_vs_direct_ttft(server, pairs)
+            grpc_t, http_t, direct_t = protocols_vs_direct_ttft(server, pairs)
         finally:
             server.stop()
-        g, d = statistics.median(grpc_t), statistics.median(direct_t)
+        g, h = statistics.median(grpc_t), statistics.median(http_t)
+        d = statistics.median(direct_t)
         print(
-            f"    {size:<8} ({tokens} prompt tokens)  gRPC {g * 1000:7.2f} ms   engine direct "
-            f"{d * 1000:7.2f} ms   -> gRPC adds {100 * (g / d - 1):5.1f} % "
-            f"({(g - d) * 1000:.2f} ms)"
+            f"    {size:<8} ({tokens} prompt tokens)  engine direct {d * 1000:7.2f} ms   "
+            f"gRPC {g * 1000:7.2f} ms (+{100 * (g / d - 1):5.1f} %, {(g - d) * 1000:.2f} ms)   "
+            f"HTTP {h * 1000:7.2f} ms (+{100 * (h / d - 1):5.1f} %, {(h - d) * 1000:.2f} ms)"
         )
 
 

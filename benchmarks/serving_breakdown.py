@@ -135,7 +135,7 @@ def main() -> int:
                 med = [statistics.median(p[i] for p in parts) for i in range(6)]
                 rows.append((c, len(parts), result.elapsed, *med))
         finally:
-            asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result(60)
+            asyncio.run_coroutine_threadsafe(running.stop(1.0, drain=0), loop).result(60)
             loop.call_soon_threadsafe(loop.stop)
     base = rows[0]
     t = Table(title=f"Generate time breakdown (medians, ms), max_tokens {ns.max_tokens}")

@@ -6,9 +6,17 @@ the newest event timestamp seen, not the wall clock):
 - An interaction waits `wait_seconds` of event time for its feedback. When the window
   closes without feedback it becomes a sample with no feedback (the learner then uses the
   default reward, if one is configured) or is dropped: `expired` counts them.
-- Feedback that arrives after its interaction's window closed is *late*: it is counted
+- Feedback stamped more than `wait_seconds` after its interaction (both stamped by the
+  server: the request's start, the Feedback call) is *late*, whenever it is consumed; so
+  is feedback that arrives after its interaction's window closed. Late feedback is counted
   and dropped, because the default reward already stood in for it (as in Azure
-  Personalizer: the reward wait time is a contract).
+  Personalizer: the reward wait time is a contract). The server applies the same rule to
+  its answer (FeedbackResponse.accepted), from the issue time in the request id.
+- Repeated feedback on one request follows `aggregation` (setting feedback_aggregation),
+  as the server's answer does: "earliest" joins the first feedback at once and counts any
+  later one as a duplicate; "sum" keeps the interaction until its window closes and joins
+  every feedback that came within it (the learner adds their rewards). An exact copy of a
+  feedback event (the same bytes: a redelivery) is a duplicate in both.
 - Feedback whose interaction never shows up within the window is dropped (`orphaned`).
 - A second delivery of an event already pending or already joined is a duplicate:
   counted, ignored, its offset not held.
@@ -21,21 +29,31 @@ that is safe to commit, since everything before it has been applied or dropped b
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from loraloop.core.gen.loraloop.v1 import events_pb2
 
 Position = tuple[str, int, int]  # (topic, partition, offset)
 _CLOSED_MEMORY = 100_000  # request ids remembered after joining/expiring
+Aggregation = Literal["earliest", "sum"]
 
 
 @dataclass
 class Sample:
-    """One interaction with its feedback (None: the window closed without any)."""
+    """One interaction with its feedback (None: the window closed without any).
+
+    `feedbacks` is every feedback joined (one for "earliest"; all within the window for
+    "sum"), `feedback` the first of them; `positions` is the interaction's, then theirs."""
 
     interaction: events_pb2.Interaction
     feedback: events_pb2.FeedbackEvent | None
     positions: tuple[Position, ...]
+    feedbacks: tuple[events_pb2.FeedbackEvent, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.feedbacks and self.feedback is not None:
+            self.feedbacks = (self.feedback,)
 
     @property
     def user_id(self) -> str:
@@ -57,11 +75,26 @@ class _Pending:
     position: Position
 
 
+def _same_feedback(
+    a: events_pb2.Interaction | events_pb2.FeedbackEvent, b: events_pb2.FeedbackEvent
+) -> bool:
+    """Whether `b` is a copy of feedback `a` (a redelivery): the same feedback_id, or
+    without ids (older events) the same content."""
+    assert isinstance(a, events_pb2.FeedbackEvent)
+    if a.feedback_id or b.feedback_id:
+        return a.feedback_id == b.feedback_id
+    return a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+
+
 class Joiner:
-    def __init__(self, wait_seconds: float) -> None:
+    def __init__(self, wait_seconds: float, aggregation: Aggregation = "earliest") -> None:
+        if aggregation not in ("earliest", "sum"):
+            raise ValueError(f"aggregation={aggregation!r}: use 'earliest' or 'sum'")
         self.wait_ms = int(wait_seconds * 1000)
+        self.aggregation = aggregation
         self._interactions: dict[str, _Pending] = {}
-        self._feedback: dict[str, _Pending] = {}
+        self._feedback: dict[str, _Pending] = {}  # earliest: the one feedback waiting
+        self._sums: dict[str, list[_Pending]] = {}  # sum: every feedback of the window
         self._closed: OrderedDict[str, str] = OrderedDict()  # request_id -> "joined"/"expired"
         self._held: dict[tuple[str, int], set[int]] = defaultdict(set)
         self._next: dict[tuple[str, int], int] = {}
@@ -101,6 +134,16 @@ class Joiner:
     def _tick(self, timestamp_ms: int) -> None:
         self.stream_time_ms = max(self.stream_time_ms, timestamp_ms)
 
+    def is_late(self, interaction_ms: int, feedback_ms: int) -> bool:
+        """Feedback stamped past its interaction's window (both must be stamped)."""
+        return (
+            interaction_ms > 0 and feedback_ms > 0 and feedback_ms - interaction_ms > self.wait_ms
+        )
+
+    def _drop_late(self, item: _Pending) -> None:
+        self.late += 1
+        self.release((item.position,))
+
     def add_interaction(self, event: events_pb2.Interaction, pos: Position) -> Sample | None:
         self.seen(pos)
         self._tick(event.timestamp_ms)
@@ -109,7 +152,23 @@ class Joiner:
             self.duplicates += 1
             return None
         item = _Pending(event, pos)
+        if self.aggregation == "sum":
+            waiting = self._sums.pop(rid, [])
+            kept = [
+                f for f in waiting if not self.is_late(event.timestamp_ms, f.event.timestamp_ms)
+            ]
+            for f in waiting:
+                if f not in kept:
+                    self._drop_late(f)
+            if kept:
+                self._sums[rid] = kept
+            self._interactions[rid] = item
+            self._hold(pos)
+            return None
         fb = self._feedback.pop(rid, None)
+        if fb is not None and self.is_late(event.timestamp_ms, fb.event.timestamp_ms):
+            self._drop_late(fb)
+            fb = None
         if fb is None:
             self._interactions[rid] = item
             self._hold(pos)
@@ -121,37 +180,54 @@ class Joiner:
         self._tick(event.timestamp_ms)
         rid = event.request_id
         closed = self._closed.get(rid)
-        if closed == "expired":
+        if closed == "expired" or (closed == "joined" and self.aggregation == "sum"):
             self.late += 1
+            return None
+        inter = self._interactions.get(rid)
+        if inter is not None and self.is_late(inter.event.timestamp_ms, event.timestamp_ms):
+            self.late += 1
+            return None
+        item = _Pending(event, pos)
+        if self.aggregation == "sum":
+            waiting = self._sums.setdefault(rid, [])
+            if any(_same_feedback(f.event, event) for f in waiting):
+                self.duplicates += 1
+                return None
+            waiting.append(item)
+            self._hold(pos)
             return None
         if closed is not None or rid in self._feedback:
             self.duplicates += 1
             return None
-        item = _Pending(event, pos)
-        inter = self._interactions.pop(rid, None)
+        self._interactions.pop(rid, None)
         if inter is None:
             self._feedback[rid] = item
             self._hold(pos)
             return None
         return self._join(inter, item)
 
-    def _join(self, inter: _Pending, fb: _Pending) -> Sample | None:
+    def _join(self, inter: _Pending, *fbs: _Pending) -> Sample | None:
         assert isinstance(inter.event, events_pb2.Interaction)
-        assert isinstance(fb.event, events_pb2.FeedbackEvent)
         self._close(inter.event.request_id, "joined")
         self._hold(inter.position)
-        self._hold(fb.position)
-        if inter.event.user_id != fb.event.user_id:
+        feedbacks = []
+        for fb in fbs:
+            assert isinstance(fb.event, events_pb2.FeedbackEvent)
+            self._hold(fb.position)
+            feedbacks.append(fb.event)
+        positions = (inter.position, *(fb.position for fb in fbs))
+        if any(f.user_id != inter.event.user_id for f in feedbacks):
             self.mismatched += 1
-            self.release((inter.position, fb.position))
+            self.release(positions)
             return None
-        return Sample(inter.event, fb.event, (inter.position, fb.position))
+        return Sample(inter.event, feedbacks[0], positions, tuple(feedbacks))
 
     def expire(self, now_ms: int | None = None) -> list[Sample]:
         """Close windows older than `wait_seconds` of event time (default: stream time).
 
         Returns the interactions that closed without feedback, as samples whose
-        feedback is None (their offsets stay held until the learner releases them).
+        feedback is None, and ("sum") those whose window closed with feedback, as joined
+        samples (their offsets stay held until the learner releases them).
         """
         now = self.stream_time_ms if now_ms is None else now_ms
         horizon = now - self.wait_ms
@@ -159,22 +235,43 @@ class Joiner:
         for rid in [r for r, p in self._interactions.items() if p.event.timestamp_ms < horizon]:
             item = self._interactions.pop(rid)
             assert isinstance(item.event, events_pb2.Interaction)
+            fbs = self._sums.pop(rid, [])
+            if fbs:
+                sample = self._join(item, *fbs)
+                if sample is not None:
+                    unanswered.append(sample)
+                continue
             self._close(rid, "expired")
             self.expired += 1
             unanswered.append(Sample(item.event, None, (item.position,)))
         for rid in [r for r, p in self._feedback.items() if p.event.timestamp_ms < horizon]:
             self.release((self._feedback.pop(rid).position,))
             self.orphaned += 1
+        for rid in [r for r in self._sums if r not in self._interactions]:
+            waiting = self._sums[rid]
+            for item in [f for f in waiting if f.event.timestamp_ms < horizon]:
+                waiting.remove(item)
+                self.release((item.position,))
+                self.orphaned += 1
+            if not waiting:
+                del self._sums[rid]
         return unanswered
 
     def forget_user(self, user_id: str) -> None:
         for table in (self._interactions, self._feedback):
             for rid in [r for r, p in table.items() if p.event.user_id == user_id]:
                 self.release((table.pop(rid).position,))
+        for rid in list(self._sums):
+            mine = [f for f in self._sums[rid] if f.event.user_id == user_id]
+            self.release(tuple(f.position for f in mine))
+            self._sums[rid] = [f for f in self._sums[rid] if f not in mine]
+            if not self._sums[rid]:
+                del self._sums[rid]
 
     @property
     def pending(self) -> int:
-        return len(self._interactions) + len(self._feedback)
+        waiting = sum(len(fbs) for fbs in self._sums.values())
+        return len(self._interactions) + len(self._feedback) + waiting
 
     def counters(self) -> dict[str, int]:
         return {

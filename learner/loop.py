@@ -7,6 +7,10 @@ interactions it and its predecessors learnt from (by Kafka position, see learner
 and by request_id), so a crash at any point (kill -9 included) replays events without
 applying any of them twice. A version written just before a crash, whose AdapterUpdated
 never went out, is announced again when the replay finds its samples already applied.
+A version whose write fails (a full disk, an I/O error) is kept as computed, with its
+samples, and written again with backoff until it succeeds; its user's later samples wait
+for it, and offsets are not committed past any of them. Once written versions are
+announced long enough, retention deletes the old ones (learner/retention.py).
 Everything published goes through an outbox (learner/outbox.py) that checks Kafka's
 acknowledgement of each record: a refused record is sent again, and offsets are not
 committed until all of it is acknowledged.
@@ -20,9 +24,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -31,9 +36,11 @@ from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartitio
 from kafka.errors import KafkaError
 
 from loraloop.core.adapters.store import AdapterStore, AdapterStoreError
+from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.bandits.arms import load_arms
 from loraloop.core.bandits.features import DIM
 from loraloop.core.bandits.linear import POPULATION, BanditState
+from loraloop.core.durable_files import fsync_dir
 from loraloop.core.event_checks import feedback_error, interaction_error
 from loraloop.core.fault_points import pause_point
 from loraloop.core.gen.loraloop.v1 import events_pb2
@@ -45,6 +52,7 @@ from loraloop.core.user_ids import user_id_error
 from loraloop.learner import guard
 from loraloop.learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
 from loraloop.learner.announcements import Announcements
+from loraloop.learner.applied import AppliedOffsets
 from loraloop.learner.dead_letter import DeadLetter
 from loraloop.learner.deletions import (
     DeletedUsers,
@@ -55,6 +63,7 @@ from loraloop.learner.deletions import (
 from loraloop.learner.joiner import Joiner, Sample
 from loraloop.learner.metrics import LearnerMetrics
 from loraloop.learner.outbox import Outbox, Outgoing
+from loraloop.learner.retention import Retention
 from loraloop.learner.rewards import reward, reward_config
 from loraloop.learner.user_models import UserModel, UserModels, position_text
 
@@ -74,6 +83,51 @@ def _refuse(error: str | None) -> None:
         raise UnusableEventError(error)
 
 
+# A failed adapter write is tried again after WRITE_RETRY_FIRST_S, the pause doubling per
+# failure of the same version up to WRITE_RETRY_MAX_S.
+WRITE_RETRY_FIRST_S = 0.5
+WRITE_RETRY_MAX_S = 10.0
+# reason label of loraloop_learner_adapter_write_failures_total (metrics.WRITE_FAILURE_LABELS)
+WRITE_FAILURE_REASONS = {
+    errno.ENOSPC: "no_space",
+    errno.EDQUOT: "no_space",
+    errno.EROFS: "read_only",
+    errno.EACCES: "permission",
+    errno.EPERM: "permission",
+    errno.EIO: "io",
+    errno.EMFILE: "too_many_files",
+    errno.ENFILE: "too_many_files",
+}
+
+
+class VersionTakenError(AdapterStoreError):
+    """The version the learner meant to write is in the store already, not with its samples."""
+
+
+def write_failure_reason(exc: BaseException) -> str:
+    """The reason label of a failed adapter write."""
+    if isinstance(exc, VersionTakenError):
+        return "conflict"
+    if isinstance(exc, OSError):
+        return WRITE_FAILURE_REASONS.get(exc.errno or 0, "other_os")
+    return "other"
+
+
+@dataclasses.dataclass
+class _Unwritten:
+    """A user's next version whose write failed, kept whole (weights, learner state and
+    its samples, whose offsets stay held) and written again as it is after a backoff: it
+    is never recomputed, so nothing is learnt twice, and nothing of it is lost."""
+
+    model: UserModel  # the new version's model (its `version` still the one before it)
+    samples: list[Sample]
+    rewards: list[float]
+    upd: Any
+    rollback: str | None
+    failures: int = 0
+    next_try: float = 0.0
+
+
 class Learner:
     def __init__(self, settings: Settings, max_users_per_step: int = 32) -> None:
         self.settings = settings
@@ -84,7 +138,7 @@ class Learner:
             self.store, self.lm.bank, settings.seed, self.arms, on_unreadable=self._unreadable
         )
         self.population = BanditState(self.arms, DIM)
-        self.joiner = Joiner(settings.reward_wait_seconds)
+        self.joiner = Joiner(settings.reward_wait_seconds, settings.feedback_aggregation)
         self.algo = ReinforceConfig.from_settings(settings)
         self.guard = guard.GuardConfig.from_settings(settings)
         self.rewards = reward_config(settings.reward_weights)
@@ -104,6 +158,8 @@ class Learner:
             "rollbacks": 0,
             "default_rewards": 0,
             "unknown_arms": 0,
+            "no_arm": 0,  # samples served with no arm applied: no arm credited
+            "skipped_other_model": 0,  # samples logged for another base model
             "dead_lettered": 0,
             "dead_letter_failed": 0,
             "unreadable_versions": 0,
@@ -112,7 +168,19 @@ class Learner:
             "publish_timeouts": 0,
             "deletions_restored": 0,
             "deletions_forgotten": 0,
+            "skipped_duplicate": 0,
+            "versions_retired": 0,
+            "retention_failed": 0,
         }
+        # versions whose write failed, per user, written again after a backoff (at most one
+        # per user: the user's next update waits for it)
+        self._unwritten: dict[str, _Unwritten] = {}
+        self.write_failures: Counter[str] = Counter()  # by write_failure_reason()
+        # the offsets this learner last committed, per (topic, partition)
+        self.committed: dict[tuple[str, int], int] = {}
+        self.retention = Retention(
+            self.store, settings.adapter_keep_versions, settings.adapter_retention_grace_seconds
+        )
         # the newest AdapterUpdated known on the topic per user (bounded, see the module)
         self._announced = Announcements()
         self._announcing: set[str] = set()  # users with an announcement not acknowledged yet
@@ -239,6 +307,13 @@ class Learner:
             self._announced.note(user_id, version, record.partition, record.offset)
 
     def close(self) -> None:
+        if self._unwritten:  # not committed: a restart learns them again
+            log.warning(
+                "closing with %d versions unwritten (%d samples): they are learnt again "
+                "after the restart",
+                len(self._unwritten),
+                sum(len(item.samples) for item in self._unwritten.values()),
+            )
         if self.producer is not None:
             if not self.outbox.settle(timeout=10):
                 log.warning("closing with %d records unacknowledged", self.outbox.unsettled)
@@ -254,24 +329,31 @@ class Learner:
         while stop is None or not stop.is_set():
             polled = self.consumer.poll(timeout_ms=poll_ms, max_records=2000)
             self.process([r for batch in polled.values() for r in batch])
-            self.metrics.observe_lag(self.consumer)
+            self.metrics.observe_lag(self.consumer, committed=self.committed)
 
     # --- the commit order ---------------------------------------------------------------
     def process(self, records: Iterable[Any]) -> None:
         """1 join what arrived and close expired windows, 2 update every user with enough
         samples (one batched step per `max_users_per_step` users), 3 write each new
-        version atomically, 4 publish AdapterUpdated and bandit statistics and wait for
-        Kafka's acks, 5 commit the offsets now fully applied."""
+        version atomically (a version whose write failed is written again first, once its
+        backoff is over, and its user's samples wait for it), 4 publish AdapterUpdated and
+        bandit statistics and wait for Kafka's acks, 5 commit the offsets now fully
+        applied, 6 delete the versions retention no longer needs."""
         self.outbox.retry()  # what Kafka refused last round goes out before anything new
         for record in records:
             self._ingest(record)
-        for sample in self.joiner.expire():
-            if self.settings.default_reward is None:
+        for sample in self.joiner.expire():  # ("sum": windows closed with their feedback)
+            if sample.feedback is None and self.settings.default_reward is None:
                 self.joiner.release(sample.positions)
             else:
                 self._ready_sample(sample)
-        due = [u for u, samples in self._ready.items() if len(samples) >= self.settings.min_batch]
         versions = self.stats["versions"]
+        self._retry_writes()  # a user with a version still unwritten waits for it
+        due = [
+            u
+            for u, samples in self._ready.items()
+            if len(samples) >= self.settings.min_batch and u not in self._unwritten
+        ]
         for i in range(0, len(due), self.max_users_per_step):
             self._update(due[i : i + self.max_users_per_step])
         self._publish_bandits()
@@ -280,6 +362,7 @@ class Learner:
             pause_point("learner.before_commit")
         if settled:  # else: the commit waits until Kafka took all of it
             self._commit()
+        self._retire()
 
     def _ingest(self, record: Any) -> None:
         s = self.settings
@@ -324,10 +407,26 @@ class Learner:
 
     def _ready_sample(self, sample: Sample) -> None:
         """Queue a joined sample for its user's next update, unless its interaction was
-        stamped (at its request's start) at or before the user's deletion."""
+        stamped (at its request's start) at or before the user's deletion, or it was
+        generated with another base model than this learner's (an interaction without a
+        model_id is not checked)."""
         stamped = sample.interaction.timestamp_ms
         if stamped and self.deleted.predates_deletion(sample.user_id, stamped):
             self.stats["skipped_deleted"] += 1
+            self.joiner.release(sample.positions)
+            return
+        model_id = sample.interaction.model_id
+        if model_id and model_id != self.lm.model_id:
+            self.stats["skipped_other_model"] += 1
+            if self.stats["skipped_other_model"] == 1:
+                log.warning(
+                    "%s: interaction %s was generated with base model %r, this learner "
+                    "trains %r: skipped (and so are the next ones, counted)",
+                    sample.user_id,
+                    sample.request_id,
+                    model_id[:200],
+                    self.lm.model_id,
+                )
             self.joiner.release(sample.positions)
             return
         self._ready[sample.user_id].append(sample)
@@ -347,13 +446,19 @@ class Learner:
         return True
 
     def _reward(self, sample: Sample) -> float:
+        """The sample's reward: of its feedback ("sum": the rewards of all its feedback
+        added, clipped to [-1, 1]), or the default reward when none came."""
         if sample.feedback is None:
             self.stats["default_rewards"] += 1
             return float(self.settings.default_reward or 0.0)
-        return reward(sample.feedback.signals, self.rewards)
+        total = sum(reward(f.signals, self.rewards) for f in sample.feedbacks)
+        return max(-1.0, min(1.0, total))
 
     def _learn_bandit(self, model: UserModel, sample: Sample, r: float) -> None:
         arm, x = sample.interaction.arm, np.array(sample.interaction.context, dtype=float)
+        if not arm:  # no arm was applied to the request (it set the arms' levers itself)
+            self.stats["no_arm"] += 1
+            return
         if arm not in model.bandit.stats or len(x) != DIM:
             self.stats["unknown_arms"] += 1
             return
@@ -369,8 +474,12 @@ class Learner:
             applied = set(model.applied)
             fresh = []
             for s in samples:
-                if s.request_id in applied or model.offsets.contains(s.interaction_position):
+                replayed = model.offsets.contains(s.interaction_position)
+                if replayed or s.request_id in applied:
                     self.stats["skipped_applied"] += 1
+                    # learnt from at another position: a copy of the event (at-least-once
+                    # delivery) that came after the joiner forgot the original
+                    self.stats["skipped_duplicate"] += not replayed
                     self.joiner.release(s.positions)
                 else:
                     fresh.append(s)
@@ -448,20 +557,95 @@ class Learner:
         new.learnt_from = [
             (s.request_id, position_text(p)) for s, p in zip(samples, positions, strict=True)
         ]
+        self._write(_Unwritten(new, samples, rewards, upd, reason))
+
+    def _write(self, item: _Unwritten) -> None:
+        """Write the user's next version and announce it. A failed write (a full disk, an
+        I/O error) is counted by reason and kept to be written again, unchanged, after a
+        backoff; its samples stay held meanwhile, so no offset is committed past them."""
+        user_id = item.model.user_id
         try:
-            stored = self.users.commit(new, self.lm.model_id, self.settings.lora_targets)
-        except Exception:
-            self.users.forget(model.user_id)  # reload from the store; samples replay later
-            log.exception(
-                "writing %s's new version failed; samples will be replayed", model.user_id
-            )
+            stored = self._store(item)
+        except Exception as exc:
+            self._write_failed(item, exc)
             return
+        if self._unwritten.pop(user_id, None) is not None:
+            self._bandit_dirty.add(user_id)  # its statistics were held back meanwhile
+            log.warning(
+                "%s v%d written after %d failed tries", user_id, stored.version, item.failures
+            )
         pause_point("learner.after_write")
-        self._publish_update(stored, upd, len(samples), rewards, reason)
-        for s in samples:
+        self._publish_update(stored, item.upd, len(item.samples), item.rewards, item.rollback)
+        for s in item.samples:
             self.joiner.release(s.positions)
         self.stats["versions"] += 1
-        self.stats["samples"] += len(samples)
+        self.stats["samples"] += len(item.samples)
+
+    def _store(self, item: _Unwritten) -> AdapterVersion:
+        """`users.commit`; when the version is there already, the one an earlier try of
+        this write left in place (renamed, then a later step failed) if it holds these
+        samples, else VersionTakenError."""
+        model = item.model
+        version = model.version + 1
+        if self.store.version_dir(model.user_id, version).is_dir():
+            if item.failures:
+                state = self.store.learner_state(model.user_id, version)
+                offsets = AppliedOffsets.from_json(state.get("applied_offsets"))
+                if all(offsets.contains(s.interaction_position) for s in item.samples):
+                    fsync_dir(self.store.user_dir(model.user_id))  # what the try did not
+                    return self.users.adopt(model, self.store.get(model.user_id, version))
+            raise VersionTakenError(f"{model.user_id} v{version} was written by another writer")
+        return self.users.commit(model, self.lm.model_id, self.settings.lora_targets)
+
+    def _write_failed(self, item: _Unwritten, exc: Exception) -> None:
+        user_id, version = item.model.user_id, item.model.version + 1
+        reason = write_failure_reason(exc)
+        self.write_failures[reason] += 1
+        if isinstance(exc, VersionTakenError):
+            # Another learner wrote this version (a rebalance): learn these samples again
+            # on top of the newest version (those it holds are skipped as applied).
+            self._unwritten.pop(user_id, None)
+            self.users.forget(user_id)
+            self._ready[user_id][:0] = item.samples
+            log.warning("%s; %d samples learnt again on top of it", exc, len(item.samples))
+            return
+        item.failures += 1
+        pause = min(WRITE_RETRY_MAX_S, WRITE_RETRY_FIRST_S * 2 ** (item.failures - 1))
+        item.next_try = time.monotonic() + pause
+        first = user_id not in self._unwritten
+        self._unwritten[user_id] = item
+        log.log(
+            logging.ERROR if first else logging.WARNING,
+            "writing %s v%d failed (%s, try %d: %s): its %d samples are kept and the write "
+            "is tried again in %.1f s; offsets are not committed past them",
+            user_id,
+            version,
+            reason,
+            item.failures,
+            exc,
+            len(item.samples),
+            pause,
+            exc_info=first and not isinstance(exc, OSError),
+        )
+
+    def _retry_writes(self) -> None:
+        """Write again the versions whose backoff is over."""
+        now = time.monotonic()
+        for item in [i for i in self._unwritten.values() if i.next_try <= now]:
+            self._write(item)
+
+    def _retire(self) -> None:
+        """Delete the versions retention lets go (loraloop/core/adapters/retention.py)."""
+        for user_id in sorted(self.retention.ripe()):
+            try:
+                removed = self.retention.prune(user_id)
+            except (OSError, AdapterStoreError) as exc:
+                self.stats["retention_failed"] += 1
+                log.warning("deleting old versions of %s failed: %s", user_id, exc)
+                continue
+            self.stats["versions_retired"] += len(removed)
+            if removed:
+                log.info("%s: v%s deleted (retention)", user_id, ",".join(map(str, removed)))
 
     def _publish_update(
         self, stored: Any, upd: Any, n: int, rewards: list[float], rollback: str | None
@@ -500,6 +684,7 @@ class Learner:
         def acknowledged(meta: Any) -> None:
             self._announced.note(user_id, version, meta.partition, meta.offset)
             self._announcing.discard(user_id)
+            self.retention.acknowledged(user_id, version)
 
         self._announcing.add(user_id)
 
@@ -538,7 +723,8 @@ class Learner:
             self._bandit_dirty.clear()
             return
         now = int(time.time() * 1000)
-        for key in sorted(self._bandit_dirty):
+        # a user whose version is unwritten is published once it is written
+        for key in sorted(self._bandit_dirty - self._unwritten.keys()):
             state = self.population if key == POPULATION else self.users.get(key).bandit
             self.outbox.send(
                 Outgoing(
@@ -568,8 +754,21 @@ class Learner:
         deleted_at_ms = deleted_at_ms or int(time.time() * 1000)
         self.deleted.record(user_id, deleted_at_ms)
         self.stats["deletions_forgotten"] = self.deleted.forgotten
-        self._ready.pop(user_id, None)
+        # Queued samples (and those of a version whose write failed) from before the
+        # deletion are done with; later ones are learnt on a new v1, as after a restart.
+        unwritten = self._unwritten.pop(user_id, None)
+        queued = self._ready.pop(user_id, []) + (unwritten.samples if unwritten else [])
+        later = []
+        for s in queued:
+            stamped = s.interaction.timestamp_ms
+            if stamped and not self.deleted.predates_deletion(user_id, stamped):
+                later.append(s)
+            else:
+                self.joiner.release(s.positions)
+        if later:
+            self._ready[user_id] = later
         self._bandit_dirty.discard(user_id)
+        self.retention.forget(user_id)
         self.joiner.forget_user(user_id)
         self.users.drop_user(user_id)
         removed = self.store.delete_user(user_id)
@@ -609,3 +808,5 @@ class Learner:
                 self.consumer.commit(offsets)
             except KafkaError as exc:  # replay is safe: applied samples are skipped
                 log.warning("offset commit failed (%s); will retry", exc)
+                return
+            self.committed.update({(tp.topic, tp.partition): o.offset for tp, o in offsets.items()})

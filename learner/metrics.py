@@ -4,8 +4,8 @@ The learner already counts what it does in `Learner.stats` and its joiner's coun
 `_StatsCollector` reads those at scrape time, so a new count needs no second bookkeeping
 (the rollback guard, for instance, only does `stats["rollbacks"] += 1`). The loop reports
 each batched step (`observe_step`: latency, rewards), each user's part of it
-(`observe_update`: KL, gradient norm) and, every few seconds, the consumer lag per
-partition (`observe_lag`).
+(`observe_update`: KL, gradient norm) and, every few seconds, the consumer lag and the
+committed-offset lag per partition (`observe_lag`).
 
 All names start with `loraloop_learner_`; times are in seconds.
 """
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, Info
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,28 @@ STATS_COUNTERS = {
         "Newest versions announced again on adapter-updates after a replay (a learner "
         "killed between writing a version and announcing it).",
     ),
+    "versions_retired": (
+        "loraloop_learner_versions_retired",
+        "Old adapter versions deleted from the store by retention (adapter_keep_versions, "
+        "adapter_retention_grace_seconds).",
+    ),
+    "retention_failed": (
+        "loraloop_learner_retention_failures",
+        "Users whose old adapter versions could not be deleted (a store error); tried again "
+        "at their next announcement.",
+    ),
 }
+# Reasons of loraloop_learner_adapter_write_failures_total (loop.write_failure_reason).
+WRITE_FAILURE_LABELS = (
+    "no_space",
+    "read_only",
+    "permission",
+    "io",
+    "too_many_files",
+    "other_os",
+    "conflict",
+    "other",
+)
 # Learner.stats key -> reason label of loraloop_learner_samples_skipped_total.
 SKIP_REASONS = {"skipped_applied": "already_applied", "skipped_deleted": "user_deleted"}
 # Joiner counter attributes -> outcome label of loraloop_learner_joiner_events_total.
@@ -140,6 +161,20 @@ class LearnerMetrics:
             ("topic", "partition"),
             registry=r,
         )
+        self.committed_lag = Gauge(
+            "loraloop_learner_committed_lag",
+            "Records of a partition past the learner group's committed offset (high-water "
+            "mark minus committed offset), per topic and partition: fetched but not yet "
+            "fully applied, or not fetched yet; what a restart would read again.",
+            ("topic", "partition"),
+            registry=r,
+        )
+        self.committed_offset = Gauge(
+            "loraloop_learner_committed_offset",
+            "The learner group's committed offset, per topic and partition.",
+            ("topic", "partition"),
+            registry=r,
+        )
         self.last_update = Gauge(
             "loraloop_learner_last_update_timestamp_seconds",
             "Unix time of the last batched step.",
@@ -149,6 +184,7 @@ class LearnerMetrics:
         self._stats = _StatsCollector()
         r.register(self._stats)
         self._lag_due = 0.0
+        self._group_committed: dict[tuple[str, int], int] = {}  # fetched once per partition
 
     def watch(self, learner: Any, algorithm: str, model_id: str) -> None:
         """Report `learner.stats` and its joiner's counters at every scrape."""
@@ -175,26 +211,51 @@ class LearnerMetrics:
         if (norm := getattr(update, "grad_norm", None)) is not None:
             self.grad_norm.labels(self.algorithm).observe(norm)
 
-    def observe_lag(self, consumer: Any, force: bool = False) -> None:
+    def observe_lag(
+        self,
+        consumer: Any,
+        force: bool = False,
+        committed: Mapping[tuple[str, int], int] | None = None,
+    ) -> None:
         """Refresh the lag gauges (at most every LAG_INTERVAL_S) from the consumer's cached
-        high-water marks: no request to the broker beyond what fetching already does."""
+        high-water marks. `committed`: the offsets the learner last committed, per (topic,
+        partition); a partition it has not committed yet is asked of the broker once (its
+        group's committed offset; none: 0)."""
         now = time.monotonic()
         if consumer is None or (now < self._lag_due and not force):
             return
         self._lag_due = now + LAG_INTERVAL_S
+        committed = committed or {}
         try:
-            lags = {}
+            lags, behind = {}, {}
             for tp in consumer.assignment():
                 high = consumer.highwater(tp)
                 position = consumer.position(tp, timeout_ms=100)
-                if high is not None and position is not None:
-                    lags[(tp.topic, str(tp.partition))] = max(0, high - position)
+                if high is None or position is None:
+                    continue
+                labels = (tp.topic, str(tp.partition))
+                lags[labels] = max(0, high - position)
+                done = committed.get((tp.topic, tp.partition))
+                if done is None:
+                    done = self._group_offset(consumer, tp)
+                behind[labels] = (done, max(0, high - done))
         except Exception as exc:  # a rebalance in progress: try again next time
             log.debug("consumer lag unavailable: %s", exc)
             return
         self.consumer_lag.clear()  # partitions moved to another consumer disappear
         for labels, lag in lags.items():
             self.consumer_lag.labels(*labels).set(lag)
+        self.committed_lag.clear()
+        self.committed_offset.clear()
+        for labels, (offset, lag) in behind.items():
+            self.committed_lag.labels(*labels).set(lag)
+            self.committed_offset.labels(*labels).set(offset)
+
+    def _group_offset(self, consumer: Any, tp: Any) -> int:
+        key = (tp.topic, tp.partition)
+        if key not in self._group_committed:
+            self._group_committed[key] = consumer.committed(tp, timeout_ms=1000) or 0
+        return self._group_committed[key]
 
 
 class _StatsCollector(Collector):
@@ -219,6 +280,41 @@ class _StatsCollector(Collector):
         if stats is not None:
             for key, reason in SKIP_REASONS.items():
                 family.add_metric([reason], stats.get(key, 0))
+        yield family
+        family = CounterMetricFamily(
+            "loraloop_learner_adapter_write_failures",
+            "Adapter version writes that failed, by reason (no_space: ENOSPC/EDQUOT, "
+            "read_only, permission, io: EIO, too_many_files, other_os: another OSError, "
+            "conflict: the version was written by another learner, other). The version is "
+            "kept with its samples and written again after a backoff (0.5 s doubling to "
+            "10 s); offsets are not committed past its samples meanwhile.",
+            labels=("reason",),
+        )
+        failures = getattr(self.learner, "write_failures", None)
+        if failures is not None:
+            for reason in WRITE_FAILURE_LABELS:
+                family.add_metric([reason], failures.get(reason, 0))
+        yield family
+        unwritten = getattr(self.learner, "_unwritten", None)
+        gauge = GaugeMetricFamily(
+            "loraloop_learner_unwritten_samples",
+            "Samples learnt into adapter versions whose write failed and waits for a retry.",
+        )
+        if unwritten is not None:
+            gauge.add_metric([], sum(len(item.samples) for item in unwritten.values()))
+        yield gauge
+        family = CounterMetricFamily(
+            "loraloop_learner_duplicates",
+            "Copies of an event already seen (delivery to Kafka is at-least-once), skipped, "
+            "by who recognised them: joiner (an interaction or feedback event whose request "
+            "id it remembers, counted per event), store (a sample whose request id a stored "
+            "version already learnt from at another position, after a restart; per sample).",
+            labels=("seen_by",),
+        )
+        if joiner is not None:
+            family.add_metric(["joiner"], getattr(joiner, "duplicates", 0))
+        if stats is not None:
+            family.add_metric(["store"], stats.get("skipped_duplicate", 0))
         yield family
         family = CounterMetricFamily(
             "loraloop_learner_joiner_events",

@@ -9,6 +9,10 @@ failing their checksum) never stops the learner: it learns on from the newest ol
 version whose weights and state both read (never one's weights with another's state), or
 from the initial adapter, logs that and counts it; the next version is still numbered
 after the newest one, since versions are immutable.
+
+Weights are held in host RAM (CPU tensors, as the store reads them and the step returns
+them) whatever `Settings.device` is, so many cached users cost no GPU memory: loading into
+the bank copies them to the model's device, and versions are written from the host.
 """
 
 from __future__ import annotations
@@ -185,6 +189,13 @@ class UserModels:
             model.user_id, version, to_peft_files(model.weights, base_model, targets), model.state()
         )
         model.version = version
+        self._cache[model.user_id] = model
+        return stored
+
+    def adopt(self, model: UserModel, stored: AdapterVersion) -> AdapterVersion:
+        """Cache the model as `stored`, its version that is in the store already (an
+        earlier `commit` of it renamed it into place, then failed)."""
+        model.version = stored.version
         self._cache[model.user_id] = model
         return stored
 

@@ -84,7 +84,8 @@ class Stack:
         self.out.mkdir(parents=True, exist_ok=True)
         self.broker = KafkaBroker(data_dir=self.out / "kafka", log_level="WARN")
         bootstrap = self.broker.start(timeout=120)
-        settings: dict[str, object] = {"model": "", **self.overrides}
+        # drain 0: a stack stopped by its scenario has no load balancer to drain from
+        settings: dict[str, object] = {"model": "", "drain_seconds": 0.0, **self.overrides}
         if not settings["model"]:
             # No model given: the tiny one, built (or found) here, before the children start.
             settings["model"] = str(ensure_tiny_model(progress=False))

@@ -15,7 +15,11 @@ def _logging(verbose: bool) -> None:
     from loraloop.core.structured_logs import configure_logging
 
     settings = Settings()
-    configure_logging("INFO" if verbose else settings.log_level, settings.log_json)
+    configure_logging(
+        "INFO" if verbose else settings.log_level,
+        settings.log_json,
+        access_level=settings.access_log_level,
+    )
     for var in unknown_env():
         logging.getLogger("loraloop.settings").warning(
             "%s is set but no loraloop setting reads it", var
@@ -32,6 +36,10 @@ def _settings_error(exc: Exception) -> str:
         return str(exc)
     lines = []
     for error in exc.errors():
+        if not error["loc"]:  # a rule across settings; its input is all of them, secrets too
+            reason = error.get("ctx", {}).get("error")
+            lines.append(f"  {reason if reason is not None else error['msg']}")
+            continue
         name = ENV_PREFIX + "_".join(str(part) for part in error["loc"]).upper()
         lines.append(f"  {name}={error.get('input')!r}: {error['msg']}")
     return "invalid settings:\n" + "\n".join(lines)
@@ -161,12 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     from pydantic import ValidationError
 
+    from loraloop.core.devices import DeviceUnavailableError
+    from loraloop.core.kafka.admin import KafkaReplicationError
     from loraloop.core.model_loading import ModelNotConfiguredError
 
     try:
         _logging(ns.verbose)
         return int(ns.func(ns))
-    except (ValidationError, ModelNotConfiguredError) as exc:
+    except (
+        ValidationError,
+        ModelNotConfiguredError,
+        DeviceUnavailableError,
+        KafkaReplicationError,
+    ) as exc:
         print(f"loraloop {ns.command}: {_settings_error(exc)}", file=sys.stderr)
         return 2
 

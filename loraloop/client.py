@@ -246,6 +246,9 @@ class LoraLoopClient:
         dwell_ms: int | None = None,
         timeout: float | None = None,
     ) -> bool:
+        """Report what the user did with a response: True when the feedback will count,
+        False when it will not (a repeat, too late, or the user was deleted since; the
+        server's FeedbackResponse.reason says which)."""
         given = {
             "thumbs": thumbs,
             "rating": rating,
@@ -282,6 +285,7 @@ class LoraLoopClient:
         )
 
     def delete_user(self, user_id: str, timeout: float | None = None) -> bool:
+        """Forget a user everywhere; True when something of theirs existed."""
         msg = self._stub.DeleteUser(
             api_pb2.DeleteUserRequest(user_id=user_id),
             timeout=timeout or self.timeout,

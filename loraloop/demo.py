@@ -221,6 +221,7 @@ def run_world(
                 bootstrap = broker.start(timeout=120)
         settings = Settings(
             model=str(model),
+            drain_seconds=0.0,  # no load balancer to drain from: stop at once
             kafka_bootstrap=bootstrap,
             port=0,
             adapter_store=out / "adapters",

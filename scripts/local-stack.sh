@@ -62,6 +62,8 @@ prometheus_config() {
 global:
   scrape_interval: 5s
   evaluation_interval: 5s
+rule_files:
+  - $ROOT/ops/prometheus/alerts.yml
 scrape_configs:
   - job_name: loraloop-server
     static_configs:

@@ -13,7 +13,9 @@ newlines:
 Only SHA-256 digests are kept in memory; a presented key is hashed and compared with
 every stored digest in constant time. Clients send the key as `x-api-key` metadata (or
 `authorization: Bearer KEY`). `AuthInterceptor` guards the LoraLoop service only: health
-checks and reflection stay open. No message or log line ever contains a key.
+checks and reflection stay open. The OpenAI-compatible HTTP API (service/openai_api.py)
+asks `AuthInterceptor.check` the same question for its calls (`Authorization: Bearer KEY`).
+No message or log line ever contains a key.
 """
 
 from __future__ import annotations
@@ -246,28 +248,45 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(self._prefix):
             return handler
         key = presented_key(handler_call_details.invocation_metadata)
-        entry = self._keys.lookup(key) if key else None
         rpc = method[len(self._prefix) :]
 
         def check(request: Any) -> Denial | None:
-            if not key:
-                return MISSING
-            if entry is None:
-                self.refusals.refused_call(rpc, "unknown API key")
-                return UNKNOWN
-            if request is None and entry.scope.any_user:
-                return None
-            user_id = str(getattr(request, "user_id", "") or "")
-            if request is not None and entry.scope.allows(user_id):
-                return None
-            self.refusals.refused_call(rpc, f"{entry.fingerprint} may not act for this user_id")
-            return (
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"this API key may not act for user_id {user_id[:64]!r}: it is scoped to "
-                f"{entry.scope.describe()}; use a key for this user",
-            )
+            user_id = None if request is None else str(getattr(request, "user_id", "") or "")
+            return self.check(rpc, key, user_id)
 
         return _guarded(handler, check)
+
+    def check(
+        self,
+        rpc: str,
+        key: str | None,
+        user_id: str | None,
+        *,
+        any_key: bool = False,
+        missing: Denial = MISSING,
+        unknown: Denial = UNKNOWN,
+    ) -> Denial | None:
+        """Why `key` may not call `rpc` for `user_id`, or None when it may. The one check of
+        both front doors (this interceptor and the HTTP API, service/openai_api.py, which
+        passes its own `missing`/`unknown` texts). `user_id` None: a call for no user in
+        particular, which only unscoped keys may make, or any known key with `any_key`."""
+        if not key:
+            return missing
+        entry = self._keys.lookup(key)
+        if entry is None:
+            self.refusals.refused_call(rpc, "unknown API key")
+            return unknown
+        if user_id is None and (any_key or entry.scope.any_user):
+            return None
+        if user_id is not None and entry.scope.allows(user_id):
+            return None
+        user_id = user_id or ""
+        self.refusals.refused_call(rpc, f"{entry.fingerprint} may not act for this user_id")
+        return (
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"this API key may not act for user_id {user_id[:64]!r}: it is scoped to "
+            f"{entry.scope.describe()}; use a key for this user",
+        )
 
 
 def _guarded(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler:

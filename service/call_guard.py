@@ -61,7 +61,8 @@ def _unparsable(method: str, bad: Malformed) -> str:
     )
 
 
-def _failed(method: str, exc: Exception) -> str:
+def failure_message(method: str, exc: Exception) -> str:
+    """Logs `exc` with its traceback; the INTERNAL message that answers it (both front doors)."""
     log.error("%s failed", method, exc_info=exc)
     return (
         f"{method} failed inside the server ({type(exc).__name__}), a bug: retry, and "
@@ -134,7 +135,7 @@ def _guard_unary(
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, _failed(method, exc))
+            await context.abort(grpc.StatusCode.INTERNAL, failure_message(method, exc))
         finally:
             if limit is not None:
                 limit.leave()
@@ -155,7 +156,7 @@ def _guard_stream(
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, _failed(method, exc))
+            await context.abort(grpc.StatusCode.INTERNAL, failure_message(method, exc))
         finally:
             if limit is not None:
                 limit.leave()

@@ -130,6 +130,9 @@ class EventLog:
         sync_seconds: float = 0.05,
     ) -> None:
         self._queue: EventQueue = queue.Queue(max_queue)
+        # places in the queue held for events published later (see `reserve`)
+        self._reserved = 0
+        self._reserve_lock = threading.Lock()
         self.journal = _claim_journal(spill_dir, spill_max_bytes)
         self._stats = stats = EventStats()
         self._stop = StopRequest(threading.Event(), drain_seconds)
@@ -181,16 +184,51 @@ class EventLog:
         self._sender.run()
 
     # --- the request path ---------------------------------------------------------------
+    def reserve(self) -> bool:
+        """Hold a place in the queue for one event to be published later with
+        `reserved=True` (or handed back with `unreserve`); False when the queue, counting
+        the places already held, is full. Generate holds one before it generates, so the
+        interaction of a response it answers always has a place: a call that could not
+        be logged is refused before any work, never answered and then dropped."""
+        with self._reserve_lock:
+            if self._queue.qsize() + self._reserved >= self._queue.maxsize:
+                return False
+            self._reserved += 1
+            return True
+
+    def unreserve(self) -> None:
+        """Hand back a place held by `reserve` whose event will not be published."""
+        with self._reserve_lock:
+            self._reserved = max(0, self._reserved - 1)
+
+    @property
+    def reserved(self) -> int:
+        """Places in the queue held for events not published yet."""
+        return self._reserved
+
     def publish(
-        self, topic: str, key: str, value: bytes | None, timestamp_ms: int | None = None
+        self,
+        topic: str,
+        key: str,
+        value: bytes | None,
+        timestamp_ms: int | None = None,
+        *,
+        reserved: bool = False,
     ) -> bool:
         """Queue an event (None: a tombstone); False, and counted, when the queue is full.
 
-        `timestamp_ms` becomes the Kafka record's timestamp, kept across a stay in the
-        journal (None: Kafka stamps the record when the sender hands it over, which after
-        an outage is the drain time)."""
+        `reserved`: the event takes the place `reserve` held for it (it never finds the
+        queue full, unless the queue is stopping); otherwise places held for others count
+        as taken. `timestamp_ms` becomes the Kafka record's timestamp, kept across a stay
+        in the journal (None: Kafka stamps the record when the sender hands it over, which
+        after an outage is the drain time)."""
         try:
-            self._queue.put_nowait(SpilledEvent(topic, key.encode(), value, timestamp_ms))
+            with self._reserve_lock:
+                if reserved:
+                    self._reserved = max(0, self._reserved - 1)
+                elif self._queue.qsize() + self._reserved >= self._queue.maxsize:
+                    raise queue.Full
+                self._queue.put_nowait(SpilledEvent(topic, key.encode(), value, timestamp_ms))
         except queue.Full:
             self._stats.drop(
                 "queue_full",

@@ -2,9 +2,13 @@
 
 What is measured where:
 
-- every RPC (count, latency, in flight, by service/method/status code): `MetricsInterceptor`,
-  a grpc.aio server interceptor, which also binds request_id/user_id to the log lines of
-  the call and writes one access-log line per call at INFO;
+- every RPC (count, latency, in flight, by protocol/service/method/status code):
+  `MetricsInterceptor`, a grpc.aio server interceptor, which also binds request_id/user_id
+  to the log lines of the call and writes one access-log line per call at INFO; the
+  OpenAI-compatible HTTP API (service/openai_api.py) measures its calls through the same
+  `ServerMetrics.call`, labelled protocol="http" (gRPC's are protocol="grpc"), with the
+  servicer method it called and the gRPC status name as code (its HTTP status is in the
+  access-log line);
 - batches, time to first token, tokens, adapter loads and hot-swaps: the engine calls the
   `decode_step`/`first_token`/... methods (the hf engine does; an engine without the
   hooks simply leaves those series at zero);
@@ -32,12 +36,13 @@ from prometheus_client.registry import Collector
 from loraloop.core.structured_logs import log_context
 
 log = logging.getLogger("loraloop.access")
+HEALTH_SERVICE = "grpc.health.v1.Health"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 SWAP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-RPC_LABELS = ("service", "method", "code")
+RPC_LABELS = ("protocol", "service", "method", "code")
 
 
 class ServerMetrics:
@@ -49,21 +54,22 @@ class ServerMetrics:
         self.info = Info("loraloop_server", "The serving process: model and engine.", registry=r)
         self.requests = Counter(
             "loraloop_server_requests",
-            "gRPC calls finished, by service, method and status code.",
+            "Calls finished, by protocol (grpc, or http: the OpenAI-compatible API), service, "
+            "method and status code.",
             RPC_LABELS,
             registry=r,
         )
         self.request_duration = Histogram(
             "loraloop_server_request_duration_seconds",
-            "Wall time of gRPC calls, from the handler's start to its last message.",
+            "Wall time of calls (gRPC and HTTP), from the handler's start to its last message.",
             RPC_LABELS,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.in_flight = Gauge(
             "loraloop_server_requests_in_flight",
-            "gRPC calls being handled now.",
-            ("service", "method"),
+            "Calls (gRPC and HTTP) being handled now.",
+            ("protocol", "service", "method"),
             registry=r,
         )
         self.time_to_first_token = Histogram(
@@ -118,6 +124,11 @@ class ServerMetrics:
         self._live: dict[str, int] = {}  # user -> version published while we were following
         self._lock = threading.Lock()
         self.interceptor = MetricsInterceptor(self)
+
+    def call(self, protocol: str, service: str, method: str, request: Any, context: Any) -> _Call:
+        """A context manager that measures one call of `service`/`method` over `protocol`
+        (counted, timed, access-logged, request_id/user_id bound to its log lines)."""
+        return _Call(self, service, method, request, context, protocol)
 
     def watch(
         self, *, engine: Any, registry: Any, events: Any, adapter_slots: int, queue_size: int
@@ -396,7 +407,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         m = self._m
 
         def call(request: Any, context: Any) -> _Call:
-            return _Call(m, service, method, request, context)
+            return m.call("grpc", service, method, request, context)
 
         if inspect.isasyncgenfunction(behavior):
 
@@ -434,8 +445,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 class _Call:
     """One RPC being measured: a context manager around the handler."""
 
-    def __init__(self, m: ServerMetrics, service: str, method: str, request: Any, context: Any):
+    def __init__(
+        self,
+        m: ServerMetrics,
+        service: str,
+        method: str,
+        request: Any,
+        context: Any,
+        protocol: str = "grpc",
+    ):
         self.m, self.service, self.method, self.context = m, service, method, context
+        self.protocol = protocol
+        self.log_fields: dict[str, Any] = {}  # more for the access-log line (HTTP: route, status)
         self.user_id = str(getattr(request, "user_id", "") or "")
         self.request_id = str(getattr(request, "request_id", "") or "")
 
@@ -450,23 +471,29 @@ class _Call:
         self.start = time.perf_counter()
         self._log = log_context(user_id=self.user_id, request_id=self.request_id)
         self._log.__enter__()
-        self.m.in_flight.labels(self.service, self.method).inc()
+        self.m.in_flight.labels(self.protocol, self.service, self.method).inc()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         seconds = time.perf_counter() - self.start
         code = _status(self.context, exc_type)
-        labels = (self.service, self.method, code)
-        self.m.in_flight.labels(self.service, self.method).dec()
+        labels = (self.protocol, self.service, self.method, code)
+        self.m.in_flight.labels(self.protocol, self.service, self.method).dec()
         self.m.requests.labels(*labels).inc()
         self.m.request_duration.labels(*labels).observe(seconds)
-        log.info(
-            "%s/%s %s in %.3fs",
+        # probes check health every few seconds: only a failed check is worth an INFO line
+        quiet = self.service == HEALTH_SERVICE and code == "OK"
+        log.log(
+            logging.DEBUG if quiet else logging.INFO,
+            "%s %s/%s %s in %.3fs",
+            self.protocol,
             self.service,
             self.method,
             code,
             seconds,
-            extra={"rpc": self.method, "code": code, "duration_s": round(seconds, 6)}
+            extra={"protocol": self.protocol, "rpc": self.method, "code": code}
+            | {"duration_s": round(seconds, 6)}
+            | self.log_fields
             | ({"request_id": self.request_id} if self.request_id else {}),
         )
         self._log.__exit__(exc_type, exc, tb)

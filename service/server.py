@@ -4,11 +4,15 @@ standard health and reflection, graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 import signal
+import statistics
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -26,11 +30,14 @@ from loraloop.service.adapters.registry import AdapterRegistry
 from loraloop.service.admission import ConcurrencyLimit
 from loraloop.service.auth import AuthInterceptor, build_interceptor
 from loraloop.service.call_guard import CallGuard
+from loraloop.service.call_metadata import response_metadata
 from loraloop.service.engines.factory import build_engine
 from loraloop.service.engines.protocol import AdapterLoadError, Engine, GenerationRequest
 from loraloop.service.event_log import EventLog
+from loraloop.service.health import HealthService
 from loraloop.service.metrics import ServerMetrics
-from loraloop.service.request_ids import RequestIds
+from loraloop.service.openai_api import HttpFrontDoor, start_http
+from loraloop.service.request_ids import Ownership, RequestIds
 from loraloop.service.strategy import Choice, StrategyChooser
 from loraloop.service.tls import describe as describe_tls
 from loraloop.service.tls import server_credentials
@@ -42,6 +49,7 @@ from loraloop.service.validation import (
     check_signals,
     check_user,
     invalid,
+    shown,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,9 @@ class Prepared:
     # When the request came in: its Interaction is stamped with it, so a generation that
     # runs across a DeleteUser of its user is seen as predating the deletion.
     started_ms: int
+    # A place in the event queue is held for the interaction until it is published (or
+    # the call fails): a response is never answered with its interaction dropped.
+    holds_place: bool = False
 
 
 def _now_ms() -> int:
@@ -84,6 +95,9 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         # Generate/GenerateStream in flight; admitted by the CallGuard interceptor
         self.limit = ConcurrencyLimit(settings.max_concurrent_requests)
         self.request_ids = RequestIds(settings.request_id_secret.get_secret_value())
+        # request id -> its issue time (ms), for ids whose feedback was accepted here
+        # ("earliest": a repeat is answered accepted=false); bounded, see _remember_feedback
+        self._rated: OrderedDict[str, int] = OrderedDict()
 
     # --- Generate -----------------------------------------------------------------------
     async def _resolve(self, user_id: str) -> AdapterVersion | None:
@@ -94,27 +108,36 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         return await asyncio.to_thread(self.registry.resolve, user_id)
 
     async def _prepare(self, request: api_pb2.GenerateRequest) -> Prepared:
+        """Validate, choose the arm and apply it, hold the interaction's place in the
+        event queue. A plain prompt is one user message (GenerateRequest.prompt)."""
         started_ms = _now_ms()
         user_id = check_user(request.user_id)
-        prompt, messages = check_input(request, self.settings.max_prompt_chars)
+        prompt, given = check_input(request, self.settings.max_prompt_chars)
         pinned = check_arm(request.arm)
         decoding = check_sampling(request.sampling, self.settings)
-        is_chat = messages is not None
-        token_ids = self.engine.encode(prompt, messages)
+        is_chat = given is not None
+        messages = given if given is not None else [("user", prompt or "")]
+        token_ids = self.engine.encode(None, messages)
         context = context_features(len(token_ids), is_chat)
-        choice = self.strategy.choose(user_id, context, pinned=pinned)
-        arm = choice.arm
-        # The arm's system prompt goes in front of chat requests that bring none themselves.
-        if messages is not None and arm.system_prompt and all(r != "system" for r, _ in messages):
-            messages = [("system", arm.system_prompt), *messages]
-            token_ids = self.engine.encode(prompt, messages)
         sampling = request.sampling
-        temperature = decoding.temperature
-        if arm.temperature is not None and not sampling.HasField("temperature"):
-            temperature = arm.temperature
-        top_p = decoding.top_p
-        if arm.top_p is not None and not sampling.HasField("top_p"):
-            top_p = arm.top_p
+        set_by_request = frozenset(
+            lever
+            for lever, is_set in (
+                ("system_prompt", any(role == "system" for role, _ in messages)),
+                ("temperature", sampling.HasField("temperature")),
+                ("top_p", sampling.HasField("top_p")),
+            )
+            if is_set
+        )
+        # The arm is applied whole, or not at all (NO_ARM) when the request set one of the
+        # arms' levers itself: what is logged and credited is exactly what was applied.
+        choice = self.strategy.choose(user_id, context, pinned, set_by_request)
+        arm = choice.arm
+        if arm.system_prompt:
+            messages = [("system", arm.system_prompt), *messages]
+            token_ids = self.engine.encode(None, messages)
+        temperature = decoding.temperature if arm.temperature is None else arm.temperature
+        top_p = decoding.top_p if arm.top_p is None else arm.top_p
         if len(token_ids) > self.settings.max_prompt_tokens:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -124,7 +147,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         if not token_ids:
             raise invalid("prompt encodes to no tokens: send some text")
         gen = GenerationRequest(
-            request_id=self.request_ids.issue(user_id),
+            request_id=self.request_ids.issue(user_id, started_ms),
             prompt_token_ids=token_ids,
             adapter=await self._resolve(user_id),
             max_tokens=decoding.max_tokens,
@@ -132,8 +155,20 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             top_p=top_p,
             seed=decoding.seed,
         )
-        text = (prompt or "") if messages is None else "\n".join(f"{r}: {c}" for r, c in messages)
-        return Prepared(gen, choice, [float(v) for v in context], text, started_ms)
+        if not self.events.reserve():
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "event queue is full: the interaction could not be logged, so nothing was "
+                "generated; retry with backoff",
+            )
+        text = "\n".join(f"{r}: {c}" for r, c in messages)
+        return Prepared(gen, choice, [float(v) for v in context], text, started_ms, True)
+
+    def _give_back_place(self, prepared: Prepared | None) -> None:
+        """The call ends without its interaction: hand its place in the queue back."""
+        if prepared is not None and prepared.holds_place:
+            prepared.holds_place = False
+            self.events.unreserve()
 
     def _response(
         self,
@@ -146,6 +181,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         gen = prepared.gen
         version = gen.adapter.version if gen.adapter else 0
         finish = self.engine.finish_reason(token_ids, gen.max_tokens)
+        choice = prepared.choice
         event = events_pb2.Interaction(
             request_id=gen.request_id,
             user_id=request.user_id,
@@ -156,8 +192,8 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             behaviour_logprobs=logprobs,
             response_text=text,
             adapter_version=version,
-            arm=prepared.choice.arm.name,
-            arm_propensity=prepared.choice.propensity,
+            arm=choice.arm.name,  # "" when no arm was applied: credited to none
+            arm_propensity=choice.propensity,
             sampling=common_pb2.SamplingParams(
                 max_tokens=gen.max_tokens,
                 temperature=gen.temperature,
@@ -167,15 +203,25 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             model_id=self.engine.model_id,
             finish_reason=finish,
             context=prepared.context,
+            request_overrides=choice.overrides,
         )
-        self.events.publish(
-            self.settings.topic_interactions, request.user_id, event.SerializeToString()
+        reserved, prepared.holds_place = prepared.holds_place, False
+        logged = self.events.publish(
+            self.settings.topic_interactions,
+            request.user_id,
+            event.SerializeToString(),
+            reserved=reserved,
         )
+        if not logged:  # only while the event log stops (its place was held): refuse
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is stopping and could not log the interaction: retry",
+            )
         return api_pb2.GenerateResponse(
             request_id=gen.request_id,
             text=text,
             adapter_version=version,
-            arm=prepared.choice.arm.name,
+            arm=choice.arm.name,
             usage=api_pb2.Usage(
                 prompt_tokens=len(gen.prompt_token_ids), completion_tokens=len(token_ids)
             ),
@@ -185,14 +231,21 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
     async def Generate(
         self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.GenerateResponse:
+        prepared: Prepared | None = None
         try:
-            prepared = await self._prepare(request)
-            result = await fallback.generate(self.engine, self.registry, prepared.gen)
-        except RequestError as err:
-            await context.abort(err.code, err.message)
-        except AdapterLoadError as err:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-        return self._response(request, prepared, result.text, result.token_ids, result.logprobs)
+            try:
+                prepared = await self._prepare(request)
+                result = await fallback.generate(self.engine, self.registry, prepared.gen)
+                response = self._response(
+                    request, prepared, result.text, result.token_ids, result.logprobs
+                )
+            except RequestError as err:
+                await context.abort(err.code, err.message)
+            except AdapterLoadError as err:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        finally:
+            self._give_back_place(prepared)  # a failed or cancelled call
+        return response
 
     async def GenerateStream(
         self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -205,52 +258,103 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         logprobs: list[float] = []
         text = ""
         try:
-            async for chunk in fallback.stream(self.engine, self.registry, prepared.gen):
-                token_ids += chunk.token_ids
-                logprobs += chunk.logprobs
-                text += chunk.text
-                if chunk.text:
-                    yield api_pb2.GenerateStreamResponse(delta=chunk.text)
-        except AdapterLoadError as err:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-        final = self._response(request, prepared, text, token_ids, logprobs)
-        yield api_pb2.GenerateStreamResponse(final=final)
+            try:
+                async for chunk in fallback.stream(self.engine, self.registry, prepared.gen):
+                    if chunk.token_ids and not token_ids:  # the version is settled: send the ids
+                        gen = prepared.gen
+                        version = gen.adapter.version if gen.adapter else 0
+                        ids = response_metadata(gen.request_id, version, prepared.choice.arm.name)
+                        await context.send_initial_metadata(ids)
+                    token_ids += chunk.token_ids
+                    logprobs += chunk.logprobs
+                    text += chunk.text
+                    if chunk.text:
+                        yield api_pb2.GenerateStreamResponse(delta=chunk.text)
+                final = self._response(request, prepared, text, token_ids, logprobs)
+            except AdapterLoadError as err:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+            except RequestError as err:
+                await context.abort(err.code, err.message)
+            yield api_pb2.GenerateStreamResponse(final=final)
+        finally:
+            self._give_back_place(prepared)  # a failed or cancelled stream
 
     # --- Feedback -----------------------------------------------------------------------
     async def Feedback(
         self, request: api_pb2.FeedbackRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.FeedbackResponse:
+        """OK with accepted=true when the feedback will count, accepted=false (and a
+        reason) when it is well formed but will not (FeedbackResponse); NOT_FOUND for an
+        id this service did not issue to this user, PERMISSION_DENIED for one it issued
+        to another user."""
         try:
             user_id = check_user(request.user_id)
-            if not self.request_ids.well_formed(request.request_id):
-                raise RequestError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"request_id {request.request_id[:64]!r} is unknown: pass the request_id"
-                    " that Generate returned",
-                )
-            if not self.request_ids.belongs_to(request.request_id, user_id):
+            rid = request.request_id
+            owner = self.request_ids.ownership(rid, user_id)
+            if owner is Ownership.OTHER_USER:
                 raise RequestError(
                     grpc.StatusCode.PERMISSION_DENIED,
-                    "request_id was not issued to this user_id: feedback must come from the"
+                    "request_id was issued to another user_id: feedback must come from the"
                     " user the response was served to",
+                )
+            if owner is not Ownership.USER:
+                raise RequestError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"request_id {shown(rid)} was not issued to this user_id: pass the"
+                    " request_id that Generate returned for this user",
                 )
             check_signals(request.signals)
         except RequestError as err:
             await context.abort(err.code, err.message)
+        now = _now_ms()
+        issued = self.request_ids.issued_ms(rid)
+        reason = self._not_counted(rid, user_id, issued, now)
+        if reason is not None:
+            return api_pb2.FeedbackResponse(accepted=False, reason=reason)
         event = events_pb2.FeedbackEvent(
-            request_id=request.request_id,
+            request_id=rid,
             user_id=user_id,
-            timestamp_ms=_now_ms(),
+            timestamp_ms=now,
             signals=request.signals,
+            feedback_id=secrets.token_hex(8),
         )
-        accepted = self.events.publish(
+        queued = self.events.publish(
             self.settings.topic_feedback, user_id, event.SerializeToString()
         )
-        if not accepted:
+        if not queued:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "event queue is full: retry with backoff"
             )
+        self._remember_feedback(rid, now if issued is None else issued, now)
         return api_pb2.FeedbackResponse(accepted=True)
+
+    def _not_counted(self, rid: str, user_id: str, issued: int | None, now: int) -> str | None:
+        """Why the learner will not count feedback on `rid` sent at `now` (the rules of
+        learner/joiner.py and learner/deletions.py, on the same timestamps: the issue
+        time is the interaction's), or None. First-format ids carry no issue time: only
+        the repeat rule applies to them."""
+        wait_ms = int(self.settings.reward_wait_seconds * 1000)
+        if issued is not None and now - issued > wait_ms:
+            return "late"
+        deleted = self.registry.deleted_at(user_id)
+        if issued is not None and deleted is not None and issued <= deleted:
+            return "user_deleted"
+        if self.settings.feedback_aggregation == "earliest" and rid in self._rated:
+            return "repeated"
+        return None
+
+    def _remember_feedback(self, rid: str, issued: int, now: int) -> None:
+        """Note that `rid` got its feedback ("earliest"), forgetting ids whose reward
+        window closed and, beyond settings.feedback_memory, the oldest."""
+        if self.settings.feedback_aggregation != "earliest":
+            return
+        wait_ms = int(self.settings.reward_wait_seconds * 1000)
+        self._rated[rid] = issued
+        while self._rated:
+            oldest, issued_at = next(iter(self._rated.items()))
+            if len(self._rated) <= self.settings.feedback_memory and now - issued_at <= wait_ms:
+                break
+            del self._rated[oldest]
 
     # --- user state ---------------------------------------------------------------------
     async def GetUserState(
@@ -262,11 +366,13 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             await context.abort(err.code, err.message)
         ref = await self._resolve(user_id)
         state = await asyncio.to_thread(self._learner_state, ref) if ref else {}
+        recent = _recent_rewards(state)
         return api_pb2.UserState(
             user_id=user_id,
             adapter_version=ref.version if ref else 0,
             updates=int(state.get("updates", 0)),
-            recent_reward=float(state.get("baseline", 0.0)),
+            recent_reward=statistics.fmean(recent) if recent else 0.0,
+            recent_samples=len(recent),
             arms=[
                 api_pb2.ArmStats(arm=a, pulls=n, mean_reward=m)
                 for a, n, m in self.strategy.arm_stats(user_id)
@@ -295,6 +401,10 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             user_id = check_user(request.user_id)
         except RequestError as err:
             await context.abort(err.code, err.message)
+        # What there is of the user (answered as `deleted`), looked at before forgetting.
+        existed = self.registry.has_version(user_id) or self.strategy.has_state(user_id)
+        if not existed:
+            existed = await asyncio.to_thread(self._stored, user_id)
         # Forget here at once (registry, engine slots and host cache, bandit state); the
         # tombstones tell every replica and the learner (which owns the store) to forget.
         # The registry forgets on the loop (a Generate resolving after this line gets the
@@ -313,7 +423,26 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "event queue is full, the deletion was not recorded: retry with backoff",
             )
-        return api_pb2.DeleteUserResponse(deleted=True)
+        self.registry.note_deletion(user_id, deleted_ms)  # feedback on older ids: not counted
+        return api_pb2.DeleteUserResponse(deleted=existed)
+
+    def _stored(self, user_id: str) -> bool:
+        """Whether the store holds versions of the user (False when it cannot be listed)."""
+        try:
+            return bool(self.store.versions(user_id))
+        except OSError as exc:
+            log.warning("DeleteUser %s: store not listable (%s)", user_id, exc)
+            return False
+
+
+def _recent_rewards(state: dict[str, Any]) -> list[float]:
+    """The rewards of the user's most recent samples, as the learner stored them with the
+    version (the rollback guard's window, learner/guard.py)."""
+    guard_state = state.get("guard")
+    recent = guard_state.get("recent") if isinstance(guard_state, dict) else None
+    if not isinstance(recent, list):
+        return []
+    return [float(r) for r in recent if isinstance(r, int | float) and not isinstance(r, bool)]
 
 
 @dataclass
@@ -321,16 +450,35 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     service: LoraLoopService
-    health: health.HealthServicer
+    health: HealthService
     metrics: ServerMetrics | None = None
     auth: AuthInterceptor | None = None
+    http: HttpFrontDoor | None = None  # the OpenAI-compatible API (settings.http_port)
+    _drain_cut: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, drain in-flight calls for `grace` seconds, flush events."""
+    def end_drain(self) -> None:
+        """Cut the drain window of a `stop()` short (e.g. a second SIGTERM)."""
+        self._drain_cut.set()
+
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Shut down as load balancers and Kubernetes expect: health turns NOT_SERVING at
+        once (Check and every open Watch) while every call is still answered for `drain`
+        seconds (settings.drain_seconds), so pollers take this replica out of rotation;
+        then new calls are refused and those in flight get `grace` seconds
+        (settings.grace_seconds) to finish; then the engine stops and events are flushed."""
         svc = self.service
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(svc.settings.grace_seconds if grace is None else grace)
+        grace = svc.settings.grace_seconds if grace is None else grace
+        drain = svc.settings.drain_seconds if drain is None else drain
+        await self.health.enter_graceful_shutdown()
+        if drain > 0 and not self._drain_cut.is_set():
+            log.info("health NOT_SERVING; still answering calls for %.1fs (drain)", drain)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drain_cut.wait(), drain)
+        self.health.close()  # open Watch streams end now: they would hold the whole grace
+        http = self.http.begin_stop(grace) if self.http is not None else None  # beside gRPC
+        await self.server.stop(grace)
+        if http is not None:
+            await http
         await svc.engine.stop()
         svc.registry.stop()
         svc.strategy.stop()
@@ -357,7 +505,11 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
         metrics.forget_user(user_id)
 
     registry = AdapterRegistry(
-        store, settings.kafka_bootstrap, settings.topic_adapter_updates, forget_user
+        store,
+        settings.kafka_bootstrap,
+        settings.topic_adapter_updates,
+        forget_user,
+        model_id=engine.model_id,  # versions for another base model are rejected
     )
     registry.start()
     events = EventLog.from_settings(settings)
@@ -381,7 +533,9 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
         options=[("grpc.max_receive_message_length", settings.max_message_bytes)],
     )
     api_pb2_grpc.add_LoraLoopServicer_to_server(service, server)
-    health_servicer = health.HealthServicer()
+    # grpc's asyncio health servicer: the synchronous one would hold a default-executor
+    # thread (those asyncio.to_thread uses) per Watch call for good (service/health.py)
+    health_servicer = HealthService()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -393,6 +547,9 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
         else server.add_insecure_port(address)
     )
     await server.start()
+    http = None
+    if settings.http_port >= 0:  # the same service behind a second front door
+        http = await start_http(settings, service, health_servicer, metrics, auth)
     if auth is not None and credentials is None:
         log.warning(
             "API keys are required but TLS is off: keys cross the network in plaintext. Set "
@@ -400,7 +557,7 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
             "sure a mesh or proxy in front of the server encrypts the traffic"
         )
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "serving %s on %s:%d (%s, API keys %s)",
         engine.model_id,
@@ -409,11 +566,13 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
         describe_tls(settings),
         "required" if auth is not None else "off",
     )
-    return RunningServer(server, port, service, health_servicer, metrics, auth)
+    return RunningServer(server, port, service, health_servicer, metrics, auth, http)
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    """Run until SIGINT/SIGTERM, then shut down gracefully: SIGTERM (Kubernetes, Docker,
+    systemd) drains for settings.drain_seconds first (see RunningServer.stop); SIGINT
+    (Ctrl-C at a terminal) and a second signal skip what is left of the drain."""
     running = await create_server(settings)
     exporter = None
     if settings.server_metrics_port >= 0 and running.metrics is not None:
@@ -423,8 +582,16 @@ async def serve(settings: Settings) -> None:
         print(f"loraloop server metrics on {exporter.host}:{exporter.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set() or sig == signal.SIGINT:
+            running.end_drain()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the ready line, which invites them
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
+    if running.http is not None:  # before the ready line, so whoever waits for it has both
+        print(f"loraloop http api on {running.http.url}", flush=True)
     print(f"loraloop server listening on {settings.host}:{running.port}", flush=True)
     await stop.wait()
     await running.stop()

@@ -4,6 +4,10 @@ The learner publishes every user's arm statistics, and the pooled population's, 
 compacted `bandit-state` topic; this module follows it and chooses with linear Thompson
 sampling or LinUCB over the user's population-shrunk posterior, returning the arm and
 its propensity, which the interaction event logs for off-policy learning and evaluation.
+
+A request that sets one of the arms' levers itself (core/bandits/arms.py) gets no arm
+(`NO_ARM`, propensity 0): nothing of the arms could be applied as defined, so the
+interaction must not be credited to any of them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loraloop.core.bandits import linucb, thompson
-from loraloop.core.bandits.arms import Arm, load_arms
+from loraloop.core.bandits.arms import NO_ARM, Arm, arm_levers, load_arms
 from loraloop.core.bandits.features import DIM
 from loraloop.core.bandits.linear import POPULATION, BanditState, posterior
 from loraloop.core.gen.loraloop.v1 import events_pb2
@@ -25,8 +29,13 @@ from loraloop.service.validation import invalid
 
 @dataclass(frozen=True)
 class Choice:
-    arm: Arm
+    arm: Arm  # NO_ARM: none applied (the request set a lever of the arms itself)
     propensity: float
+    overrides: tuple[str, ...] = ()  # the arms' levers the request set itself
+
+    @property
+    def applied(self) -> bool:
+        return self.arm is not NO_ARM
 
 
 class StrategyChooser:
@@ -36,6 +45,7 @@ class StrategyChooser:
         self.settings = settings
         self.arms = load_arms(settings.arms_file)
         self.names = [a.name for a in self.arms]
+        self.levers = arm_levers(self.arms)  # what a request must leave to the arm
         self._states: dict[str, BanditState] = {}
         self._lock = threading.Lock()
         self._rng = np.random.default_rng()
@@ -56,7 +66,7 @@ class StrategyChooser:
         if self._follower:
             self._follower.stop()
 
-    def _apply(self, _topic: str, key: bytes | None, value: bytes | None) -> None:
+    def _apply(self, _topic: str, key: bytes | None, value: bytes | None, _ts: int = 0) -> None:
         if key is None:
             return
         name = key.decode(errors="replace")
@@ -75,13 +85,28 @@ class StrategyChooser:
         with self._lock:
             self._states.pop(user_id, None)
 
-    def choose(self, user_id: str, x: np.ndarray, pinned: str | None = None) -> Choice:
-        """The arm for this request and its propensity (1 when pinned or only one arm)."""
-        if pinned is not None:
-            for arm in self.arms:
-                if arm.name == pinned:
-                    return Choice(arm, 1.0)
+    def has_state(self, user_id: str) -> bool:
+        """Whether this server holds bandit statistics of the user."""
+        with self._lock:
+            return user_id in self._states
+
+    def choose(
+        self,
+        user_id: str,
+        x: np.ndarray,
+        pinned: str | None = None,
+        set_by_request: frozenset[str] = frozenset(),
+    ) -> Choice:
+        """The arm for this request and its propensity (1 when pinned or only one arm), or
+        NO_ARM (propensity 0) when the request sets one of the arms' levers itself
+        (`set_by_request`: "system_prompt", "temperature", "top_p")."""
+        if pinned is not None and pinned not in self.names:
             raise invalid(f"arm={pinned!r} is unknown: use one of {', '.join(self.names)}")
+        overrides = tuple(sorted(set_by_request & self.levers))
+        if overrides:
+            return Choice(NO_ARM, 0.0, overrides)
+        if pinned is not None:
+            return Choice(self.arms[self.names.index(pinned)], 1.0)
         if len(self.arms) == 1:
             return Choice(self.arms[0], 1.0)
         s = self.settings

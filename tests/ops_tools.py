@@ -1,5 +1,6 @@
-"""Where the operators' tools (promtool, prometheus, helm, kubeconform, dashboard-linter)
-are found: on PATH, or where `scripts/install-ops-tools.sh` puts the Go ones."""
+"""Where the operators' tools (promtool, prometheus, helm, kubeconform, grpcurl,
+dashboard-linter) are found: on PATH, or where `scripts/install-ops-tools.sh` puts the Go
+ones."""
 
 from __future__ import annotations
 

@@ -7,10 +7,10 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -20,6 +20,8 @@ from loraloop.core.kafka.replay import read_to_end
 from loraloop.core.settings import Settings
 from loraloop.devtools.kafka_broker import KafkaBroker
 from loraloop.processes import Process, settings_env
+
+T = TypeVar("T")
 
 __all__ = [
     "InProcessServer",
@@ -50,6 +52,10 @@ def isolated_settings(bootstrap: str, tmp: Path, **overrides: Any) -> Settings:
         "adapter_store": tmp / "adapters",
         "port": 0,
         "kafka_connect_timeout": 5.0,
+        # not the published default, which auth_required refuses
+        "request_id_secret": f"test-secret-{tag}",
+        # servers stopped by a test stop at once; tests of the drain window set their own
+        "drain_seconds": 0.0,
     }
     values.update(overrides)
     return Settings(**values)
@@ -78,8 +84,14 @@ class InProcessServer:
         self.port = self.running.port
         self.target = f"127.0.0.1:{self.port}"
 
-    def stop(self, grace: float = 1.0) -> None:
-        asyncio.run_coroutine_threadsafe(self.running.stop(grace), self.loop).result(60)
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        """Run `coro` on the server's event loop (e.g. `running.health.set(...)`)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float = 1.0, drain: float = 0.0) -> None:
+        """Stop as on SIGTERM, without a drain window unless asked for (tests that are done
+        with a server need no load balancer to notice)."""
+        self.call(self.running.stop(grace, drain))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 

@@ -30,6 +30,12 @@ BLAS's order differs between CPUs. Each user's gradient is
 clipped to `max_grad_norm`, then an Adam step (state kept per user) moves that user's
 adapter. After the step the baseline moves toward the new rewards:
 b_u <- d * b_u + (1 - d) * mean_i r_i.
+
+Devices and precision: the forward and backward run where the model is (`Settings.device`),
+in its dtype; the Adam step runs there too, in float32 at least, on the user's own weights
+(the master copy) rather than on the bank's copy of them, so a bfloat16 bank does not round
+away the small steps. What the learner holds between steps (each user's weights and Adam
+moments, an LRU of many users) stays in host RAM: the step copies it in and its results out.
 """
 
 from __future__ import annotations
@@ -40,8 +46,10 @@ import torch
 
 from loraloop.core.logprobs import response_distributions, token_logprobs
 from loraloop.core.model_loading import LoadedModel
-from loraloop.core.multi_lora import LoRAWeights
+from loraloop.core.multi_lora import LoRABank, LoRAWeights
 from loraloop.core.settings import Settings, default_of
+
+HOST = torch.device("cpu")  # where users' weights and Adam moments are kept between steps
 
 
 @dataclass
@@ -111,12 +119,40 @@ def _adam(
     param: torch.Tensor, grad: torch.Tensor, state: AdamState, key: str, cfg: ReinforceConfig
 ) -> torch.Tensor:
     b1, b2 = cfg.adam_betas
-    m = state.m.get(key, torch.zeros_like(param)).mul_(b1).add_(grad, alpha=1 - b1)
-    v = state.v.get(key, torch.zeros_like(param)).mul_(b2).addcmul_(grad, grad, value=1 - b2)
-    state.m[key], state.v[key] = m, v
+    m = _moment(state.m, key, param).mul_(b1).add_(grad, alpha=1 - b1)
+    v = _moment(state.v, key, param).mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    state.m[key], state.v[key] = m.to(HOST), v.to(HOST)
     m_hat = m / (1 - b1**state.step)
     v_hat = v / (1 - b2**state.step)
     return param - cfg.learning_rate * m_hat / (v_hat.sqrt() + cfg.adam_eps)
+
+
+def _moment(moments: dict[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor:
+    """A kept Adam moment on `like`'s device and dtype (zeros the first time)."""
+    held = moments.get(key)
+    return torch.zeros_like(like) if held is None else held.to(like.device, like.dtype)
+
+
+def _master(user: UserBatch, bank: LoRABank, slot: int) -> LoRAWeights:
+    """The weights the optimiser steps, on the bank's device in float32 at least: the user's
+    own (exact) when they are at the bank's rank and alpha, else the slot they were loaded
+    into (zero-padded, scaling folded into B)."""
+    dtype = torch.promote_types(bank.dtype, torch.float32)
+    w = user.weights
+    same = w.rank == bank.rank and w.alpha == bank.alpha and w.a.keys() == bank.layers.keys()
+    src = w if same and w.b.keys() == bank.layers.keys() else bank.read(slot)
+    out = LoRAWeights(bank.rank, bank.alpha)
+    for name in bank.layers:
+        out.a[name] = src.a[name].to(bank.device, dtype)
+        out.b[name] = src.b[name].to(bank.device, dtype)
+    return out
+
+
+def _to_host(weights: LoRAWeights) -> LoRAWeights:
+    out = LoRAWeights(weights.rank, weights.alpha)
+    out.a = {name: t.to(HOST) for name, t in weights.a.items()}
+    out.b = {name: t.to(HOST) for name, t in weights.b.items()}
+    return out
 
 
 def _baseline(user: UserBatch, i: int, cfg: ReinforceConfig) -> float:
@@ -135,11 +171,13 @@ def _truncated_ratio(
 ) -> torch.Tensor:
     """Per-token min(c, pi_T / mu), detached; ones when there is nothing to correct."""
     if behaviour is None or temperature <= 0 or len(behaviour) != len(response):
-        return torch.ones(len(response))
+        return torch.ones(len(response), device=dist.device)
     with torch.no_grad():
         scaled = (dist / temperature).log_softmax(-1)
-        pi_t = scaled.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
-        return (pi_t - torch.tensor(behaviour)).exp().clamp(max=cfg.is_truncation)
+        tokens = torch.tensor(response, device=dist.device)
+        pi_t = scaled.gather(-1, tokens[:, None]).squeeze(-1)
+        mu = torch.tensor(behaviour, device=dist.device)
+        return (pi_t - mu).exp().clamp(max=cfg.is_truncation)
 
 
 def _grad(param: torch.Tensor) -> torch.Tensor:
@@ -150,8 +188,10 @@ def _grad(param: torch.Tensor) -> torch.Tensor:
 def reinforce_step(
     lm: LoadedModel, users: list[UserBatch], cfg: ReinforceConfig
 ) -> list[UserUpdate]:
-    """One batched policy-gradient step for `users` (at most bank.slots - 1 of them)."""
+    """One batched policy-gradient step for `users` (at most bank.slots - 1 of them), on the
+    model's device; the updates' weights are on the host."""
     bank = lm.bank
+    device = bank.device
     if len(users) >= bank.slots:
         raise ValueError(f"{len(users)} users exceed the learner's {bank.slots - 1} slots")
     prompts, responses, slots, advantages, owners = [], [], [], [], []
@@ -181,7 +221,7 @@ def reinforce_step(
         with torch.enable_grad():
             dists = response_distributions(lm.model, bank, prompts, responses, slots, pad)
             token_logps = token_logprobs(dists, responses)
-            per_user_loss = [torch.zeros(()) for _ in users]
+            per_user_loss = [torch.zeros((), device=device) for _ in users]
             for i, (logp, adv, k) in enumerate(zip(token_logps, advantages, owners, strict=True)):
                 n = len(users[k].rewards)
                 rho = _truncated_ratio(dists[i], responses[i], behaviour[i], temperatures[i], cfg)
@@ -199,18 +239,19 @@ def reinforce_step(
     with torch.no_grad():
         for k, user in enumerate(users):
             slot = k + 1
+            current = _master(user, bank, slot)
+            dtype = next(iter(current.a.values())).dtype
             grads = {
-                name: (_grad(layer.lora_A)[slot], _grad(layer.lora_B)[slot])
+                name: (_grad(layer.lora_A)[slot].to(dtype), _grad(layer.lora_B)[slot].to(dtype))
                 for name, layer in bank.layers.items()
             }
             norm = torch.sqrt(
                 sum(
                     (ga.square().sum() + gb.square().sum() for ga, gb in grads.values()),
-                    torch.zeros(()),
+                    torch.zeros((), device=device, dtype=dtype),
                 )
             )
             clip = min(1.0, cfg.max_grad_norm / (float(norm) + 1e-12))
-            current = bank.read(slot)
             new = current
             if float(norm) >= cfg.min_grad_norm:
                 user.adam.step += 1
@@ -221,7 +262,7 @@ def reinforce_step(
             mean_reward = sum(user.rewards) / len(user.rewards)
             updates.append(
                 UserUpdate(
-                    weights=new,
+                    weights=_to_host(new),
                     baseline=cfg.baseline_decay * user.baseline
                     + (1 - cfg.baseline_decay) * mean_reward,
                     loss=float(per_user_loss[k]),

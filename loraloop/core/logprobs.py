@@ -28,7 +28,8 @@ def response_distributions(
     per row, each row through its own adapter slot.
 
     Rows are right-padded into one batch: one forward (and, under autograd, one backward)
-    for all rows, whatever adapters they use.
+    for all rows, whatever adapters they use. The batch is built on the host and copied to
+    the bank's device once; the distributions are on that device.
     """
     if not (len(prompts) == len(responses) == len(slots)):
         raise ValueError("prompts, responses and slots must have the same length")
@@ -43,6 +44,8 @@ def response_distributions(
     sizes = [len(r) for r in responses]
     rows = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
     cols = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, sizes, strict=True)])
+    device = bank.device
+    ids, mask, rows, cols = (t.to(device) for t in (ids, mask, rows, cols))
     with bank.rows(slots):
         if _head_on_hidden_states(model):
             # Only response positions need the vocabulary projection: project those alone.
@@ -74,7 +77,7 @@ def token_logprobs(
 ) -> list[torch.Tensor]:
     """Pick each response token's log-probability out of its position's distribution."""
     return [
-        dist.gather(-1, torch.tensor(r, dtype=torch.long)[:, None]).squeeze(-1)
+        dist.gather(-1, torch.tensor(r, dtype=torch.long, device=dist.device)[:, None]).squeeze(-1)
         for dist, r in zip(distributions, responses, strict=True)
     ]
 

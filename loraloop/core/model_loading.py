@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from loraloop.core.devices import resolve_device, resolve_dtype
 from loraloop.core.multi_lora import LoRABank
 from loraloop.core.settings import Settings
 
@@ -20,12 +21,10 @@ class LoadedModel:
     model_id: str
     path: str
 
-
-def _dtype(name: str) -> torch.dtype:
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype {name!r} is not a torch dtype: use float32 or bfloat16")
-    return value
+    @property
+    def device(self) -> torch.device:
+        """Where the model, its LoRA bank and every tensor fed to them live."""
+        return self.bank.device
 
 
 class ModelNotConfiguredError(ValueError):
@@ -48,14 +47,19 @@ def resolve_model_path(name: str) -> str:
 
 def load_model(settings: Settings, slots: int) -> LoadedModel:
     """Base model (a local HF directory or a cached hub name) with `slots` adapter slots on
-    `settings.lora_targets`. Base weights never require grad."""
+    `settings.lora_targets`, on `settings.device` in `settings.dtype` (loraloop/core/devices.py:
+    "auto" resolved). Base weights never require grad. A device this machine lacks raises
+    DeviceUnavailableError before anything is loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
     path = resolve_model_path(settings.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(settings.dtype))
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.to(device)  # before the bank: its A/B stacks are made where the base weights are
     model.eval()
     model.requires_grad_(False)
     bank = LoRABank(model, settings.lora_targets, slots, settings.lora_rank, settings.lora_alpha)

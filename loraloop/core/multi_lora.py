@@ -120,11 +120,22 @@ class LoRABank:
     def scaling(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the bank's A/B stacks: the base model's."""
+        return next(iter(self.layers.values())).lora_A.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the bank's A/B stacks: the base model's."""
+        return next(iter(self.layers.values())).lora_A.dtype
+
     def set_rows(self, slot_ids: torch.Tensor | list[int] | None) -> None:
         """Select the adapter of every batch row for the following forward passes."""
         if slot_ids is not None and not isinstance(slot_ids, torch.Tensor):
-            device = next(iter(self.layers.values())).lora_A.device
-            slot_ids = torch.tensor(slot_ids, dtype=torch.long, device=device)
+            slot_ids = torch.tensor(slot_ids, dtype=torch.long, device=self.device)
+        elif slot_ids is not None:
+            slot_ids = slot_ids.to(self.device)
         self._rows.ids = slot_ids
         self._rows.generation += 1
 
@@ -144,7 +155,8 @@ class LoRABank:
         """Copy an adapter into a slot. Lower ranks are zero-padded; the adapter's own
         scaling is folded into B, so any rank/alpha up to the bank's rank serves the same
         adapter (folding rounds each B weight once unless the ratio of scalings is a power
-        of two)."""
+        of two). The weights may be on any device (the host-RAM cache and the learner keep
+        them on the CPU): they are copied to the bank's device and dtype."""
         self._check_slot(slot)
         if weights.rank > self.rank:
             raise ValueError(
@@ -157,7 +169,7 @@ class LoRABank:
             if name in weights.a:
                 r = weights.rank
                 layer.lora_A[slot, :r].copy_(weights.a[name])
-                layer.lora_B[slot, :, :r].copy_(weights.b[name] * factor)
+                layer.lora_B[slot, :, :r].copy_(weights.b[name].to(layer.lora_B.device) * factor)
             layer._gathered = None
 
     def clear(self, slot: int) -> None:

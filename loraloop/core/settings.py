@@ -8,15 +8,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "LORALOOP_"
 
 Engine = Literal["hf", "vllm"]
 Bandit = Literal["thompson", "linucb"]
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+# The default request_id_secret, and the chart's placeholder: public, so refused (like an
+# empty secret) while auth_required is set.
+DEV_SECRET = "loraloop-dev-secret"
+PUBLISHED_SECRETS = frozenset({DEV_SECRET, "change-me"})
+FeedbackAggregation = Literal["earliest", "sum"]
 
 # LORALOOP_* variables that are not settings of the server or the learner: the Python
 # client's own (loraloop/client.py) and the fault-injection hooks of the crash tests.
@@ -51,9 +57,24 @@ class Settings(BaseSettings):
         "local cache. Required by `serve` and `learn`; `loraloop build-model` builds the "
         "demo's tiny Llama and prints its directory.",
     )
-    model_id: str = Field("", description="Id recorded in events; defaults to the model path.")
+    model_id: str = Field(
+        "",
+        description="Id of the base model, recorded in events and adapters; defaults to "
+        "`model` as written. Servers refuse adapter versions of another id and the learner "
+        "skips interactions of another id: give servers and learner the same one.",
+    )
+    device: Device = Field(
+        "auto",
+        description="Where the hf engine and the learner run the base model, the LoRA bank, "
+        "the batched step and sampling: 'cuda', 'cpu', or 'auto' (cuda when "
+        "torch.cuda.is_available(), else cpu). 'cuda' on a machine without CUDA stops "
+        "`serve`/`learn` at start-up. The vllm engine runs where vLLM's platform is.",
+    )
     dtype: DType = Field(
-        "float32", description="torch dtype of the base model: float32, bfloat16 or float16."
+        "auto",
+        description="torch dtype of the base model and the LoRA bank: float32, bfloat16, "
+        "float16, or 'auto': bfloat16 on CUDA, float32 on the CPU. The learner's optimiser "
+        "keeps its weights in float32 whatever this is; adapters are stored in float32.",
     )
     lora_rank: int = Field(8, ge=1, le=256, description="Rank of every per-user LoRA adapter.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; scaling is alpha / rank.")
@@ -81,10 +102,42 @@ class Settings(BaseSettings):
         "naming their source topic/partition/offset and the error).",
     )
     topic_partitions: int = Field(4, ge=1, description="Partitions of each topic when created.")
+    kafka_replication_factor: int = Field(
+        1,
+        ge=1,
+        le=32767,
+        description="Replicas of each topic the learner creates (1 suits the single local "
+        "broker of `loraloop kafka`; production: 3). The learner refuses to start when the "
+        "cluster has fewer brokers than this and a topic must be created, or when an "
+        "existing topic has fewer replicas.",
+    )
+    kafka_min_insync_replicas: int = Field(
+        1,
+        ge=1,
+        description="min.insync.replicas of each topic the learner creates: the replicas that "
+        "must have a record before Kafka acknowledges it to the producers (acks=all), so an "
+        "acknowledged event survives the loss of this many minus one brokers (production: 2 "
+        "with replication factor 3). At most kafka_replication_factor.",
+    )
 
     # --- adapter store ---------------------------------------------------------------------
     adapter_store: Path = Field(
         Path("./out/adapters"), description="Root of the versioned adapter store."
+    )
+    adapter_keep_versions: int = Field(
+        3,
+        ge=0,
+        description="Retention: each user's newest this many adapter versions are always "
+        "kept; an older one is deleted by the learner once a newer version was announced "
+        "at least adapter_retention_grace_seconds ago and the rollback guard cannot return "
+        "to it. 0 keeps every version.",
+    )
+    adapter_retention_grace_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="Retention: a version is deleted only once a newer version of its user "
+        "was announced (acknowledged by Kafka) at least this long ago, so every server has "
+        "swapped to it; keep it above the servers' adapter-updates lag plus load time.",
     )
 
     # --- operations ------------------------------------------------------------------------
@@ -109,7 +162,16 @@ class Settings(BaseSettings):
     log_level: LogLevel = Field(
         "WARNING",
         description="Level of the root logger of `loraloop serve` / `learn` (DEBUG, INFO, "
-        "WARNING, ERROR, CRITICAL; any case); `-v` on the command line means INFO.",
+        "WARNING, ERROR, CRITICAL; any case); `-v` on the command line means INFO. The "
+        "access log has a level of its own (access_log_level).",
+    )
+    access_log_level: LogLevel = Field(
+        "INFO",
+        description="Level of the `loraloop.access` logger, which writes one line per call "
+        "(protocol, method, status code, duration, request_id/user_id) at INFO, whatever "
+        "log_level is: INFO shows them beside the root logger's WARNING; WARNING or above "
+        "turns them off; DEBUG also shows successful health checks (kept out of INFO: "
+        "probes call every few seconds).",
     )
     cache_dir: Path = Field(
         default_factory=_default_cache_dir,
@@ -126,6 +188,17 @@ class Settings(BaseSettings):
     # --- server ----------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    http_port: int = Field(
+        -1,
+        ge=-1,
+        le=65535,
+        description="Port of the OpenAI-compatible HTTP API on `host` (/v1/chat/completions, "
+        "/v1/completions, /v1/models, /v1/feedback, /health; HTTPS with the gRPC server's "
+        "TLS settings), served by the same process over the same engine: -1 disables it "
+        "(the default, as for the metrics ports: an upgrade opens no new listener unasked, "
+        "and many servers on one host never collide on a fixed port; the Helm chart and "
+        "compose file turn it on at 8000), 0 picks a free one (printed at start-up).",
+    )
     engine: Engine = Field("hf", description="Engine backend: 'hf' (transformers) or 'vllm'.")
     max_batch_size: int = Field(16, ge=1, description="Most requests decoded in one batch.")
     max_prompt_tokens: int = Field(512, ge=1, description="Longest prompt accepted, in tokens.")
@@ -174,7 +247,7 @@ class Settings(BaseSettings):
         0.85, gt=0, le=1, description="vllm engine on a GPU: share of its memory vLLM may use."
     )
     request_id_secret: SecretStr = Field(
-        SecretStr("loraloop-dev-secret"),
+        SecretStr(DEV_SECRET),
         description="HMAC key binding request ids to users; set a real secret in production.",
     )
 
@@ -243,7 +316,22 @@ class Settings(BaseSettings):
         '(loraloop_server_events_dropped_total{reason="no_topic"}), so they do not hold '
         "up the journal.",
     )
-    grace_seconds: float = Field(5.0, ge=0, description="Drain time on shutdown.")
+    drain_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="On SIGTERM, how long the server keeps answering every call after its "
+        "health turned NOT_SERVING (Check and every open Watch), so that load balancers and "
+        "readiness probes take it out of rotation before calls are refused; then "
+        "grace_seconds, then event_drain_seconds. 0: refuse new calls at once. SIGINT "
+        "(Ctrl-C) and a second signal skip the rest of it. Under Kubernetes keep it at least "
+        "the readiness probe's periodSeconds x failureThreshold.",
+    )
+    grace_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="On shutdown, after drain_seconds: how long calls in flight may finish "
+        "once new calls are refused; those still running then are cancelled.",
+    )
 
     # --- bandit over response strategies -----------------------------------------------------
     arms_file: Path | None = Field(
@@ -301,7 +389,28 @@ class Settings(BaseSettings):
         0.9, ge=0, lt=1, description="Decay of the per-user running-mean reward baseline."
     )
     reward_wait_seconds: float = Field(
-        600.0, gt=0, description="How long an interaction waits for its feedback."
+        600.0,
+        gt=0,
+        description="How long an interaction waits for its feedback, from the request's "
+        "start: feedback stamped later is late (Feedback answers accepted=false, the "
+        "learner drops it).",
+    )
+    feedback_aggregation: FeedbackAggregation = Field(
+        "earliest",
+        description="What repeated feedback on one response does, for the server's answer "
+        "(FeedbackResponse.accepted) and the learner's join alike: 'earliest' counts the "
+        "first feedback only (later ones are answered accepted=false, reason 'repeated'); "
+        "'sum' counts every feedback within reward_wait_seconds, their rewards added "
+        "(clipped to [-1, 1]), learnt from once the window closes.",
+    )
+    feedback_memory: int = Field(
+        100_000,
+        ge=0,
+        description="Request ids with feedback each server replica remembers (for "
+        "feedback_aggregation='earliest', to answer a repeat with accepted=false); the "
+        "oldest are forgotten beyond it, and ids whose reward window closed are not kept. "
+        "A repeat beyond this memory, or sent to another replica, is acknowledged and "
+        "then ignored by the learner.",
     )
     seed: int = Field(0, description="Seed of the learner's adapter initialisation.")
     reward_weights: dict[str, float] = Field(
@@ -338,10 +447,35 @@ class Settings(BaseSettings):
         "large below the best window rolls the user back to the best version.",
     )
 
-    @field_validator("log_level", mode="before")
+    @field_validator("kafka_min_insync_replicas")
+    @classmethod
+    def _insync_within_replicas(cls, value: int, info: ValidationInfo) -> int:
+        replicas = info.data.get("kafka_replication_factor")
+        if isinstance(replicas, int) and value > replicas:
+            raise ValueError(
+                f"must be at most kafka_replication_factor ({replicas}): no write could "
+                "ever be acknowledged"
+            )
+        return value
+
+    @field_validator("log_level", "access_log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _real_secret_when_auth_required(self) -> Settings:
+        """auth_required is production: with an empty or published request-id secret anyone
+        can forge request ids for any user (the chart refuses to render them too)."""
+        secret = self.request_id_secret.get_secret_value()
+        if self.auth_required and (not secret.strip() or secret in PUBLISHED_SECRETS):
+            what = f"the published default {secret!r}" if secret.strip() else "empty"
+            raise ValueError(
+                f"LORALOOP_REQUEST_ID_SECRET is {what} while LORALOOP_AUTH_REQUIRED is true: "
+                "anyone could forge request ids; set a secret of your own (e.g. `openssl rand "
+                "-hex 32`), or unset LORALOOP_AUTH_REQUIRED for a local demo"
+            )
+        return self
 
 
 def default_of(name: str) -> Any:

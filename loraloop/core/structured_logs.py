@@ -67,8 +67,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level: str, json_lines: bool) -> None:
-    """Root logging for a loraloop command; Kafka's client library only reports errors."""
+ACCESS_LOGGER = "loraloop.access"  # one line per call at INFO (service/metrics.py)
+
+
+def configure_logging(level: str, json_lines: bool, access_level: str = "INFO") -> None:
+    """Root logging for a loraloop command at `level`; the access log at `access_level`
+    of its own (INFO: shown whatever `level` is, e.g. beside the default WARNING); Kafka's
+    client library only reports errors."""
     handler = logging.StreamHandler()
     if json_lines:
         handler.setFormatter(JsonFormatter())
@@ -76,3 +81,4 @@ def configure_logging(level: str, json_lines: bool) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("kafka").setLevel(logging.ERROR)
+    logging.getLogger(ACCESS_LOGGER).setLevel(access_level.upper())

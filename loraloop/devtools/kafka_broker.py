@@ -1,10 +1,12 @@
-"""Launch a real single-node Apache Kafka broker (KRaft, combined broker+controller).
+"""Launch a real Apache Kafka broker (KRaft, combined broker+controller), or a cluster of them.
 
 The broker runs from the `org.apache.kafka` jars on Maven Central: `ensure_kafka_jars` resolves
 `kafka-pom.xml` (next to this module) once into the cache directory, and `KafkaBroker` formats
-a data directory and runs `kafka.Kafka` in a child JVM listening on 127.0.0.1 only. For the
-demo, the tests and local development; production brings its own Kafka cluster, and the
-server and the learner need only `loraloop.core.kafka.admin`.
+a data directory and runs `kafka.Kafka` in a child JVM listening on 127.0.0.1 only.
+`KafkaCluster` runs several such nodes (3 by default) as one cluster, every node a broker and
+a voter of a static controller quorum, with replicated internal topics: what the replication
+tests kill brokers of. For the demo, the tests and local development; production brings its
+own Kafka cluster, and the server and the learner need only `loraloop.core.kafka.admin`.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from types import TracebackType
 from typing import IO
 from xml.sax.saxutils import escape, quoteattr
 
-from loraloop.core.kafka.admin import ready_cluster_id
+from loraloop.core.kafka.admin import live_broker_ids, ready_cluster_id
 from loraloop.core.settings import cache_dir
 
-__all__ = ["KAFKA_VERSION", "KafkaBroker", "ensure_kafka_jars"]
+__all__ = ["KAFKA_VERSION", "KafkaBroker", "KafkaCluster", "ensure_kafka_jars"]
 
 log = logging.getLogger(__name__)
 
@@ -393,11 +395,12 @@ class KafkaBroker:
         if self._controller_port == 0 or not _port_bindable(self._controller_port):
             self._controller_port = _free_port(exclude=(self._port,))
 
-    def _write_config(self) -> None:
+    def _properties(self) -> dict[str, object]:
+        """The broker's server.properties, as a dict."""
         assert self._dir is not None
         logs = self._dir / "kafka-logs"
         voters = f"{_NODE_ID}@{HOST}:{self._controller_port}"
-        props = {
+        return {
             "process.roles": "broker,controller",
             "node.id": _NODE_ID,
             # A static quorum: the controller endpoint is config, not part of the metadata
@@ -433,7 +436,10 @@ class KafkaBroker:
             "log.cleaner.threads": 1,
             "log.cleaner.dedupe.buffer.size": 16 * 1024 * 1024,
         }
-        text = "".join(f"{key}={value}\n" for key, value in props.items())
+
+    def _write_config(self) -> None:
+        assert self._dir is not None
+        text = "".join(f"{key}={value}\n" for key, value in self._properties().items())
         (self._dir / "server.properties").write_text(
             "# Written by loraloop/devtools/kafka_broker.py on every start.\n" + text
         )
@@ -470,7 +476,7 @@ class KafkaBroker:
         cmd = [
             *self._jvm(java, libs, heap="256m"),
             "kafka.tools.StorageTool", "format",
-            "--cluster-id", _random_cluster_id(),
+            "--cluster-id", self._new_cluster_id(),
             "--config", str(self._dir / "server.properties"),
             "--ignore-formatted",
         ]  # fmt: skip
@@ -481,7 +487,15 @@ class KafkaBroker:
                 f"{_tail(proc.stdout + proc.stderr)}"
             )
 
+    def _new_cluster_id(self) -> str:
+        """The cluster id a first start formats its storage with."""
+        return _random_cluster_id()
+
     def _launch_and_wait(self, java: str, libs: Path, deadline: float) -> str:
+        return self._wait_ready(self._launch(java, libs), deadline)
+
+    def _launch(self, java: str, libs: Path) -> int:
+        """Start the JVM; returns where the log stood before it (for `_wait_ready`)."""
         assert self._dir is not None
         log_file = self._dir / "server.log"
         log_offset = log_file.stat().st_size if log_file.is_file() else 0
@@ -501,6 +515,12 @@ class KafkaBroker:
             cwd=self._dir,
             start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop it cleanly
         )
+        return log_offset
+
+    def _wait_ready(self, log_offset: int, deadline: float) -> str:
+        """Wait until the launched JVM serves clients; returns the cluster id."""
+        assert self._dir is not None and self._proc is not None
+        log_file = self._dir / "server.log"
         expected = self._cluster_id()
         scanned = log_offset
         try:
@@ -520,7 +540,7 @@ class KafkaBroker:
                     raise RuntimeError(
                         f"Kafka broker not ready at {self.bootstrap} in time.\n{self.log_tail()}"
                     )
-                cluster_id = ready_cluster_id(self.bootstrap, min(max(remaining, 0.5), 5.0))
+                cluster_id = self._answers(min(max(remaining, 0.5), 5.0))
                 if cluster_id is not None and self._proc.poll() is None:
                     if expected and cluster_id != expected:
                         raise RuntimeError(
@@ -531,6 +551,10 @@ class KafkaBroker:
         except BaseException:
             self._stop_process(timeout=10)
             raise
+
+    def _answers(self, timeout: float) -> str | None:
+        """The cluster id once this broker serves clients, else None."""
+        return ready_cluster_id(self.bootstrap, timeout)
 
     def _cluster_id(self) -> str:
         assert self._dir is not None
@@ -574,3 +598,187 @@ class KafkaBroker:
 
 class _PortTaken(Exception):
     """The JVM could not bind its listeners (someone took a picked port first)."""
+
+
+# --------------------------------------------------------------------------------------------
+# cluster
+# --------------------------------------------------------------------------------------------
+
+
+class _ClusterNode(KafkaBroker):
+    """One node of a `KafkaCluster`: its ports and cluster id come from the cluster."""
+
+    def __init__(self, cluster: KafkaCluster, node_id: int, data_dir: Path) -> None:
+        super().__init__(
+            data_dir, partitions=cluster.partitions, heap=cluster.heap, log_level=cluster.log_level
+        )
+        self.cluster = cluster
+        self.node_id = node_id
+        self._port_auto = False  # the cluster picked both ports; they never move
+
+    def _pick_ports(self) -> None:
+        for port in (self._port, self._controller_port):
+            if not _port_bindable(port):
+                raise RuntimeError(f"Kafka port {HOST}:{port} is already in use")
+
+    def _properties(self) -> dict[str, object]:
+        c = self.cluster
+        rf, isr = c.replication_factor, c.min_insync_replicas
+        return {
+            **super()._properties(),
+            "node.id": self.node_id,
+            "controller.quorum.voters": c.voters,
+            "default.replication.factor": rf,
+            "min.insync.replicas": isr,
+            "offsets.topic.replication.factor": rf,
+            "transaction.state.log.replication.factor": rf,
+            "transaction.state.log.min.isr": isr,
+            "share.coordinator.state.topic.replication.factor": rf,
+            "share.coordinator.state.topic.min.isr": isr,
+        }
+
+    def _new_cluster_id(self) -> str:
+        return self.cluster.cluster_id
+
+    def _answers(self, timeout: float) -> str | None:
+        """Ready once the cluster counts this node among its live (unfenced) brokers."""
+        cluster_id = ready_cluster_id(self.bootstrap, timeout)
+        if cluster_id is None or self.node_id not in live_broker_ids(self.bootstrap, timeout):
+            return None
+        return cluster_id
+
+    def __repr__(self) -> str:
+        state = f"running pid={self.pid}" if self.running else "stopped"
+        return f"KafkaCluster node {self.node_id} ({HOST}:{self._port}, {state})"
+
+
+class KafkaCluster:
+    """A KRaft Kafka cluster of `nodes` combined broker+controller nodes on 127.0.0.1.
+
+    Every node is a broker and a voter of a static controller quorum
+    (`controller.quorum.voters`), so the cluster keeps serving, and electing controllers
+    and partition leaders, while a majority of nodes is up. Internal topics (consumer
+    offsets, transactions) and default topics have `replication_factor` replicas (default:
+    every node) and `min_insync_replicas` (default: one fewer). `nodes[i]` is a
+    `KafkaBroker` to `kill()` (SIGKILL), `stop()`-less restart (`start()`) and inspect
+    (`log_tail()`, `pid`); its data stays for its restart. Ports are picked once and kept.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str | None = None,
+        nodes: int = 3,
+        partitions: int = 4,
+        *,
+        replication_factor: int | None = None,
+        min_insync_replicas: int | None = None,
+        heap: str = "384m",
+        log_level: str = "INFO",
+    ) -> None:
+        if nodes < 1:
+            raise ValueError("a Kafka cluster needs at least one node")
+        self.partitions = partitions
+        self.replication_factor = replication_factor or nodes
+        self.min_insync_replicas = min_insync_replicas or max(1, self.replication_factor - 1)
+        if not 1 <= self.min_insync_replicas <= self.replication_factor <= nodes:
+            raise ValueError("need 1 <= min_insync_replicas <= replication_factor <= nodes")
+        self.heap, self.log_level = heap, log_level
+        self.cluster_id = _random_cluster_id()
+        self._owns_dir = data_dir is None
+        self._dir = (
+            Path(tempfile.mkdtemp(prefix="loraloop-kafka-cluster-"))
+            if data_dir is None
+            else Path(data_dir)
+        )
+        self.nodes: list[KafkaBroker] = [
+            _ClusterNode(self, i, self._dir / f"node-{i}") for i in range(1, nodes + 1)
+        ]
+
+    @property
+    def voters(self) -> str:
+        """`controller.quorum.voters`: id@host:controller-port of every node."""
+        return ",".join(f"{n.node_id}@{HOST}:{n._controller_port}" for n in self._members())
+
+    @property
+    def bootstrap(self) -> str:
+        """Every node's client address, comma-separated (clients find the others)."""
+        return ",".join(node.bootstrap for node in self.nodes)
+
+    def _members(self) -> list[_ClusterNode]:
+        return [n for n in self.nodes if isinstance(n, _ClusterNode)]
+
+    def start(self, timeout: float = 120.0) -> str:
+        """Start every node (all at once: a lone voter cannot elect a controller) and wait
+        until each is a live broker; returns the bootstrap string."""
+        libs, java = ensure_kafka_jars(), _java()
+        deadline = time.monotonic() + timeout
+        members = self._members()
+        if not members[0].port:  # first start: distinct ports for every listener
+            taken: list[int] = []
+            for node in members:
+                node._port = _free_port(exclude=taken)
+                node._controller_port = _free_port(exclude=[*taken, node._port])
+                taken += [node._port, node._controller_port]
+        try:
+            offsets = {}
+            for node in members:
+                if node.running:
+                    continue
+                node._prepare_dir()
+                node._pick_ports()
+                node._write_config()
+                node._format(java, libs)
+                offsets[node.node_id] = node._launch(java, libs)
+            for node in members:
+                if node.node_id in offsets:
+                    node._wait_ready(offsets[node.node_id], deadline)
+                    _LIVE.add(node)
+        except BaseException:
+            self.stop()
+            raise
+        log.info(
+            "Kafka cluster %s of %d nodes ready at %s",
+            self.cluster_id,
+            len(members),
+            self.bootstrap,
+        )
+        return self.bootstrap
+
+    def wait_live(self, count: int, timeout: float = 60.0) -> list[int]:
+        """Wait until exactly `count` brokers are live (registered, unfenced) as the cluster
+        says, e.g. until a killed node is fenced; returns their ids."""
+        deadline = time.monotonic() + timeout
+        while True:
+            up = [n for n in self.nodes if n.running]
+            ids = live_broker_ids(",".join(n.bootstrap for n in up), 5.0) if up else []
+            if len(ids) == count:
+                return ids
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(ids)} of {count} Kafka brokers live after {timeout:.0f}s")
+            time.sleep(0.2)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop every node (SIGTERM to all at once, SIGKILL after `timeout` s: one by one,
+        the last nodes would wait for a quorum that has gone); a temporary data directory
+        is removed."""
+        for node in self.nodes:
+            proc = node._proc
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            node.stop(max(deadline - time.monotonic(), 0.1))
+        if self._owns_dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> KafkaCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -13,27 +13,41 @@ logs and counts it, and the user is served the newest older version that is not 
 the version for good, until a newer one comes; a transient one (an OSError such as EMFILE
 or EIO, the engine refusing the adapter for now) only for `retry_s` seconds, after which
 the version is served (and so tried) again. A deletion forgets the user's rejections.
+
+A version for another base model is rejected for good too (kind "integrity"), before it is
+ever loaded: when its AdapterUpdated names another `base_model_id`, when its
+`adapter_config.json` names another `base_model_name_or_path` (for versions the store
+listing finds), or when the checksum the announcement carries is not the one the store
+recorded for its weights (the files are not the version that was announced). Empty ids
+and checksums are not checked.
+
+The registry also remembers when users were deleted (the timestamp of their tombstones,
+and this server's own DeleteUser calls), bounded to the most recent DELETIONS_REMEMBERED,
+so Feedback can tell that a response predates its user's deletion.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from loraloop.core.adapters.store import AdapterStore
-from loraloop.core.adapters.version import AdapterVersion
+from loraloop.core.adapters.version import ADAPTER_CONFIG, AdapterVersion, expected_checksum
 from loraloop.core.gen.loraloop.v1 import events_pb2
 from loraloop.core.kafka.follow import TopicFollower
 
 log = logging.getLogger(__name__)
 RETRY_BACKOFF_MAX = 16  # the pause doubles per failure of the same version, up to 16x
 RETRY_TRANSIENT_S = 30.0  # a version that failed to load for a passing reason is tried again
+DELETIONS_REMEMBERED = 100_000  # users whose deletion time the registry keeps
 
 
 def path_from_uri(uri: str) -> Path:
@@ -51,8 +65,10 @@ class AdapterRegistry:
         topic: str,
         on_delete: Callable[[str], None] | None = None,
         retry_s: float = RETRY_TRANSIENT_S,
+        model_id: str = "",
     ) -> None:
         self._store = store
+        self.model_id = model_id  # the base model served: versions for another are rejected
         self._on_delete = on_delete
         self._lock = threading.Lock()
         self._latest: dict[str, AdapterVersion | None] = {}
@@ -66,6 +82,7 @@ class AdapterRegistry:
         self.rejected = 0  # rejections (a version rejected again after its retry counts again)
         self.transient_rejections = 0
         self._published_at: dict[tuple[str, int], float] = {}
+        self._deleted_at: OrderedDict[str, int] = OrderedDict()  # user -> deletion time (ms)
         self._follower = TopicFollower(bootstrap, [topic], self._on_record, "adapter-updates")
         # Metrics hook: (user_id, version, published_s, live) for every version applied;
         # live = published while we were following (not replayed at start-up).
@@ -142,7 +159,45 @@ class AdapterRegistry:
             with self._lock:
                 if self._blocked((user_id, version)):
                     continue
-            return AdapterVersion(user_id, version, self._store.version_dir(user_id, version))
+            ref = AdapterVersion(user_id, version, self._store.version_dir(user_id, version))
+            problem = self._foreign(ref)
+            if problem is not None:
+                self._mark_rejected(ref, problem, transient=False)
+                continue
+            return ref
+        return None
+
+    def _foreign(
+        self, ref: AdapterVersion, event: events_pb2.AdapterUpdated | None = None
+    ) -> str | None:
+        """Why `ref` is not an adapter of this server's base model (or, with the event that
+        announced it, not the version announced), or None."""
+        if event is not None:
+            if self.model_id and event.base_model_id and event.base_model_id != self.model_id:
+                return (
+                    f"announced for base model {event.base_model_id[:200]!r}, this server "
+                    f"serves {self.model_id!r}"
+                )
+            recorded = expected_checksum(ref.path)
+            if event.checksum and recorded is not None and event.checksum != recorded:
+                return (
+                    f"announced with checksum {event.checksum[:64]!r}, the store recorded "
+                    f"{recorded!r}: not the version announced"
+                )
+            if event.base_model_id:
+                return None  # the learner writes the same id into adapter_config.json
+        if not self.model_id:
+            return None
+        try:
+            config = json.loads((ref.path / ADAPTER_CONFIG).read_text())
+        except (OSError, ValueError):
+            return None  # not for this check to judge: loading it will say what is wrong
+        base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+        if isinstance(base, str) and base and base != self.model_id:
+            return (
+                f"{ADAPTER_CONFIG} names base model {base[:200]!r}, this server serves "
+                f"{self.model_id!r}"
+            )
         return None
 
     def reject(
@@ -151,6 +206,19 @@ class AdapterRegistry:
         """`ref` failed to load: do not serve it here (for good, or for `retry_s` seconds
         when `transient`), and return what to serve instead (the newest older version not
         rejected, or None: the base model). Lists the store: call it off the event loop."""
+        self._mark_rejected(ref, error, transient)
+        older = self._newest_stored(ref.user_id, below=ref.version)
+        with self._lock:
+            current = self._latest.get(ref.user_id)
+            if current is not None and current.version == ref.version:
+                self._latest[ref.user_id] = current = older
+            if current is not None and self._blocked((ref.user_id, current.version)):
+                return older  # (a race with another rejection: take the safe one)
+            return current  # the fallback, a newer version that came meanwhile, or None
+
+    def _mark_rejected(self, ref: AdapterVersion, error: str, transient: bool) -> None:
+        """Mark `ref` unservable here (for good, or for a while when `transient`), count
+        and log it."""
         key = (ref.user_id, ref.version)
         with self._lock:
             first = not self._blocked(key)
@@ -183,14 +251,6 @@ class AdapterRegistry:
                 ref.version,
                 error,
             )
-        older = self._newest_stored(ref.user_id, below=ref.version)
-        with self._lock:
-            current = self._latest.get(ref.user_id)
-            if current is not None and current.version == ref.version:
-                self._latest[ref.user_id] = current = older
-            if current is not None and self._blocked((ref.user_id, current.version)):
-                return older  # (a race with another rejection: take the safe one)
-            return current  # the fallback, a newer version that came meanwhile, or None
 
     def _retry_at(self, failures: int) -> float:
         """When a version that failed `failures` times in a row may be tried again: the
@@ -210,6 +270,16 @@ class AdapterRegistry:
                 return False
             if self._blocked((user_id, ref.version)):
                 return False  # announced again (a learner's replay): still unservable
+        problem = self._foreign(ref, event)
+        if problem is not None:
+            self.reject(ref, problem)
+            return False
+        with self._lock:
+            current = self._latest.get(user_id)
+            if current is not None and current.version >= ref.version:
+                return False
+            if self._blocked((user_id, ref.version)):
+                return False
             self._latest[user_id] = ref
             self._published_at[(user_id, ref.version)] = event.timestamp_ms / 1000
         if self.on_applied is not None:
@@ -253,12 +323,36 @@ class AdapterRegistry:
             for key in [k for k in self._published_at if k[0] == user_id]:
                 del self._published_at[key]
 
-    def _on_record(self, _topic: str, key: bytes | None, value: bytes | None) -> None:
+    def note_deletion(self, user_id: str, deleted_at_ms: int) -> None:
+        """Remember when `user_id` was deleted (the latest deletion wins)."""
+        with self._lock:
+            at = max(deleted_at_ms, self._deleted_at.pop(user_id, 0))
+            self._deleted_at[user_id] = at
+            while len(self._deleted_at) > DELETIONS_REMEMBERED:
+                self._deleted_at.popitem(last=False)
+
+    def deleted_at(self, user_id: str) -> int | None:
+        """When `user_id` was last deleted, as far as this server knows (ms), or None."""
+        with self._lock:
+            return self._deleted_at.get(user_id)
+
+    def has_version(self, user_id: str) -> bool:
+        """Whether this server serves (or has rejected) a version of `user_id`."""
+        with self._lock:
+            return self._latest.get(user_id) is not None or any(
+                key[0] == user_id for key in self._rejected
+            )
+
+    def _on_record(
+        self, _topic: str, key: bytes | None, value: bytes | None, timestamp_ms: int = 0
+    ) -> None:
         if key is None:
             log.warning("adapter update without a key skipped")
             return
         user_id = key.decode(errors="replace")
         if value is None:
+            if timestamp_ms > 0:
+                self.note_deletion(user_id, timestamp_ms)
             self.apply(user_id, None)
             return
         try:

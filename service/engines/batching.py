@@ -177,6 +177,7 @@ class RunningBatch:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (`[rows]`) and return next-token logits `[rows, vocab]`."""
         assert self.cache is not None
+        tokens = tokens.to(self.device)
         self.mask = torch.cat([self.mask, self._longs((len(self), 1), 1)], dim=1)
         logits = self._forward(
             tokens.view(-1, 1), self.mask, self.positions[:, None], self.cache, self.slots

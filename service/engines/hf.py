@@ -79,8 +79,11 @@ def sample_tokens(
 
     Rows with temperature 0 are greedy and report the model's own (temperature 1)
     log-probability of the chosen token, since a greedy choice has no proper distribution.
+    Everything runs on the logits' device: `temperature` and `top_p` are moved there, and
+    each generator must be on it (a CUDA generator for logits on a GPU).
     """
     logits = logits.float()
+    temperature, top_p = temperature.to(logits.device), top_p.to(logits.device)
     greedy = temperature <= 0
     # Greedy rows, all at once: argmax and the model's log-probability of it.
     tokens = logits.argmax(-1)
@@ -88,7 +91,7 @@ def sample_tokens(
     sampled = (~greedy).nonzero().flatten().tolist()
     if not sampled:
         return tokens, logprobs
-    rows = torch.tensor(sampled, dtype=torch.long)
+    rows = torch.tensor(sampled, dtype=torch.long, device=logits.device)
     scaled = logits[rows] / temperature[rows, None].clamp(min=MIN_SAMPLING_TEMPERATURE)
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     sorted_probs = sorted_logits.softmax(-1)
@@ -260,7 +263,7 @@ class HFEngine(Engine):
                     continue
                 pinned.add(slot)
                 seed = job.request.seed
-                gen = torch.Generator().manual_seed(seed) if seed is not None else None
+                gen = None if seed is None else torch.Generator(self.lm.device).manual_seed(seed)
                 new.append(_Row(job, slot, gen))
         waiting.extendleft(reversed(blocked))
         if not new:
@@ -293,7 +296,7 @@ class HFEngine(Engine):
         return slot
 
     def _step(self, batch: RunningBatch, rows: list[_Row]) -> None:
-        last = torch.tensor([r.produced[-1] for r in rows], dtype=torch.long)
+        last = torch.tensor([r.produced[-1] for r in rows], dtype=torch.long, device=batch.device)
         logits = batch.step(last)
         self.steps += 1
         if self.metrics:
@@ -307,8 +310,8 @@ class HFEngine(Engine):
         drop finished rows from the batch."""
         active = rows[first:]
         reqs = [r.job.request for r in active]
-        temperature = torch.tensor([q.temperature for q in reqs])
-        top_p = torch.tensor([q.top_p for q in reqs])
+        temperature = torch.tensor([q.temperature for q in reqs], device=logits.device)
+        top_p = torch.tensor([q.top_p for q in reqs], device=logits.device)
         tokens, logprobs = sample_tokens(logits, temperature, top_p, [r.generator for r in active])
         if self.metrics:
             self.metrics.tokens_generated(len(active))

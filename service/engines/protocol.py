@@ -43,13 +43,14 @@ class GenerationResult:
 def encode_with(
     tokenizer: Any, prompt: str | None, messages: list[tuple[str, str]] | None
 ) -> list[int]:
-    """Token ids of a plain prompt, or of chat messages through the tokenizer's chat
-    template (with the generation prompt); every engine encodes this one way."""
-    if messages is not None:
-        chat = [{"role": r, "content": c} for r, c in messages]
-        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return list(tokenizer(prompt or "")["input_ids"])
+    """Token ids of chat messages through the tokenizer's chat template (with the
+    generation prompt); a plain prompt is one user message (GenerateRequest.prompt), never
+    raw text to continue. Every engine encodes this one way."""
+    if messages is None:
+        messages = [("user", prompt or "")]
+    chat = [{"role": r, "content": c} for r, c in messages]
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
 class AdapterLoadError(RuntimeError):
@@ -91,7 +92,8 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def encode(self, prompt: str | None, messages: list[tuple[str, str]] | None) -> list[int]:
-        """Token ids of a plain prompt or of chat messages (via the chat template)."""
+        """Token ids of chat messages via the chat template; a plain prompt is one user
+        message (`encode_with`)."""
 
     @abc.abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:

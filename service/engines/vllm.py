@@ -32,6 +32,7 @@ from typing import Any
 
 from loraloop.core.adapters.peft_format import read_peft_dir, to_peft_files
 from loraloop.core.adapters.version import AdapterVersion
+from loraloop.core.devices import resolve_device, resolved_dtype_name
 from loraloop.core.model_loading import resolve_model_path
 from loraloop.core.multi_lora import LoRAWeights
 from loraloop.core.settings import Settings
@@ -103,7 +104,9 @@ class VLLMEngine(Engine):
         args = AsyncEngineArgs(
             model=path,
             tokenizer=path,
-            dtype=s.dtype,
+            # "auto" as the hf engine has it (bfloat16 on CUDA, float32 on the CPU), not
+            # vLLM's "auto" (the checkpoint's dtype).
+            dtype=resolved_dtype_name(s.dtype, resolve_device(s.device)),
             seed=s.seed,
             enable_lora=True,
             max_lora_rank=self.lora_rank,

@@ -181,7 +181,8 @@ def test_keys_act_only_for_their_users(server, stub) -> None:
     refused = {
         code: registry.get_sample_value(
             "loraloop_server_requests_total",
-            {"service": "loraloop.v1.LoraLoop", "method": "Generate", "code": code},
+            {"protocol": "grpc", "service": "loraloop.v1.LoraLoop", "method": "Generate"}
+            | {"code": code},
         )
         for code in ("UNAUTHENTICATED", "PERMISSION_DENIED", "OK")
     }

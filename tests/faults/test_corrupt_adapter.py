@@ -69,7 +69,8 @@ class Publisher:
         for name, a in self.shapes.a.items():
             weights.a[name] = a.clone()
             weights.b[name] = torch.randn(self.shapes.b[name].shape, generator=gen) * 0.01
-        files = to_peft_files(weights, "tiny", self.settings.lora_targets)
+        base = self.settings.model_id or self.settings.model  # what the server serves
+        files = to_peft_files(weights, base, self.settings.lora_targets)
         stored = self.store.write(user, version, files, {"updates": version})
         checksum = stored.checksum
         if corrupt is not None:

@@ -408,6 +408,7 @@ def test_fuzz_feedback(stub) -> None:
         repeated(100, 20_000),
     )
     owners = st.one_of(st.just(owner), user_ids)
+    rated: set[str] = set()
 
     @fuzz_settings(1000)
     @given(request_id=request_ids, user_id=owners, signals=signals())
@@ -415,8 +416,11 @@ def test_fuzz_feedback(stub) -> None:
         request = api_pb2.FeedbackRequest(request_id=request_id, user_id=user_id, signals=signals)
         code, response = call("Feedback", stub.Feedback, request)
         if code == S.OK:
-            assert response.accepted
             assert request_id in issued and user_id == owner  # only the owner's own ids
+            # the first feedback on an id counts ("earliest"), a repeat is said not to
+            assert response.accepted == (request_id not in rated), response
+            assert response.reason == ("" if response.accepted else "repeated")
+            rated.add(request_id)
         if request_id in issued and user_id != owner and code != S.INVALID_ARGUMENT:
             assert code == S.PERMISSION_DENIED
 
@@ -434,7 +438,7 @@ def test_fuzz_user_state_and_delete(stub) -> None:
             code, response = call(
                 "DeleteUser", stub.DeleteUser, api_pb2.DeleteUserRequest(user_id=user_id)
             )
-            assert code != S.OK or response.deleted
+            assert code != S.OK or not response.deleted  # none of these users had anything
         else:
             request = api_pb2.GetUserStateRequest(user_id=user_id)
             code, response = call("GetUserState", stub.GetUserState, request)

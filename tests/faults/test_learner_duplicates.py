@@ -117,5 +117,9 @@ def test_duplicates_reordering_and_late_events_are_counted_and_applied_once(
     )
     assert outcomes == {"duplicate": 2, "expired": 1, "late": 1, "orphaned": 1, "mismatched": 1}
     assert skipped == 1 and second["loraloop_learner_versions_written_total"] == 0
+    # every copy counted as a duplicate: two seen by the joiner, the re-produced a1 (a
+    # copy at another offset, after the restart) by the request ids in the store
+    assert first["loraloop_learner_duplicates_total[joiner]"] == 2
+    assert second["loraloop_learner_duplicates_total[store]"] == 1
     assert learnt == {"a1": 1, "a2": 1, "a3": 1}  # each once; b1, c1, d1 never
     assert first["loraloop_learner_samples_total"] == 3

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from loraloop.core.settings import Settings
+from loraloop.core.settings import Settings, default_of
 from loraloop.service.auth import parse_api_keys
 from tests.ops_tools import INSTALL_HINT, find_tool, kubernetes_schemas
 
@@ -22,6 +22,8 @@ MODEL_VALUES = Path(__file__).with_name("helm_model_values.yaml")
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 KUBE_VERSION = "1.33.0"
 KUBE = ("--kube-version", KUBE_VERSION)
+# What the server spends after SIGTERM, in turn: the pod's grace period must cover them.
+SHUTDOWN_SETTINGS = ("drain_seconds", "grace_seconds", "event_drain_seconds")
 CRDS = {"ServiceMonitor"}  # not in the core schemas: checked by hand below
 
 
@@ -92,7 +94,8 @@ def test_config_keys_are_settings() -> None:
         for section in ("config", "extraConfig"):
             unknown = set(data.get(section) or {}) - fields
             assert not unknown, f"{values_file.name}: {section} keys not in Settings: {unknown}"
-    assert values["config"]["grace_seconds"] < values["server"]["terminationGracePeriodSeconds"]
+    stopping = sum(values["config"].get(k, default_of(k)) for k in SHUTDOWN_SETTINGS)
+    assert stopping < values["server"]["terminationGracePeriodSeconds"]
 
 
 def test_helm_lint_strict(helm: str) -> None:
@@ -155,8 +158,17 @@ def test_rendered_manifests_do_what_the_values_say(helm: str, values: Path) -> N
     container = server["spec"]["template"]["spec"]["containers"][0]
     port = container["ports"][0]["containerPort"]
     tls = chosen.get("tls", {})
+    http = chosen.get("server", {}).get("http", {}).get("enabled", True)
+    check_http_api(http, tls, container, docs)
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        if tls.get("enabled"):  # the kubelet's gRPC probes speak plaintext only
+        if http and not tls.get("clientAuth"):  # the HTTP API's /health (HTTPS unverified)
+            get = container[probe]["httpGet"]
+            assert (get["port"], get["scheme"]) == (
+                "http",
+                "HTTPS" if tls.get("enabled") else "HTTP",
+            )
+            assert get["path"].startswith("/health"), probe
+        elif tls.get("enabled"):  # the kubelet's gRPC probes speak plaintext only
             assert "grpc" not in container[probe], probe
             assert container[probe]["tcpSocket"]["port"] == port, probe
         else:
@@ -164,6 +176,10 @@ def test_rendered_manifests_do_what_the_values_say(helm: str, values: Path) -> N
     assert container["readinessProbe"].get("grpc", {}).get("service", "loraloop.v1.LoraLoop") == (
         "loraloop.v1.LoraLoop"
     )
+    if "httpGet" in container["readinessProbe"]:
+        assert container["readinessProbe"]["httpGet"]["path"] == (
+            "/health?service=loraloop.v1.LoraLoop"
+        )
     check_tls(tls, server)
     gpu = chosen.get("server", {}).get("gpu", {}).get("enabled", False)
     assert ("nvidia.com/gpu" in container["resources"].get("limits", {})) == gpu
@@ -188,6 +204,8 @@ def test_rendered_manifests_do_what_the_values_say(helm: str, values: Path) -> N
         d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-learner")
     ]
     assert len(learners) == int(chosen.get("learner", {}).get("enabled", True))
+    for learner in learners:
+        check_learner_probes(learner, chosen.get("learner", {}).get("probes", {}))
 
     (config,) = [
         c for c in by_kind(docs, "ConfigMap") if not c["metadata"]["name"].endswith("-dashboard")
@@ -226,6 +244,41 @@ def test_rendered_manifests_do_what_the_values_say(helm: str, values: Path) -> N
         assert services and all(
             any(p["name"] == "metrics" for p in s["spec"]["ports"]) for s in services
         )
+
+
+def check_learner_probes(learner: dict[str, Any], chosen: dict[str, Any]) -> None:
+    """A startup probe on the learner's /metrics (open once the model is loaded), sized by
+    the values and generous, so a slow model load is not killed by the liveness probe."""
+    (container,) = learner["spec"]["template"]["spec"]["containers"]
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["learner"]["probes"]
+    probes = {**defaults, **chosen}
+    startup, liveness = container["startupProbe"], container["livenessProbe"]
+    assert startup["httpGet"] == liveness["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert startup["initialDelaySeconds"] == probes["startupInitialDelaySeconds"]
+    assert startup["failureThreshold"] == probes["startupFailureThreshold"]
+    budget = startup["initialDelaySeconds"] + startup["periodSeconds"] * startup["failureThreshold"]
+    assert budget >= 300, f"the learner gets only {budget} s to load its model"
+    assert "initialDelaySeconds" not in liveness  # it starts after the startup probe
+
+
+def check_http_api(
+    enabled: bool, tls: dict[str, Any], container: dict[str, Any], docs: list[dict[str, Any]]
+) -> None:
+    """server.http on: LORALOOP_HTTP_PORT set, the port on the container and the Service
+    (appProtocol https with TLS); off: -1 and no port."""
+    (config,) = [
+        c for c in by_kind(docs, "ConfigMap") if not c["metadata"]["name"].endswith("-dashboard")
+    ]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    (service,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-server")]
+    served = {p["name"]: p for p in service["spec"]["ports"]}
+    if not enabled:
+        assert config["data"]["LORALOOP_HTTP_PORT"] == "-1"
+        assert "http" not in ports and "http" not in served
+        return
+    assert config["data"]["LORALOOP_HTTP_PORT"] == str(ports["http"])
+    assert served["http"]["targetPort"] == "http"
+    assert served["http"]["appProtocol"] == ("https" if tls.get("enabled") else "http")
 
 
 def check_tls(tls: dict[str, Any], server: dict[str, Any]) -> None:
@@ -333,3 +386,42 @@ def test_api_keys_are_required_unless_turned_off(helm: str, tmp_path: Path) -> N
             assert bool(keys) or not required, values.name
         else:  # an existing Secret: the server itself refuses to start without keys
             assert not secrets
+
+
+def test_the_pod_grace_period_covers_the_server_shutdown(helm: str, tmp_path: Path) -> None:
+    """After SIGTERM the server keeps answering with health NOT_SERVING (drain_seconds), lets
+    calls finish (grace_seconds), then delivers events (event_drain_seconds): the pod's
+    terminationGracePeriodSeconds covers the three, the drain outlasts the readiness probe's
+    failures, and a grace period too short for them does not render."""
+    _, docs = render(helm, CHART / "ci" / "default-values.yaml")
+    (server,) = [
+        d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-server")
+    ]
+    (config,) = [
+        c for c in by_kind(docs, "ConfigMap") if not c["metadata"]["name"].endswith("-dashboard")
+    ]
+    env = config["data"]
+    pod = server["spec"]["template"]["spec"]
+    stopping = sum(
+        float(env.get(f"LORALOOP_{k.upper()}", default_of(k))) for k in SHUTDOWN_SETTINGS
+    )
+    assert stopping < pod["terminationGracePeriodSeconds"]
+    readiness = pod["containers"][0]["readinessProbe"]
+    drain = float(env["LORALOOP_DRAIN_SECONDS"])
+    assert drain >= readiness["periodSeconds"] * readiness["failureThreshold"]
+
+    secrets = {**KEYS_SET["secrets"], "requestIdSecret": "a-real-one-0123"}
+    short = {"secrets": secrets, "server": {"terminationGracePeriodSeconds": 30}}
+    short["config"] = {"drain_seconds": 10, "grace_seconds": 15}  # + event_drain_seconds 10
+    error = render_error(helm, short, tmp_path)
+    assert "server.terminationGracePeriodSeconds (30) is shorter" in error
+    assert "= 35 s" in error
+    # settings config leaves out count with Settings' defaults (null deletes a chart value)
+    unset = {"secrets": secrets, "server": {"terminationGracePeriodSeconds": 1}}
+    unset["config"] = {"drain_seconds": None, "grace_seconds": None}
+    defaults = sum(default_of(k) for k in SHUTDOWN_SETTINGS)
+    assert f"= {defaults:g} s" in render_error(helm, unset, tmp_path)
+    unset["server"] = {"terminationGracePeriodSeconds": int(defaults)}
+    path = tmp_path / "exact.yaml"
+    path.write_text(yaml.safe_dump(unset))
+    assert render(helm, path)[1]

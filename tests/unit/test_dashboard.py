@@ -166,3 +166,18 @@ def test_every_query_parses_as_promql(tmp_path: Path) -> None:
     path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_request_panels_show_both_protocols() -> None:
+    """gRPC and the OpenAI-compatible HTTP API count into the same series, told apart by
+    their `protocol` label (service/metrics.py): each request panel splits by it."""
+    families = {"requests_total", "requests_in_flight", "request_duration_seconds_bucket"}
+    split = []
+    for expr in expressions(load()):
+        names = {n.removeprefix("loraloop_server_") for n in metric_names(expr)}
+        if names & families:
+            assert re.search(r"\bby \([^)]*\bprotocol\b", expr), expr
+            split.append(expr)
+    assert len(split) >= 4  # rate, errors, in flight, latency
+    labels = ServerMetrics().requests._labelnames
+    assert "protocol" in labels

@@ -200,3 +200,79 @@ def test_forget_user() -> None:
     assert s is not None and s.user_id == "bob"
     j.forget_user("nobody")  # unknown user: no-op
     assert j.pending == 1
+
+
+def test_feedback_stamped_past_the_window_is_late_whenever_it_is_consumed() -> None:
+    """The server answers accepted=false for feedback sent more than the wait after the
+    request; the joiner drops it by the same timestamps, even in the batch where it could
+    still have joined (it used to, when it came before the expiry ran)."""
+    j = Joiner(wait_seconds=10)
+    j.add_interaction(stamped(interaction("r1"), 1_000), ipos(0))
+    assert j.add_feedback(stamped(feedback("r1"), 11_001), fpos(0)) is None
+    assert (j.late, j.pending) == (1, 1)  # the interaction still waits (default reward)
+    assert j.commit_offsets()[(F_TOPIC, 0)] == 1  # the late feedback is not held
+    # reordered: the late feedback first, then its interaction
+    j.add_feedback(stamped(feedback("r2"), 20_000), fpos(1))
+    assert j.add_interaction(stamped(interaction("r2"), 9_000), ipos(1)) is None
+    assert j.late == 2
+    # exactly at the wait it still counts
+    j.add_interaction(stamped(interaction("r3"), 20_000), ipos(2))
+    assert j.add_feedback(stamped(feedback("r3"), 30_000), fpos(2)) is not None
+
+
+def test_earliest_counts_the_first_feedback_only() -> None:
+    j = Joiner(wait_seconds=60, aggregation="earliest")
+    j.add_interaction(interaction("r1"), ipos(0))
+    sample = j.add_feedback(feedback("r1", thumbs=1), fpos(0))
+    assert sample is not None and [f.signals.thumbs for f in sample.feedbacks] == [1]
+    assert j.add_feedback(feedback("r1", thumbs=-1), fpos(1)) is None
+    assert j.add_feedback(feedback("r1", thumbs=1), fpos(2)) is None
+    assert j.duplicates == 2
+
+
+def test_sum_joins_every_feedback_of_the_window_when_it_closes() -> None:
+    j = Joiner(wait_seconds=10, aggregation="sum")
+    j.add_feedback(stamped(feedback("r1", thumbs=1), 1_500), fpos(0))  # before its interaction
+    assert j.add_interaction(stamped(interaction("r1"), 1_000), ipos(0)) is None
+    assert j.add_feedback(stamped(feedback("r1", thumbs=-1), 2_000), fpos(1)) is None
+    assert j.add_feedback(stamped(feedback("r1", thumbs=-1), 2_000), fpos(2)) is None  # a copy
+    assert j.add_feedback(stamped(feedback("r1", thumbs=1), 3_000), fpos(3)) is None
+    assert j.add_feedback(stamped(feedback("r1", thumbs=1), 12_000), fpos(4)) is None  # late
+    assert (j.duplicates, j.late) == (1, 1)
+    assert j.expire(now_ms=10_000) == []  # still open
+    (sample,) = j.expire(now_ms=11_001)
+    assert [f.signals.thumbs for f in sample.feedbacks] == [1, -1, 1]
+    assert sample.feedback is sample.feedbacks[0]
+    assert sample.positions == (ipos(0), fpos(0), fpos(1), fpos(3))
+    assert j.expired == 0 and j.pending == 0
+    # every offset stays held until the learner releases the sample
+    assert j.commit_offsets() == {(I_TOPIC, 0): 0, (F_TOPIC, 0): 0}
+    j.release(sample.positions)
+    assert j.commit_offsets() == {(I_TOPIC, 0): 1, (F_TOPIC, 0): 5}
+    assert j.add_feedback(stamped(feedback("r1"), 5_000), fpos(5)) is None  # window closed
+    assert j.late == 2
+
+
+def test_sum_without_feedback_expires_and_orphans_are_released() -> None:
+    j = Joiner(wait_seconds=10, aggregation="sum")
+    j.add_interaction(stamped(interaction("lonely"), 1_000), ipos(0))
+    j.add_feedback(stamped(feedback("nobody"), 1_000), fpos(0))
+    (sample,) = j.expire(now_ms=20_000)
+    assert sample.feedback is None and sample.feedbacks == ()
+    assert (j.expired, j.orphaned, j.pending) == (1, 1, 0)
+    j.add_feedback(stamped(feedback("gone", user="bob"), 1_000), fpos(1))
+    j.forget_user("bob")
+    assert j.pending == 0 and j.commit_offsets()[(F_TOPIC, 0)] == 2
+
+
+def test_sum_tells_two_equal_votes_in_one_millisecond_from_a_redelivery() -> None:
+    """Two Feedback calls can carry the same content within a millisecond: their
+    feedback_id (set by the server per call) keeps both; a redelivery has the same id."""
+    j = Joiner(wait_seconds=10, aggregation="sum")
+    j.add_interaction(stamped(interaction("r1"), 1_000), ipos(0))
+    for offset, fid in enumerate(("a", "b", "b")):
+        event = stamped(feedback("r1", thumbs=1), 1_500)
+        event.feedback_id = fid
+        j.add_feedback(event, fpos(offset))
+    (sample,) = j.expire(now_ms=20_000)
+    assert [f.feedback_id for f in sample.feedbacks] == ["a", "b"] and j.duplicates == 1

@@ -1,4 +1,5 @@
-"""Request ids: an HMAC binds each id to the user it was served to."""
+"""Request ids: an HMAC binds each id to the user it was served to, another to this
+service, and each carries its issue time; ids of the first format still verify."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import hmac
 
 import pytest
 
-from loraloop.service.request_ids import RequestIds
+from loraloop.service.request_ids import Ownership, RequestIds
 
 
 @pytest.fixture
@@ -25,19 +26,59 @@ def test_issued_id_belongs_to_its_user_only(ids: RequestIds) -> None:
 
 
 def test_ids_are_unique_and_shaped(ids: RequestIds) -> None:
-    issued = {ids.issue("alice") for _ in range(200)}
+    issued = {ids.issue("alice", 1_796_000_000_000) for _ in range(200)}
     assert len(issued) == 200
     for rid in issued:
-        nonce, dot, mac = rid.partition(".")
-        assert dot == "." and len(nonce) == 24 and len(mac) == 24
-        int(nonce, 16), int(mac, 16)  # both hex
+        head, user_mac, issue_mac = rid.split(".")
+        when, dash, nonce = head.partition("-")
+        assert dash == "-" and len(when) == 12 and len(nonce) == 16
+        assert len(user_mac) == 24 and len(issue_mac) == 16
+        assert int(when, 16) == 1_796_000_000_000
+        int(nonce, 16), int(user_mac, 16), int(issue_mac, 16)  # all hex
+        assert len(rid) == 71
 
 
-def test_mac_is_hmac_sha256_of_nonce_and_user(ids: RequestIds) -> None:
+def test_macs_are_hmac_sha256_of_head_and_user_and_of_the_issued_id(ids: RequestIds) -> None:
     rid = ids.issue("alice")
-    nonce, _, mac = rid.partition(".")
-    expected = hmac.new(b"secret-one", f"{nonce}\x00alice".encode(), hashlib.sha256)
-    assert mac == expected.hexdigest()[:24]
+    head, user_mac, issue_mac = rid.split(".")
+    expected = hmac.new(b"secret-one", f"{head}\x00alice".encode(), hashlib.sha256)
+    assert user_mac == expected.hexdigest()[:24]
+    issued = hmac.new(b"secret-one", f"issued\x00{head}.{user_mac}".encode(), hashlib.sha256)
+    assert issue_mac == issued.hexdigest()[:16]
+
+
+def test_the_id_carries_its_issue_time(ids: RequestIds) -> None:
+    assert ids.issued_ms(ids.issue("alice", 1_234_567)) == 1_234_567
+    assert ids.issued_ms("0" * 24 + "." + "0" * 24) is None  # the first format has none
+    assert ids.issued_ms("junk") is None
+    with pytest.raises(ValueError):
+        ids.issue("alice", -1)
+
+
+def test_ownership_tells_another_users_id_from_a_forgery(ids: RequestIds) -> None:
+    rid = ids.issue("alice")
+    assert ids.ownership(rid, "alice") is Ownership.USER
+    assert ids.ownership(rid, "bob") is Ownership.OTHER_USER  # ours, issued to alice
+    for where in range(len(rid)):
+        if rid[where] in "-.":
+            continue
+        tampered = rid[:where] + _flip(rid[where]) + rid[where + 1 :]
+        for user in ("alice", "bob"):
+            assert ids.ownership(tampered, user) is Ownership.UNKNOWN, (where, user)
+    assert RequestIds("secret-two").ownership(rid, "bob") is Ownership.UNKNOWN
+
+
+def _legacy(key: bytes, user: str, nonce: str = "ab" * 12) -> str:
+    mac = hmac.new(key, f"{nonce}\x00{user}".encode(), hashlib.sha256).hexdigest()[:24]
+    return f"{nonce}.{mac}"
+
+
+def test_first_format_ids_still_belong_to_their_user(ids: RequestIds) -> None:
+    old = _legacy(b"secret-one", "alice")
+    assert ids.well_formed(old) and ids.belongs_to(old, "alice")
+    assert ids.ownership(old, "alice") is Ownership.USER
+    # without an issue MAC, another user's old id cannot be told from a forgery
+    assert ids.ownership(old, "bob") is Ownership.UNKNOWN
 
 
 def test_another_replica_with_the_same_secret_agrees(ids: RequestIds) -> None:
@@ -55,7 +96,7 @@ def _flip(ch: str) -> str:
     return "0" if ch != "0" else "1"
 
 
-@pytest.mark.parametrize("where", [0, 11, 23, 25, 36, 48])
+@pytest.mark.parametrize("where", [0, 11, 13, 28, 30, 53, 55, 70])
 def test_tampered_id_fails(ids: RequestIds, where: int) -> None:
     rid = ids.issue("alice")
     tampered = rid[:where] + _flip(rid[where]) + rid[where + 1 :]
@@ -68,11 +109,12 @@ def test_forged_mac_for_another_nonce_fails(ids: RequestIds) -> None:
     a, b = ids.issue("alice"), ids.issue("alice")
     forged = a.partition(".")[0] + "." + b.partition(".")[2]
     assert not ids.belongs_to(forged, "alice")
+    assert ids.ownership(forged, "alice") is Ownership.UNKNOWN
 
 
 def test_user_boundary_cannot_be_shifted(ids: RequestIds) -> None:
     # the NUL separator keeps (nonce, user) pairs from colliding
-    rid = ids.issue("ab")
+    rid = _legacy(b"secret-one", "ab", "0" * 23)
     nonce, _, mac = rid.partition(".")
     assert not ids.belongs_to(f"{nonce}a.{mac}", "b")
 
@@ -92,6 +134,10 @@ def test_user_boundary_cannot_be_shifted(ids: RequestIds) -> None:
         "0" * 24 + "-" + "0" * 24,
         "0" * 24 + "." + "0" * 24 + ".x",
         "é" * 24 + "." + "0" * 24,
+        "0" * 12 + "-" + "0" * 16 + "." + "0" * 24,  # the current format without its issue MAC
+        "0" * 11 + "-" + "0" * 16 + "." + "0" * 24 + "." + "0" * 16,
+        "0" * 12 + "-" + "0" * 16 + "." + "0" * 24 + "." + "0" * 15,
+        "0" * 12 + "." + "0" * 16 + "." + "0" * 24 + "." + "0" * 16,
     ],
 )
 def test_well_formed_rejects_junk(ids: RequestIds, junk: str) -> None:

@@ -94,3 +94,24 @@ def test_serve_refuses_bad_settings_at_start_up(tmp_path: Path) -> None:
     assert unset.returncode == 2, unset.stderr
     assert "no base model: set LORALOOP_MODEL" in unset.stderr
     assert "LORALOOP_MODLE (did you mean LORALOOP_MODEL?) is set but no" in unset.stderr
+
+
+def test_auth_required_refuses_a_published_request_id_secret(tmp_path: Path) -> None:
+    """With auth_required the request-id secret must be the operator's own: the default
+    (`loraloop-dev-secret`), the chart's `change-me` or an empty one stop `serve` and
+    `learn` with exit code 2 and a line that names the variable, never echoing the keys."""
+    key = "k-admin-0123456789abcdef"
+    env = {"LORALOOP_AUTH_REQUIRED": "true", "LORALOOP_API_KEYS": f"{key}=*"}
+    for secret in (None, "change-me", " "):
+        extra = {} if secret is None else {"LORALOOP_REQUEST_ID_SECRET": secret}
+        for command in ("serve", "learn"):
+            run = _cli(tmp_path, {**env, **extra}, command)
+            assert run.returncode == 2, run.stderr
+            assert f"loraloop {command}: invalid settings:" in run.stderr
+            assert "LORALOOP_REQUEST_ID_SECRET is " in run.stderr
+            assert "while LORALOOP_AUTH_REQUIRED is true" in run.stderr
+            assert "Traceback" not in run.stderr and key not in run.stderr
+    with pytest.raises(ValidationError, match="the published default 'loraloop-dev-secret'"):
+        Settings(auth_required=True)
+    assert Settings(auth_required=True, request_id_secret="a-real-secret").auth_required
+    assert Settings().request_id_secret.get_secret_value() == "loraloop-dev-secret"  # demo

@@ -112,7 +112,12 @@ the kubelet's gRPC probes cannot speak) tls.probeCommand, or a TCP check of the 
 Pass (dict "root" $ "service" "loraloop.v1.LoraLoop") ("service" optional). */}}
 {{- define "loraloop.serverProbe" -}}
 {{- $tls := .root.Values.tls }}
-{{- if not $tls.enabled }}
+{{- if and .root.Values.server.http.enabled (not $tls.clientAuth) (not $tls.probeCommand) }}
+httpGet:
+  path: /health{{ with .service }}?service={{ . }}{{ end }}
+  port: http
+  scheme: {{ ternary "HTTPS" "HTTP" $tls.enabled }}
+{{- else if not $tls.enabled }}
 grpc:
   port: {{ .root.Values.server.port }}
   {{- with .service }}

@@ -22,7 +22,8 @@ _PREFIX = "base_model.model."
 
 
 def to_peft_files(weights: LoRAWeights, base_model: str, targets: list[str]) -> dict[str, bytes]:
-    """The two files of a PEFT adapter directory, as bytes."""
+    """The two files of a PEFT adapter directory, as bytes. Tensors on another device (a
+    GPU) are copied to the host first: safetensors writes host memory."""
     from peft import LoraConfig
 
     config = LoraConfig(
@@ -38,8 +39,8 @@ def to_peft_files(weights: LoRAWeights, base_model: str, targets: list[str]) -> 
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     tensors: dict[str, torch.Tensor] = {}
     for name in weights.a:
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = weights.a[name].contiguous()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = weights.b[name].contiguous()
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = weights.a[name].detach().cpu().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = weights.b[name].detach().cpu().contiguous()
     return {
         ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True, default=str).encode(),
         ADAPTER_WEIGHTS: save(tensors, metadata={"format": "pt"}),

@@ -5,6 +5,11 @@ Layout: `<root>/<user_id>/v<N>/`, one directory per `AdapterVersion` with the fi
 (`.v<N>.<random>`), fsynced, then renamed into place, so readers see a whole version or
 none; what a writer killed half-way leaves behind is never listed, and is removed by the
 next successful write of that user.
+
+Old versions are removed by `retire` (the learner decides which, see
+loraloop/core/adapters/retention.py): each is first renamed out of the listing into a
+`.v<N>.retired-<random>` sibling, then deleted, so a version is listed whole or not at all;
+what a deletion killed half-way leaves behind is swept like a half-written version.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +145,27 @@ class AdapterStore:
         if not isinstance(state, dict):
             raise AdapterStoreError(f"{user_id} v{version}: {LEARNER_STATE} is not an object")
         return state
+
+    def retire(self, user_id: str, versions: Iterable[int]) -> list[int]:
+        """Delete these versions of a user (those not there are skipped): each one leaves
+        the listing at once (a rename), then its files go. Returns the versions removed.
+
+        Raises OSError when a rename or a deletion fails; what was renamed before stays
+        out of the listing and is swept by the user's next write."""
+        udir = self.user_dir(user_id)
+        removed = []
+        for version in sorted(set(versions)):
+            path = self.version_dir(user_id, version)
+            gone = udir / f".v{version}.retired-{uuid.uuid4().hex[:12]}"
+            try:
+                os.rename(path, gone)
+            except FileNotFoundError:
+                continue
+            removed.append(version)
+            shutil.rmtree(gone)
+        if removed:
+            fsync_dir(udir)
+        return removed
 
     def delete_user(self, user_id: str) -> bool:
         """Remove every version of a user; True when something was removed."""

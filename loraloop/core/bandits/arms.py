@@ -6,8 +6,14 @@
     temperature = 0.8      # optional decoding overrides
     top_p = 0.95
 
-An arm's system prompt is put in front of chat requests that bring no system message of
-their own; its decoding settings apply where the request leaves them unset.
+An arm's system prompt is put in front of the request's messages (a plain prompt is one
+user message); its decoding settings replace the server's defaults. An arm is applied
+whole or not at all: the *levers* of an arm set are the system prompt, temperature and
+top_p as far as some arm sets them, and a request that sets one of them itself (brings a
+system message, sets sampling.temperature or sampling.top_p) gets no arm. Its interaction
+is logged with an empty arm and credited to none, so every reward an arm is credited with
+was earned by that arm exactly as defined (the no-op arm "default" included: with a
+system-prompt arm in the set, "default" means "no system prompt").
 """
 
 from __future__ import annotations
@@ -24,8 +30,19 @@ class Arm:
     temperature: float | None = None
     top_p: float | None = None
 
+    def levers(self) -> frozenset[str]:
+        """The levers this arm sets (see LEVERS)."""
+        return frozenset(name for name in LEVERS if getattr(self, name) is not None)
 
+
+LEVERS = ("system_prompt", "temperature", "top_p")  # what an arm can set
 DEFAULT_ARMS = (Arm("default"),)
+NO_ARM = Arm("")  # what a request that leaves the arms no lever gets: nothing, credited to none
+
+
+def arm_levers(arms: tuple[Arm, ...] | list[Arm]) -> frozenset[str]:
+    """The levers some arm of `arms` sets: the ones a request must leave to the arm."""
+    return frozenset().union(*(arm.levers() for arm in arms))
 
 
 def load_arms(path: Path | str | None) -> tuple[Arm, ...]:

@@ -12,7 +12,8 @@ from kafka.errors import KafkaError
 
 log = logging.getLogger(__name__)
 
-OnRecord = Callable[[str, bytes | None, bytes | None], None]  # (topic, key, value)
+# (topic, key, value, the record's timestamp in ms: for a tombstone, when its user was deleted)
+OnRecord = Callable[[str, bytes | None, bytes | None, int], None]
 
 
 class TopicFollower:
@@ -69,7 +70,9 @@ class TopicFollower:
             for tp, batch in consumer.poll(timeout_ms=200).items():
                 for record in batch:
                     try:
-                        self._on_record(tp.topic, record.key, record.value)
+                        self._on_record(
+                            tp.topic, record.key, record.value, int(record.timestamp or 0)
+                        )
                     except Exception:  # one bad record must not stop the view
                         log.exception("record %s@%d skipped", tp, record.offset)
                     self.records += 1

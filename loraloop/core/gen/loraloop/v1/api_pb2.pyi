@@ -70,10 +70,12 @@ class FeedbackRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., signals: _Optional[_Union[_common_pb2.FeedbackSignals, _Mapping]] = ...) -> None: ...
 
 class FeedbackResponse(_message.Message):
-    __slots__ = ("accepted",)
+    __slots__ = ("accepted", "reason")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
-    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetUserStateRequest(_message.Message):
     __slots__ = ("user_id",)
@@ -82,18 +84,20 @@ class GetUserStateRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ...) -> None: ...
 
 class UserState(_message.Message):
-    __slots__ = ("user_id", "adapter_version", "updates", "recent_reward", "arms")
+    __slots__ = ("user_id", "adapter_version", "updates", "recent_reward", "arms", "recent_samples")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     RECENT_REWARD_FIELD_NUMBER: _ClassVar[int]
     ARMS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     adapter_version: int
     updates: int
     recent_reward: float
     arms: _containers.RepeatedCompositeFieldContainer[ArmStats]
-    def __init__(self, user_id: _Optional[str] = ..., adapter_version: _Optional[int] = ..., updates: _Optional[int] = ..., recent_reward: _Optional[float] = ..., arms: _Optional[_Iterable[_Union[ArmStats, _Mapping]]] = ...) -> None: ...
+    recent_samples: int
+    def __init__(self, user_id: _Optional[str] = ..., adapter_version: _Optional[int] = ..., updates: _Optional[int] = ..., recent_reward: _Optional[float] = ..., arms: _Optional[_Iterable[_Union[ArmStats, _Mapping]]] = ..., recent_samples: _Optional[int] = ...) -> None: ...
 
 class ArmStats(_message.Message):
     __slots__ = ("arm", "pulls", "mean_reward")

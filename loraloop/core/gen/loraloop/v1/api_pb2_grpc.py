@@ -83,7 +83,8 @@ class LoraLoopServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Feedback(self, request, context):
-        """Report what the user did with a response.
+        """Report what the user did with a response. OK with accepted=false: the feedback is
+        well formed but will not count (see FeedbackResponse).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

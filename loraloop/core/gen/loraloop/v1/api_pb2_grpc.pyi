@@ -40,7 +40,9 @@ class LoraLoopStub:
     GenerateStream: _grpc.UnaryStreamMultiCallable[_api_pb2.GenerateRequest, _api_pb2.GenerateStreamResponse]
     """Same as Generate, streaming text deltas; the last message carries usage and ids."""
     Feedback: _grpc.UnaryUnaryMultiCallable[_api_pb2.FeedbackRequest, _api_pb2.FeedbackResponse]
-    """Report what the user did with a response."""
+    """Report what the user did with a response. OK with accepted=false: the feedback is
+    well formed but will not count (see FeedbackResponse).
+    """
     GetUserState: _grpc.UnaryUnaryMultiCallable[_api_pb2.GetUserStateRequest, _api_pb2.UserState]
     """The learning state of a user."""
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_api_pb2.DeleteUserRequest, _api_pb2.DeleteUserResponse]
@@ -58,7 +60,9 @@ class LoraLoopAsyncStub(LoraLoopStub):
     GenerateStream: _aio.UnaryStreamMultiCallable[_api_pb2.GenerateRequest, _api_pb2.GenerateStreamResponse]  # type: ignore[assignment]
     """Same as Generate, streaming text deltas; the last message carries usage and ids."""
     Feedback: _aio.UnaryUnaryMultiCallable[_api_pb2.FeedbackRequest, _api_pb2.FeedbackResponse]  # type: ignore[assignment]
-    """Report what the user did with a response."""
+    """Report what the user did with a response. OK with accepted=false: the feedback is
+    well formed but will not count (see FeedbackResponse).
+    """
     GetUserState: _aio.UnaryUnaryMultiCallable[_api_pb2.GetUserStateRequest, _api_pb2.UserState]  # type: ignore[assignment]
     """The learning state of a user."""
     DeleteUser: _aio.UnaryUnaryMultiCallable[_api_pb2.DeleteUserRequest, _api_pb2.DeleteUserResponse]  # type: ignore[assignment]
@@ -91,7 +95,9 @@ class LoraLoopServicer(metaclass=_abc_1.ABCMeta):
         request: _api_pb2.FeedbackRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_api_pb2.FeedbackResponse, _abc.Awaitable[_api_pb2.FeedbackResponse]]:
-        """Report what the user did with a response."""
+        """Report what the user did with a response. OK with accepted=false: the feedback is
+        well formed but will not count (see FeedbackResponse).
+        """
 
     @_abc_1.abstractmethod
     def GetUserState(

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Interaction(_message.Message):
-    __slots__ = ("request_id", "user_id", "timestamp_ms", "prompt", "prompt_token_ids", "response_token_ids", "behaviour_logprobs", "response_text", "adapter_version", "arm", "arm_propensity", "sampling", "model_id", "finish_reason", "context")
+    __slots__ = ("request_id", "user_id", "timestamp_ms", "prompt", "prompt_token_ids", "response_token_ids", "behaviour_logprobs", "response_text", "adapter_version", "arm", "arm_propensity", "sampling", "model_id", "finish_reason", "context", "request_overrides")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class Interaction(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     timestamp_ms: int
@@ -39,19 +40,22 @@ class Interaction(_message.Message):
     model_id: str
     finish_reason: str
     context: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., response_text: _Optional[str] = ..., adapter_version: _Optional[int] = ..., arm: _Optional[str] = ..., arm_propensity: _Optional[float] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., model_id: _Optional[str] = ..., finish_reason: _Optional[str] = ..., context: _Optional[_Iterable[float]] = ...) -> None: ...
+    request_overrides: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., response_text: _Optional[str] = ..., adapter_version: _Optional[int] = ..., arm: _Optional[str] = ..., arm_propensity: _Optional[float] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., model_id: _Optional[str] = ..., finish_reason: _Optional[str] = ..., context: _Optional[_Iterable[float]] = ..., request_overrides: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FeedbackEvent(_message.Message):
-    __slots__ = ("request_id", "user_id", "timestamp_ms", "signals")
+    __slots__ = ("request_id", "user_id", "timestamp_ms", "signals", "feedback_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     timestamp_ms: int
     signals: _common_pb2.FeedbackSignals
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., signals: _Optional[_Union[_common_pb2.FeedbackSignals, _Mapping]] = ...) -> None: ...
+    feedback_id: str
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., signals: _Optional[_Union[_common_pb2.FeedbackSignals, _Mapping]] = ..., feedback_id: _Optional[str] = ...) -> None: ...
 
 class AdapterUpdated(_message.Message):
     __slots__ = ("user_id", "version", "uri", "checksum", "base_model_id", "timestamp_ms", "metrics")

@@ -1,0 +1,155 @@
+"""Retention against the real broker and a real server following the learner's versions:
+old versions go once a newer one was announced longer ago than the grace, the newest ones
+and the rollback guard's targets stay, the server never meets a missing version (it
+re-reads versions from the store: one adapter slot, one cached adapter), and the newest
+version still knows every sample learnt, so a replay from the start learns nothing twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from kafka import KafkaProducer
+
+from loraloop.client import LoraLoopClient
+from loraloop.core.adapters.store import AdapterStore
+from loraloop.core.kafka.admin import ensure_loraloop_topics
+from loraloop.learner.loop import Learner
+from tests.faults.crash_support import USERS, EventStream, serving_settings
+from tests.support import InProcessServer, isolated_settings
+
+pytestmark = pytest.mark.kafka
+
+GRACE_S = 2.0
+KEEP = 2
+
+
+def _drain(learner: Learner, until: Callable[[], bool], what: str, timeout: float = 90) -> None:
+    assert learner.consumer is not None
+    deadline = time.monotonic() + timeout
+    while not until():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        polled = learner.consumer.poll(timeout_ms=200)
+        learner.process([r for batch in polled.values() for r in batch])
+
+
+class Callers:
+    """Generate for every user, over and over, on a thread: each answer's version must be
+    one the store had whole when it was served."""
+
+    def __init__(self, client: LoraLoopClient, store: AdapterStore) -> None:
+        self.client, self.store = client, store
+        self.served: dict[str, int] = {}
+        self.errors: list[str] = []
+        self.calls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Callers:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for user in USERS:
+                try:
+                    reply = self.client.generate(user, "Hello?", max_tokens=2, seed=0)
+                except grpc.RpcError as exc:
+                    self.errors.append(f"{user}: {exc}")
+                    continue
+                self.calls += 1
+                before = self.served.get(user, 0)
+                if reply.adapter_version < before:
+                    self.errors.append(f"{user}: v{before}, then v{reply.adapter_version}")
+                self.served[user] = reply.adapter_version
+
+
+def test_old_versions_go_after_the_grace_and_nothing_served_or_learnt_is_lost(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    settings = isolated_settings(
+        kafka_bootstrap,
+        tmp_path,
+        adapter_keep_versions=KEEP,
+        adapter_retention_grace_seconds=GRACE_S,
+        adapter_slots=1,  # every switch of user loads an adapter again...
+        host_cache_adapters=1,  # ...from the store
+    )
+    ensure_loraloop_topics(settings)
+    ensure_loraloop_topics(serving_settings(settings))
+    store = AdapterStore(settings.adapter_store)
+    stream = EventStream(settings, KafkaProducer(bootstrap_servers=kafka_bootstrap))
+    server = InProcessServer(serving_settings(settings))
+    learner = Learner(settings, max_users_per_step=4)
+    written: dict[str, list[int]] = {u: [] for u in USERS}
+    try:
+        learner.connect()
+        with LoraLoopClient(server.target, timeout=60) as client, Callers(client, store) as calls:
+            for r in range(10):
+                stream.round(f"r{r}", per_user=1)
+                # (the store's audit of every version cannot tell: old versions go)
+                _drain(learner, lambda: learner.stats["samples"] == stream.samples, f"round {r}")
+                for user in USERS:
+                    newest = store.versions(user)[-1]
+                    if newest not in written[user]:
+                        written[user].append(newest)
+                time.sleep(0.6)  # 10 rounds over ~8 s: versions outlive the 2 s grace
+            time.sleep(GRACE_S)
+            assert learner.consumer is not None
+            for _ in range(5):  # the floors rise with the clock: the next rounds prune
+                polled = learner.consumer.poll(timeout_ms=200)
+                learner.process([rec for b in polled.values() for rec in b])
+            floors = {u: learner.retention.floor(u) for u in USERS}
+            time.sleep(1.0)  # the callers go on a while over the pruned store
+        rejected = server.running.service.registry.rejected
+        stats = dict(learner.stats)
+    finally:
+        learner.close()
+        server.stop()
+        stream.producer.close()
+
+    kept = {u: store.versions(u) for u in USERS}
+    print(
+        f"\nretention (keep {KEEP}, grace {GRACE_S:.0f} s): {sum(map(len, written.values()))} "
+        f"versions written, {stats['versions_retired']} deleted, kept {kept}; "
+        f"{calls.calls} Generate calls meanwhile, {rejected} versions rejected by the server"
+    )
+    assert not calls.errors, calls.errors[:5]
+    assert rejected == 0  # no server ever resolved a version that was gone
+    assert stats["retention_failed"] == 0 and stats["versions_retired"] > 0
+    for user in USERS:
+        versions = kept[user]
+        assert versions[-1] == written[user][-1]  # the newest stays
+        assert len(versions) >= KEEP
+        assert all(v in versions for v in written[user] if v >= floors[user])  # maybe served
+        for v in versions:  # every rollback target of a kept version is kept
+            best = store.learner_state(user, v)["guard"]["best_version"]
+            assert best == 0 or best in versions, (user, v, best)
+
+    # The newest version alone records every sample learnt: a learner in a new group that
+    # reads every topic from the start learns nothing again.
+    replay = Learner(
+        settings.model_copy(update={"group_id": settings.group_id + "-replay"}),
+        max_users_per_step=4,
+    )
+    try:
+        replay.connect()
+        deadline = time.monotonic() + 60
+        while replay.stats["skipped_applied"] < stream.samples and time.monotonic() < deadline:
+            assert replay.consumer is not None
+            polled = replay.consumer.poll(timeout_ms=300)
+            replay.process([rec for b in polled.values() for rec in b])
+    finally:
+        replay.close()
+    assert replay.stats["skipped_applied"] == stream.samples
+    assert replay.stats["versions"] == 0 and replay.stats["samples"] == 0
