@@ -211,7 +211,6 @@ def run_world(
     if not quiet:
         console.print(f"model: {model}")
     started = time.monotonic()
-    os.environ.setdefault("LORALOOP_LOG_LEVEL", "INFO")  # the children's logs are the story
     people = make_users(users, seed)
     with ExitStack() as stack:
         if bootstrap is None:
@@ -219,13 +218,16 @@ def run_world(
             stack.callback(broker.stop)
             with console.status("starting Kafka..."):
                 bootstrap = broker.start(timeout=120)
+        values: dict[str, Any] = {"seed": seed, **overrides}
+        if "LORALOOP_LOG_LEVEL" not in os.environ:
+            values["log_level"] = "INFO"  # the children's logs are the story
         settings = Settings(
             model=str(model),
             drain_seconds=0.0,  # no load balancer to drain from: stop at once
             kafka_bootstrap=bootstrap,
             port=0,
             adapter_store=out / "adapters",
-            **{"seed": seed, **overrides},
+            **values,
         )
         ensure_loraloop_topics(settings)
         if not quiet:

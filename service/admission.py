@@ -24,11 +24,25 @@ class ConcurrencyLimit:
         self.in_flight = 0
         self.peak = 0
         self.refused = 0
+        self.closed = False
         self._lock = threading.Lock()
 
-    def enter(self) -> None:
-        """Take a place, or raise RequestError(RESOURCE_EXHAUSTED) when all are taken."""
+    def close(self) -> None:
+        """Admit nothing more: the server is stopping (its drain window is over)."""
         with self._lock:
+            self.closed = True
+
+    def enter(self) -> None:
+        """Take a place, or raise RequestError: RESOURCE_EXHAUSTED when all are taken,
+        UNAVAILABLE once closed (which clients' retry policies retry on another replica;
+        grpc itself may answer a call that arrives in the middle of its own stop with
+        CANCELLED, which they do not)."""
+        with self._lock:
+            if self.closed:
+                raise RequestError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the server is shutting down: retry, another replica will answer",
+                )
             if self.in_flight >= self.limit:
                 self.refused += 1
                 raise RequestError(

@@ -474,6 +474,7 @@ class RunningServer:
             log.info("health NOT_SERVING; still answering calls for %.1fs (drain)", drain)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drain_cut.wait(), drain)
+        svc.limit.close()  # new generations: UNAVAILABLE from here on, from our own guard
         self.health.close()  # open Watch streams end now: they would hold the whole grace
         http = self.http.begin_stop(grace) if self.http is not None else None  # beside gRPC
         await self.server.stop(grace)
