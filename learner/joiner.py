@@ -19,7 +19,8 @@ the newest event timestamp seen, not the wall clock):
   feedback event (the same bytes: a redelivery) is a duplicate in both.
 - Feedback whose interaction never shows up within the window is dropped (`orphaned`).
 - A second delivery of an event already pending or already joined is a duplicate:
-  counted, ignored, its offset not held.
+  counted, ignored, its offset not held; one that arrives after the join window of its
+  request closed is counted `late` (the joiner no longer remembers it).
 - Interaction and feedback naming different users are both dropped (`mismatched`).
 
 The joiner also knows, per partition, the lowest offset still held in memory: the offset

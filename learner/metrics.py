@@ -37,6 +37,11 @@ STATS_COUNTERS = {
         "Adapter versions written to the store and announced on adapter-updates.",
     ),
     "samples": ("loraloop_learner_samples", "Joined samples learnt from."),
+    "no_arm": (
+        "loraloop_learner_samples_no_arm",
+        "Samples served with no arm applied (the request set an arm's lever itself): learnt "
+        "from by the adapter, credited to no arm.",
+    ),
     "malformed": (
         "loraloop_learner_records_malformed",
         "Kafka records that did not decode, or held an event the learner cannot use, "
@@ -106,7 +111,13 @@ WRITE_FAILURE_LABELS = (
     "other",
 )
 # Learner.stats key -> reason label of loraloop_learner_samples_skipped_total.
-SKIP_REASONS = {"skipped_applied": "already_applied", "skipped_deleted": "user_deleted"}
+SKIP_REASONS = {
+    "skipped_applied": "already_applied",
+    "skipped_deleted": "user_deleted",
+    # logged by a server with another base model (LORALOOP_MODEL_ID differs): learning
+    # from them would train this model on another one's samples
+    "skipped_other_model": "other_base_model",
+}
 # Joiner counter attributes -> outcome label of loraloop_learner_joiner_events_total.
 JOINER_OUTCOMES = ("duplicate", "expired", "late", "orphaned", "mismatched")
 
@@ -274,7 +285,8 @@ class _StatsCollector(Collector):
             yield family
         family = CounterMetricFamily(
             "loraloop_learner_samples_skipped",
-            "Joined samples not learnt from, by reason (already_applied: a replay).",
+            "Joined samples not learnt from, by reason (already_applied: a replay; "
+            "other_base_model: logged for another base model).",
             labels=("reason",),
         )
         if stats is not None:

@@ -172,15 +172,23 @@ def main(argv: list[str] | None = None) -> int:
     from loraloop.core.devices import DeviceUnavailableError
     from loraloop.core.kafka.admin import KafkaReplicationError
     from loraloop.core.model_loading import ModelNotConfiguredError
+    from loraloop.service.auth import ApiKeyConfigError
+    from loraloop.service.event_log import SpillDirUnusable
+    from loraloop.service.openai_api import HttpPortUnavailable
+    from loraloop.service.tls import TlsConfigError
 
     try:
         _logging(ns.verbose)
         return int(ns.func(ns))
-    except (
+    except (  # configuration a person must fix: one line, exit 2, no traceback
         ValidationError,
         ModelNotConfiguredError,
         DeviceUnavailableError,
         KafkaReplicationError,
+        ApiKeyConfigError,
+        TlsConfigError,
+        SpillDirUnusable,
+        HttpPortUnavailable,
     ) as exc:
         print(f"loraloop {ns.command}: {_settings_error(exc)}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check, for a session that is lent a device machine (it cannot reach a package registry).
+# GPU check: run on a host with an NVIDIA GPU and torch 2.13 (CUDA build) installed, even
+# one that cannot reach a package registry (the other wheels travel in .whl/).
 #
 # 1. The hf engine's batched multi-LoRA decode on the GPU (benchmarks/bench_mixed_lora.py):
 #    mixed per-user adapters vs the base model vs peft, at Llama sizes of about 0.2B and 1B
@@ -10,10 +11,11 @@
 #    32 requests on 32 adapters, tok/s; 32 users' REINFORCE step, seconds; a random Llama of
 #    hidden 1024 x 8 layers with the tiny model's tokenizer (.whl/tiny-model).
 # 3. The vllm engine's contract tests and the vLLM serving benchmark, where a CUDA build of
-#    vllm is importable. The lent machines have none, and the CUDA vllm wheel (~320 MiB) is
-#    over the 64 MiB a call may carry, so this part reports why it skipped.
+#    vllm is importable (`pip install '.[vllm]'`); otherwise this part says why it skipped.
 #
-# Prepare the wheels and the tokenizer here (once), then run on the device with .whl carried:
+# Prepare the wheels and the tokenizer on a machine with registry access, copy the checkout
+# with .whl/ to the GPU host, and run `bash scripts/gpu-check.sh` there (OUT= sets where
+# the figures go, /tmp/gpu-check by default):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_17_x86_64 -d .whl transformers==5.19.0 \
 #     peft==0.21.2 tokenizers==0.23.3 safetensors==0.8.0 huggingface_hub==2.4.0 \
@@ -21,7 +23,6 @@
 #     typing-inspection==0.4.5 python-dotenv==1.2.4
 #   (plus huggingface_hub's own requirements: pip download without --no-deps lists them)
 #   cp -r "$(loraloop build-model)" .whl/tiny-model   # 5 MiB: config and tokenizer
-#   run(command="bash scripts/gpu-check.sh", carry=[".whl"], timeout_s=540)
 # On an H200 (2026-11-26) the two benchmark runs took about 3.5 minutes; peft's mixed batch
 # is the slow part (~11 s a run), hence 32 tokens and 3 repeats.
 set -uo pipefail

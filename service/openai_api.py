@@ -265,7 +265,8 @@ class OpenAiApi:
             if status == 404
             else f"{where}: {getattr(exc, 'detail', 'refused')}"
         )
-        return _error_response(oa.ApiError(status, message, code="not_found"))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status)
+        return _error_response(oa.ApiError(status, message, code=code))
 
     async def _body(self, request: Request) -> dict[str, Any]:
         """The JSON object of the body, read up to max_body_bytes (LORALOOP_MAX_MESSAGE_BYTES,
@@ -539,20 +540,32 @@ class _Server(uvicorn.Server):
         yield  # SIGINT/SIGTERM belong to `loraloop serve`, which stops both front doors
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port (0: a free port); an error here stops start-up."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
+class HttpPortUnavailable(RuntimeError):
+    """The HTTP API's address cannot be listened on (a start-up refusal)."""
+
+
+def bind_http(settings: Settings) -> socket.socket:
+    """A listening socket on host:http_port (0: a free port), bound before the model loads
+    so a taken port stops start-up at once, with a message naming the setting."""
+    host, port = settings.host, settings.http_port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise HttpPortUnavailable(f"HTTP API on {host}:{port}: {exc}") from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(2048)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise HttpPortUnavailable(
+            f"cannot listen on {host}:{port} for the HTTP API ({exc.strerror or exc}): free "
+            "the port or set LORALOOP_HTTP_PORT to another one (0: any free port, -1: off)"
+        ) from exc
     return sock
 
 
@@ -573,8 +586,8 @@ class HttpFrontDoor:
         return f"{self.scheme}://{host}:{self.port}"
 
     @classmethod
-    async def start(cls, settings: Settings, api: OpenAiApi) -> HttpFrontDoor:
-        """Bind settings.host:http_port and serve, with the gRPC server's TLS files."""
+    async def start(cls, settings: Settings, api: OpenAiApi, sock: socket.socket) -> HttpFrontDoor:
+        """Serve on `sock` (from `bind_http`), with the gRPC server's TLS files."""
         client_ca = settings.tls_client_ca_file
         config = uvicorn.Config(
             api.app,
@@ -590,7 +603,6 @@ class HttpFrontDoor:
             ssl_ca_certs=str(client_ca) if client_ca else None,
             ssl_cert_reqs=ssl.CERT_REQUIRED if client_ca else ssl.CERT_NONE,
         )
-        sock = _bind(settings.host, settings.http_port)
         door = cls(api, _Server(config), sock)
         door._task = asyncio.create_task(door._server.serve(sockets=[sock]))
         while not door._server.started:
@@ -615,6 +627,7 @@ async def start_http(
     health_servicer: HealthCheck,
     metrics: ServerMetrics,
     auth: AuthInterceptor | None,
+    sock: socket.socket,
 ) -> HttpFrontDoor:
     api = OpenAiApi(service, health_servicer, metrics, auth, settings.max_message_bytes)
-    return await HttpFrontDoor.start(settings, api)
+    return await HttpFrontDoor.start(settings, api, sock)

@@ -36,7 +36,7 @@ from loraloop.service.engines.protocol import AdapterLoadError, Engine, Generati
 from loraloop.service.event_log import EventLog
 from loraloop.service.health import HealthService
 from loraloop.service.metrics import ServerMetrics
-from loraloop.service.openai_api import HttpFrontDoor, start_http
+from loraloop.service.openai_api import HttpFrontDoor, bind_http, start_http
 from loraloop.service.request_ids import Ownership, RequestIds
 from loraloop.service.strategy import Choice, StrategyChooser
 from loraloop.service.tls import describe as describe_tls
@@ -115,10 +115,9 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         prompt, given = check_input(request, self.settings.max_prompt_chars)
         pinned = check_arm(request.arm)
         decoding = check_sampling(request.sampling, self.settings)
-        is_chat = given is not None
         messages = given if given is not None else [("user", prompt or "")]
         token_ids = self.engine.encode(None, messages)
-        context = context_features(len(token_ids), is_chat)
+        context = context_features(len(token_ids), conversation=len(messages) > 1)
         sampling = request.sampling
         set_by_request = frozenset(
             lever
@@ -401,6 +400,18 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             user_id = check_user(request.user_id)
         except RequestError as err:
             await context.abort(err.code, err.message)
+        # Both tombstones get their places first: a deletion is recorded whole or refused
+        # before anything is forgotten (never one tombstone queued and the call refused).
+        held = 0
+        while held < 2 and self.events.reserve():
+            held += 1
+        if held < 2:
+            for _ in range(held):
+                self.events.unreserve()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "event queue is full, the deletion was not recorded: retry with backoff",
+            )
         # What there is of the user (answered as `deleted`), looked at before forgetting.
         existed = self.registry.has_version(user_id) or self.strategy.has_state(user_id)
         if not existed:
@@ -414,15 +425,9 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         await asyncio.to_thread(self.registry.release, user_id)
         s = self.settings
         deleted_ms = int(time.time() * 1000)  # not the send time, hours later after an outage
-        queued = all(
-            self.events.publish(topic, user_id, None, timestamp_ms=deleted_ms)
-            for topic in (s.topic_adapter_updates, s.topic_bandit_state)
-        )
-        if not queued:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "event queue is full, the deletion was not recorded: retry with backoff",
-            )
+        for topic in (s.topic_adapter_updates, s.topic_bandit_state):
+            # a held place: refused only by a queue that is stopping (counted there)
+            self.events.publish(topic, user_id, None, timestamp_ms=deleted_ms, reserved=True)
         self.registry.note_deletion(user_id, deleted_ms)  # feedback on older ids: not counted
         return api_pb2.DeleteUserResponse(deleted=existed)
 
@@ -493,6 +498,7 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
         settings.api_keys.get_secret_value(), settings.auth_required, SERVICE_NAME
     )
     credentials = server_credentials(settings)
+    http_sock = bind_http(settings) if settings.http_port >= 0 else None
     engine = engine or build_engine(settings)
     await engine.start()
     store = AdapterStore(settings.adapter_store)
@@ -549,8 +555,8 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
     )
     await server.start()
     http = None
-    if settings.http_port >= 0:  # the same service behind a second front door
-        http = await start_http(settings, service, health_servicer, metrics, auth)
+    if http_sock is not None:  # the same service behind a second front door
+        http = await start_http(settings, service, health_servicer, metrics, auth, http_sock)
     if auth is not None and credentials is None:
         log.warning(
             "API keys are required but TLS is off: keys cross the network in plaintext. Set "

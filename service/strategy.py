@@ -5,7 +5,7 @@ compacted `bandit-state` topic; this module follows it and chooses with linear T
 sampling or LinUCB over the user's population-shrunk posterior, returning the arm and
 its propensity, which the interaction event logs for off-policy learning and evaluation.
 
-A request that sets one of the arms' levers itself (core/bandits/arms.py) gets no arm
+A request that sets one of the arms' levers itself (loraloop/core/bandits/arms.py) gets no arm
 (`NO_ARM`, propensity 0): nothing of the arms could be applied as defined, so the
 interaction must not be credited to any of them.
 """
@@ -40,8 +40,6 @@ class Choice:
 
 class StrategyChooser:
     def __init__(self, settings: Settings) -> None:
-        if settings.bandit not in ("thompson", "linucb"):
-            raise ValueError(f"bandit={settings.bandit!r}: use 'thompson' or 'linucb'")
         self.settings = settings
         self.arms = load_arms(settings.arms_file)
         self.names = [a.name for a in self.arms]

@@ -25,11 +25,12 @@ gradients, batched vs per row (bound depth 10: 188 eps * max|grad|), at most 97 
 A claim that two paths compute *the same thing* is therefore checked in float64
 (`float64_model`), where these bounds are ~1e-13 and a real routing or formula mistake
 stands out by ten orders of magnitude; float32 comparisons that must stay use the bound
-at eps32. Two float32 roundings remain inside a float64 model: transformers' LlamaRMSNorm
-normalises in float32, and `response_distributions` takes its log-softmax in float32. They
-round inputs that agree to ~1e-15, so both paths get the same float32 values unless one
+at eps32. One float32 rounding remains inside a float64 model: transformers' LlamaRMSNorm
+normalises in float32 (`response_distributions` keeps float64 logits in float64). It
+rounds inputs that agree to ~1e-15, so both paths get the same float32 values unless one
 lies that close to a float32 rounding boundary (odds about 1e-8 per value; none in the 150
-cases above). Scalars reduced from that log-softmax (losses, KL) get a float32 bound.
+cases above). Scalars reduced over the vocabulary (losses, KL) keep a float32 bound, the
+honest one should such a boundary be crossed.
 """
 
 from __future__ import annotations

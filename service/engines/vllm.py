@@ -90,8 +90,6 @@ class VLLMEngine(Engine):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         path = str(resolve_model_path(self.settings.model))
-        if self.settings.model_id == "":
-            self.model_id = self.settings.model
         # vLLM's CPU backend sizes its KV cache from this variable (GiB); GPUs ignore it.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.settings.vllm_kv_cache_gib:g}")
         from transformers import AutoTokenizer

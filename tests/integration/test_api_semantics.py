@@ -457,6 +457,11 @@ def test_the_learner_skips_interactions_of_another_base_model(
         assert learner.users.get("mixed").applied == ["ours"]
         assert learner.stats["samples"] == 1
         assert learner.stats.get("skipped_other_model") == 1
+        # and exported, so a model id that differs between server and learner shows
+        exported = learner.metrics.registry.get_sample_value(
+            "loraloop_learner_samples_skipped_total", {"reason": "other_base_model"}
+        )
+        assert exported == 1
     finally:
         producer.close()
         learner.close()

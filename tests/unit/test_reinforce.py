@@ -97,8 +97,8 @@ def assert_weights_close(a: LoRAWeights, b: LoRAWeights, atol: float) -> None:
 
 
 def float32_sum_atol(lm: LoadedModel, scale: float) -> float:
-    """Losses and KLs come out of `response_distributions`' float32 log-softmax (in the
-    float64 model too): sums over the vocabulary of values of total size `scale`."""
+    """Losses and KLs: sums over the vocabulary of values of total size `scale`, bounded
+    at float32 even in the float64 model, whose RMSNorm rounds to float32 (tolerances.py)."""
     return rounding_atol(torch.float32, scale, lm.model.config.vocab_size)
 
 

@@ -4,6 +4,7 @@ warning for LORALOOP_* variables that nothing reads."""
 from __future__ import annotations
 
 import dataclasses
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,14 @@ def test_auth_required_refuses_a_published_request_id_secret(tmp_path: Path) -> 
         Settings(auth_required=True)
     assert Settings(auth_required=True, request_id_secret="a-real-secret").auth_required
     assert Settings().request_id_secret.get_secret_value() == "loraloop-dev-secret"  # demo
+
+
+def test_a_taken_http_port_stops_serve_before_the_model_loads(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _cli(tmp_path, {"LORALOOP_HTTP_PORT": str(port), "LORALOOP_PORT": "0"}, "serve")
+    assert done.returncode == 2, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port} for the HTTP API" in done.stderr
+    assert "LORALOOP_HTTP_PORT" in done.stderr and "Traceback" not in done.stderr

@@ -8,6 +8,9 @@ import numpy as np
 DIM = 3
 
 
-def context_features(prompt_tokens: int, is_chat: bool) -> np.ndarray:
-    """[bias, prompt length (0..1, saturating at 256 tokens), chat request]."""
-    return np.array([1.0, min(prompt_tokens, 256) / 256.0, 1.0 if is_chat else 0.0])
+def context_features(prompt_tokens: int, conversation: bool) -> np.ndarray:
+    """[bias, prompt length (0..1, saturating at 256 tokens), conversation]: a conversation
+    is more than one message (earlier turns, or the client's own system message); a plain
+    prompt and the same text as one user message are the same request, with the same
+    context."""
+    return np.array([1.0, min(prompt_tokens, 256) / 256.0, 1.0 if conversation else 0.0])
