@@ -507,6 +507,7 @@ class Learner:
                     rewards=[rewards[i] for i in trainable],
                     behaviour=[list(fresh[i].interaction.behaviour_logprobs) for i in trainable],
                     temperatures=[fresh[i].interaction.sampling.temperature for i in trainable],
+                    top_ps=[fresh[i].interaction.sampling.top_p for i in trainable],
                 )
             )
         if not batches:

@@ -47,6 +47,7 @@ import torch
 from loraloop.core.logprobs import response_distributions, token_logprobs
 from loraloop.core.model_loading import LoadedModel
 from loraloop.core.multi_lora import LoRABank, LoRAWeights
+from loraloop.core.sampling import nucleus_log_softmax
 from loraloop.core.settings import Settings, default_of
 
 HOST = torch.device("cpu")  # where users' weights and Adam moments are kept between steps
@@ -99,9 +100,10 @@ class UserBatch:
     responses: list[list[int]]
     rewards: list[float]
     # Logged log-probs of each response token under the policy that sampled it, and the
-    # temperature it was sampled at; None: treat the samples as on-policy.
+    # temperature and top_p it was sampled at; None: treat the samples as on-policy.
     behaviour: list[list[float]] | None = None
     temperatures: list[float] | None = None
+    top_ps: list[float] | None = None
 
 
 @dataclass
@@ -167,13 +169,18 @@ def _truncated_ratio(
     response: list[int],
     behaviour: list[float] | None,
     temperature: float,
+    top_p: float,
     cfg: ReinforceConfig,
 ) -> torch.Tensor:
-    """Per-token min(c, pi_T / mu), detached; ones when there is nothing to correct."""
+    """Per-token min(c, pi_{T,p} / mu), detached, where pi_{T,p} is the current policy as the
+    server samples it (temperature T, then top-p; loraloop.core.sampling); ones when there
+    is nothing to correct. A token outside the current policy's nucleus has ratio 0."""
     if behaviour is None or temperature <= 0 or len(behaviour) != len(response):
         return torch.ones(len(response), device=dist.device)
     with torch.no_grad():
-        scaled = (dist / temperature).log_softmax(-1)
+        # dist holds log-probs: dividing by T equals logits / T up to a per-row constant
+        p = torch.full(dist.shape[:-1], top_p if 0 < top_p < 1 else 1.0, device=dist.device)
+        scaled = nucleus_log_softmax(dist / temperature, p.to(dist.dtype))
         tokens = torch.tensor(response, device=dist.device)
         pi_t = scaled.gather(-1, tokens[:, None]).squeeze(-1)
         mu = torch.tensor(behaviour, device=dist.device)
@@ -197,6 +204,7 @@ def reinforce_step(
     prompts, responses, slots, advantages, owners = [], [], [], [], []
     behaviour: list[list[float] | None] = []
     temperatures: list[float] = []
+    top_ps: list[float] = []
     for k, user in enumerate(users):
         bank.load(k + 1, user.weights)
         for i, (p, r) in enumerate(zip(user.prompts, user.responses, strict=True)):
@@ -207,6 +215,7 @@ def reinforce_step(
             owners.append(k)
             behaviour.append(user.behaviour[i] if user.behaviour else None)
             temperatures.append(user.temperatures[i] if user.temperatures else 1.0)
+            top_ps.append(user.top_ps[i] if user.top_ps else 1.0)
     params = bank.parameters()
     for param in params:
         param.requires_grad_(True)
@@ -224,7 +233,9 @@ def reinforce_step(
             per_user_loss = [torch.zeros((), device=device) for _ in users]
             for i, (logp, adv, k) in enumerate(zip(token_logps, advantages, owners, strict=True)):
                 n = len(users[k].rewards)
-                rho = _truncated_ratio(dists[i], responses[i], behaviour[i], temperatures[i], cfg)
+                rho = _truncated_ratio(
+                    dists[i], responses[i], behaviour[i], temperatures[i], top_ps[i], cfg
+                )
                 per_user_loss[k] = per_user_loss[k] - adv * (rho * logp).mean() / n
                 if cfg.kl_coef:
                     kl = (dists[i].exp() * (dists[i] - base[i])).sum(-1).mean()

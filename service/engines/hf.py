@@ -25,6 +25,7 @@ import torch
 
 from loraloop.core.model_loading import LoadedModel, load_model
 from loraloop.core.multi_lora import BASE_SLOT
+from loraloop.core.sampling import outside_nucleus
 from loraloop.core.settings import Settings
 from loraloop.service.adapters.host_cache import HostAdapterCache
 from loraloop.service.adapters.slots import AdapterSlots, SlotsPinned
@@ -95,8 +96,7 @@ def sample_tokens(
     scaled = logits[rows] / temperature[rows, None].clamp(min=MIN_SAMPLING_TEMPERATURE)
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     sorted_probs = sorted_logits.softmax(-1)
-    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-    outside = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p[rows, None]
+    outside = outside_nucleus(sorted_probs, top_p[rows])  # the rule the learner applies too
     logp_sorted = sorted_logits.masked_fill(outside, float("-inf")).log_softmax(-1)
     for j, i in enumerate(sampled):
         pos = int(torch.multinomial(logp_sorted[j].exp(), 1, generator=generators[i]))

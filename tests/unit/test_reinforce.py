@@ -12,9 +12,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from loraloop.core.logprobs import response_logprobs
+from loraloop.core.logprobs import response_distributions, response_logprobs
 from loraloop.core.model_loading import LoadedModel, load_model
 from loraloop.core.multi_lora import LoRABank, LoRAWeights
+from loraloop.core.sampling import nucleus_log_softmax
 from loraloop.core.settings import Settings
 from loraloop.learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
 from loraloop.learner.user_models import initial_weights
@@ -509,3 +510,37 @@ def test_truncated_importance_ratio_by_hand(lm, data) -> None:
     on_policy = -(1.0 * float(logps[0].mean()))
     assert losses[4.0] == pytest.approx(2.0 * on_policy, rel=1e-4)
     assert losses[1.5] == pytest.approx(1.5 * on_policy, rel=1e-4)
+
+
+def test_importance_ratio_uses_the_distribution_the_server_sampled(lm, data) -> None:
+    """With top_p < 1 the server samples from the temperature-scaled policy truncated to
+    its nucleus and renormalised, and logs those log-probs. Behaviour logged from the
+    current adapter that way is on-policy: every ratio is 1, so the loss is the on-policy
+    loss. Without the top-p (temperature only) the same logs read as off-policy."""
+    prompts, _ = data
+    w = random_weights(lm.bank, 13)
+    temperature, top_p = 0.8, 0.6
+    with torch.no_grad():
+        lm.bank.load(1, w)
+        # a response of the policy's most likely tokens: inside any nucleus, by construction
+        response: list[int] = []
+        for _ in range(6):
+            probe = [*response, 0]
+            (d,) = response_distributions(lm.model, lm.bank, prompts[:1], [probe], [1])
+            response.append(int(d[-1].argmax()))
+        (dist,) = response_distributions(lm.model, lm.bank, prompts[:1], [response], [1])
+        logps = response_logprobs(lm.model, lm.bank, prompts[:1], [response], [1])
+    responses = [response]
+    tokens = torch.tensor(response)
+    nucleus = nucleus_log_softmax(dist / temperature, torch.full(dist.shape[:-1], top_p))
+    assert bool(torch.isinf(nucleus).any()), "top_p dropped no token: the test means nothing"
+    logged = [float(v) for v in nucleus.gather(-1, tokens[:, None]).squeeze(-1)]
+    on_policy = -(1.0 * float(logps[0].mean()))
+    losses = {}
+    for name, top_ps in (("matched", [top_p]), ("temperature only", None)):
+        user = batch(w, prompts[:1], responses[:1], [1.0])
+        user.behaviour, user.temperatures, user.top_ps = [logged], [temperature], top_ps
+        (upd,) = reinforce_step(lm, [user], config(is_truncation=4.0))
+        losses[name] = upd.loss
+    assert losses["matched"] == pytest.approx(on_policy, rel=1e-4)
+    assert losses["temperature only"] < on_policy * (1 - 1e-3)  # ratios < 1: biased low
