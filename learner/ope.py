@@ -5,9 +5,12 @@ what the deployed policy logged (context x, arm a, propensity p, reward r)?
     SNIPS V = sum_i w_i r_i / sum_i w_i                   (self-normalised: less variance)
     DR    V = 1/n sum_i [ sum_a pi(a | x_i) q(x_i, a) + w_i (r_i - q(x_i, a_i)) ]
 
-q is a ridge regression of reward on context per arm (the direct method's model); DR is
-unbiased if either q or the logged propensities are right. Each estimate comes with a
-standard error (sample standard deviation of the per-row terms over sqrt(n)).
+q is, by default, a ridge regression of reward on context per arm fitted to the same logs
+(the direct method's model); an operator comparing against another system can pass their
+own q-hat instead: a callable from contexts [n, d] to predicted rewards [n, arms], or the
+[n, arms] array itself. DR is unbiased if either q or the logged propensities are right.
+Each estimate comes with a standard error (sample standard deviation of the per-row terms
+over sqrt(n)).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import numpy as np
 
 # A policy maps contexts [n, d] to action probabilities [n, arms].
 Policy = Callable[[np.ndarray], np.ndarray]
+# A reward model maps contexts [n, d] to predicted rewards [n, arms] (or is that array).
+RewardModel = Callable[[np.ndarray], np.ndarray] | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -85,9 +90,24 @@ def fit_reward_model(logs: Logs, arms: int, ridge: float = 1.0) -> np.ndarray:
     return theta
 
 
-def doubly_robust(logs: Logs, policy: Policy, arms: int, ridge: float = 1.0) -> Estimate:
-    theta = fit_reward_model(logs, arms, ridge)
-    q = logs.contexts @ theta.T  # [n, arms]
+def reward_predictions(logs: Logs, arms: int, q_hat: RewardModel | None = None) -> np.ndarray:
+    """q(x_i, a) for every logged row and arm [n, arms]: `q_hat`'s, or the per-arm ridge
+    fit's when none is given. A given q-hat of the wrong shape is refused."""
+    if q_hat is None:
+        return logs.contexts @ fit_reward_model(logs, arms).T
+    q = np.asarray(q_hat(logs.contexts) if callable(q_hat) else q_hat, dtype=float)
+    if q.shape != (len(logs.actions), arms):
+        raise ValueError(
+            f"q_hat gave shape {q.shape}: it must predict every logged row's reward for "
+            f"every arm, shape ({len(logs.actions)}, {arms})"
+        )
+    return q
+
+
+def doubly_robust(
+    logs: Logs, policy: Policy, arms: int, q_hat: RewardModel | None = None
+) -> Estimate:
+    q = reward_predictions(logs, arms, q_hat)  # [n, arms]
     probs = policy(logs.contexts)
     logged_q = q[np.arange(len(logs.actions)), logs.actions]
     terms = (probs * q).sum(axis=1) + _weights(logs, policy) * (logs.rewards - logged_q)
@@ -119,13 +139,16 @@ def greedy(theta: np.ndarray) -> Policy:
     return policy
 
 
-def evaluate(logs: Logs, policies: dict[str, Policy], arms: int) -> dict[str, dict[str, Estimate]]:
-    """Every estimator for every candidate policy."""
+def evaluate(
+    logs: Logs, policies: dict[str, Policy], arms: int, q_hat: RewardModel | None = None
+) -> dict[str, dict[str, Estimate]]:
+    """Every estimator for every candidate policy (DR with `q_hat` when given)."""
+    q = reward_predictions(logs, arms, q_hat)
     return {
         name: {
             "ips": ips(logs, pol),
             "snips": snips(logs, pol),
-            "dr": doubly_robust(logs, pol, arms),
+            "dr": doubly_robust(logs, pol, arms, q),
         }
         for name, pol in policies.items()
     }
