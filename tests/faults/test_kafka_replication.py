@@ -92,8 +92,14 @@ def test_topics_are_replicated_and_a_cluster_too_small_is_refused(
             settings.topic_dead_letter,
         ]
     )
+    want = [(3, 3)] * settings.topic_partitions
     for topic in (settings.topic_interactions, settings.topic_adapter_updates):
-        assert replicas(settings.kafka_bootstrap, topic) == [(3, 3)] * settings.topic_partitions
+        # the broker asked may not have the new topic's metadata yet (then it lists none)
+        wait_until(
+            lambda t=topic: replicas(settings.kafka_bootstrap, t) == want,
+            30,
+            f"{topic} described with 3 in-sync replicas per partition",
+        )
         assert topic_configs(settings.kafka_bootstrap, topic)["min.insync.replicas"] == "2"
     assert ensure_loraloop_topics(settings) == []  # idempotent, and the check passes
 
