@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import pytest
 
@@ -21,15 +21,21 @@ from loraloop.core.settings import Settings
 from loraloop.devtools.kafka_broker import KafkaBroker
 from loraloop.processes import Process, settings_env
 
+if TYPE_CHECKING:
+    from loraloop.learner.loop import Learner
+
 T = TypeVar("T")
 
 __all__ = [
+    "CallerThreads",
     "InProcessServer",
     "Process",
+    "drain_learner",
     "feedback_event",
     "interaction_event",
     "isolated_settings",
     "own_broker",
+    "poll_learner",
     "read_topic",
     "serving",
     "settings_env",
@@ -67,6 +73,66 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.05)
+
+
+def _learner_round(learner: Learner) -> None:
+    assert learner.consumer is not None
+    polled = learner.consumer.poll(timeout_ms=200)
+    learner.process([r for batch in polled.values() for r in batch])
+
+
+def drain_learner(
+    learner: Learner,
+    until: Callable[[], bool],
+    what: str,
+    timeout: float = 60.0,
+    each: Callable[[], None] | None = None,
+) -> None:
+    """Poll and process the learner's records until `until()` holds (`each` runs after
+    every round); TimeoutError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        _learner_round(learner)
+        if each is not None:
+            each()
+
+
+def poll_learner(learner: Learner, seconds: float) -> None:
+    """Poll and process the learner's records for `seconds`: whatever else is on the
+    topics by then is learnt (or skipped) before the caller's checks."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        _learner_round(learner)
+
+
+class CallerThreads:
+    """Closed-loop callers, `_loop(caller)` each on a thread of its own, until the `with`
+    block ends (`_stop` is then set); `close()` runs after the threads have ended."""
+
+    def __init__(self, callers: int) -> None:
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(callers)
+        ]
+
+    def _loop(self, caller: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """What the callers share and must be released (a channel, a client)."""
+
+    def __enter__(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        self.close()
 
 
 class InProcessServer:

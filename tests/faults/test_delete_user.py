@@ -11,7 +11,7 @@ the deletion that arrive late do not bring them back. Another user is untouched.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from loraloop.learner.deletions import ORIGIN_HEADER
 from loraloop.learner.loop import Learner
 from tests.support import (
     InProcessServer,
+    drain_learner,
     feedback_event,
     interaction_event,
     isolated_settings,
@@ -38,16 +39,6 @@ from tests.support import (
 pytestmark = pytest.mark.kafka
 
 GONE, KEPT = "dora", "ed"
-
-
-def _drain(learner: Learner, until: Callable[[], bool], timeout: float, what: str) -> None:
-    assert learner.consumer is not None
-    deadline = time.monotonic() + timeout
-    while not until():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        polled = learner.consumer.poll(timeout_ms=200)
-        learner.process([r for batch in polled.values() for r in batch])
 
 
 def _latest_by_key(bootstrap: str, topic: str) -> tuple[dict[bytes, Any], dict[bytes, int]]:
@@ -126,11 +117,11 @@ def test_delete_user_leaves_nothing_behind(loop) -> None:
                 reply = client.generate(user, "Tell me about travel", max_tokens=6, seed=i)
                 assert client.feedback(reply.request_id, user, thumbs=1, copied=True)
         service.events.flush()
-        _drain(
+        drain_learner(
             learner,
             lambda: bool(store.versions(GONE)) and bool(store.versions(KEPT)),
-            90,
             "both users' first adapter versions",
+            90,
         )
         wait_until(
             lambda: service.registry.resolve(GONE) is not None and GONE in service.strategy._states,
@@ -163,19 +154,19 @@ def test_delete_user_leaves_nothing_behind(loop) -> None:
         started = time.monotonic()
         assert client.delete_user(GONE)
         service.events.flush()
-        _drain(
+        drain_learner(
             learner,
             lambda: (
                 len(store.versions(GONE)) >= 2 and _held_by_learner(learner, GONE)["joiner pending"]
             ),
-            60,
             "the learner to write a version after the tombstone",
+            60,
         )
         before_learner = _held_by_learner(learner, GONE)
         assert before_learner["joiner pending"] and before_learner["user model cache"]
         learner.consumer.resume(*updates)
         user_dir = store.root / GONE
-        _drain(learner, lambda: not user_dir.exists(), 60, "the learner to delete the store")
+        drain_learner(learner, lambda: not user_dir.exists(), "the learner to delete the store", 60)
         store_forgot_s = time.monotonic() - started
         # A few more rounds: the learner reads back its own tombstone and answers nothing.
         for _ in range(5):
@@ -195,11 +186,11 @@ def test_delete_user_leaves_nothing_behind(loop) -> None:
         )
         producer.flush()
         producer.close()
-        _drain(
+        drain_learner(
             learner,
             lambda: learner.stats["skipped_deleted"] >= 2,
-            30,
             "the late events to be read and dropped",
+            30,
         )
 
         # --- nothing of the user is left ----------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,14 @@ from loraloop.core.kafka.admin import ensure_loraloop_topics
 from loraloop.devtools.kafka_broker import KafkaBroker
 from loraloop.learner.loop import Learner
 from tests.faults.crash_support import committed_to_end
-from tests.support import InProcessServer, isolated_settings, own_broker, read_topic, wait_until
+from tests.support import (
+    CallerThreads,
+    InProcessServer,
+    isolated_settings,
+    own_broker,
+    read_topic,
+    wait_until,
+)
 
 pytestmark = pytest.mark.kafka
 FREEZES = 3
@@ -47,32 +53,21 @@ def frozen_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBro
                 os.kill(kafka.pid, signal.SIGCONT)  # a frozen broker would not stop
 
 
-class Users:
+class Users(CallerThreads):
     """Closed-loop callers: Generate, then Feedback on the reply, on their own threads."""
 
     def __init__(self, target: str, callers: int = 3) -> None:
+        super().__init__(callers)
         self.target = target
         self.answered: list[str] = []  # request ids whose feedback was accepted
         self.errors: collections.Counter[str] = collections.Counter()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(callers)]
-
-    def __enter__(self) -> Users:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
 
     def wait_for(self, more: int, what: str) -> None:
         """Until `more` further calls were answered."""
         target = len(self.answered) + more
         wait_until(lambda: len(self.answered) >= target, 60, what)
 
-    def _run(self, caller: int) -> None:
+    def _loop(self, caller: int) -> None:
         with LoraLoopClient(self.target, timeout=30) as client:
             n = 0
             while not self._stop.is_set():

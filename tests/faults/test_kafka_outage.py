@@ -34,7 +34,14 @@ from loraloop.devtools.kafka_broker import KafkaBroker
 from loraloop.service.event_log import EventLog, SpillDirUnusable
 from loraloop.service.metrics import ServerMetrics
 from loraloop.service.spill_journal import SpilledEvent, SpillJournal
-from tests.support import InProcessServer, isolated_settings, own_broker, read_topic, wait_until
+from tests.support import (
+    CallerThreads,
+    InProcessServer,
+    isolated_settings,
+    own_broker,
+    read_topic,
+    wait_until,
+)
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,28 +62,17 @@ class Call:
     request_id: str
 
 
-class Traffic:
+class Traffic(CallerThreads):
     """Closed-loop Generate callers on their own threads, tagging calls with a phase."""
 
     def __init__(self, target: str, callers: int = 3) -> None:
+        super().__init__(callers)
         self.phase = "before"
         self.calls: list[Call] = []
-        self._stop = threading.Event()
         self._channel = grpc.insecure_channel(target)
         self._stub = api_pb2_grpc.LoraLoopStub(self._channel)
-        self._threads = [
-            threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(callers)
-        ]
 
-    def __enter__(self) -> Traffic:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
+    def close(self) -> None:
         self._channel.close()
 
     def _loop(self, caller: int) -> None:

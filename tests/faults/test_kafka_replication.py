@@ -14,7 +14,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -39,6 +38,7 @@ from loraloop.devtools.kafka_broker import KafkaCluster
 from loraloop.learner.loop import Learner
 from tests.faults.crash_support import announced_versions, audit, committed_to_end
 from tests.support import (
+    CallerThreads,
     InProcessServer,
     Process,
     isolated_settings,
@@ -153,27 +153,16 @@ class Call:
     feedback: bool = False  # feedback accepted
 
 
-class Load:
+class Load(CallerThreads):
     """Closed-loop users: Generate, then thumbs feedback on the reply."""
 
     def __init__(self, target: str, callers: int = 2) -> None:
+        super().__init__(callers)
         self.phase = "before"
         self.calls: list[Call] = []
-        self._stop = threading.Event()
         self._client = LoraLoopClient(target, timeout=30)
-        self._threads = [
-            threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(callers)
-        ]
 
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
+    def close(self) -> None:
         self._client.close()
 
     def _loop(self, caller: int) -> None:

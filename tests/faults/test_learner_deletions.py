@@ -15,7 +15,7 @@ only an echo, on the real broker with real learners.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,13 @@ from loraloop.core.kafka.admin import ensure_loraloop_topics
 from loraloop.core.settings import Settings
 from loraloop.learner.deletions import DELETED_AT_HEADER, ORIGIN_HEADER
 from loraloop.learner.loop import Learner
-from tests.support import feedback_event, interaction_event, isolated_settings, read_topic
+from tests.support import (
+    drain_learner,
+    feedback_event,
+    interaction_event,
+    isolated_settings,
+    read_topic,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -47,16 +53,6 @@ def _server_tombstone(producer: KafkaProducer, s: Settings, user: str, at_ms: in
     """What DeleteUser publishes: a tombstone stamped with the deletion time."""
     producer.send(s.topic_adapter_updates, key=user.encode(), value=None, timestamp_ms=at_ms)
     producer.flush()
-
-
-def _drain(learner: Learner, until: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    assert learner.consumer is not None
-    deadline = time.monotonic() + timeout
-    while not until():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        polled = learner.consumer.poll(timeout_ms=200)
-        learner.process([r for batch in polled.values() for r in batch])
 
 
 def _partitions(learner: Learner, *topics: str) -> list[TopicPartition]:
@@ -92,14 +88,14 @@ def test_a_restarted_learner_does_not_bring_a_deleted_user_back(settings: Settin
         before = int(time.time() * 1000) - 10_000
         _send_pair(producer, s, GONE, "learnt-before", before)
         _send_pair(producer, s, OTHER, "other-1", before)
-        _drain(first, lambda: bool(store.versions(GONE) and store.versions(OTHER)), "v1s")
+        drain_learner(first, lambda: bool(store.versions(GONE) and store.versions(OTHER)), "v1s")
         # Interactions of requests that started before the deletion stay unconsumed: the
         # learner pauses those partitions while it processes the tombstone, then stops.
         first.consumer.pause(*_partitions(first, s.topic_interactions, s.topic_feedback))
         _send_pair(producer, s, GONE, "unconsumed-before", before + 1_000)
         deleted_at = int(time.time() * 1000)
         _server_tombstone(producer, s, GONE, deleted_at)
-        _drain(first, lambda: not store.user_dir(GONE).exists(), "the deletion")
+        drain_learner(first, lambda: not store.user_dir(GONE).exists(), "the deletion")
     finally:
         first.close()
 
@@ -115,7 +111,7 @@ def test_a_restarted_learner_does_not_bring_a_deleted_user_back(settings: Settin
         connect_s = time.monotonic() - started
         assert second.deleted.deleted_at(GONE) == deleted_at  # rebuilt from the tombstone
         assert OTHER not in second.deleted
-        _drain(
+        drain_learner(
             second,
             lambda: bool(store.versions(GONE)) and second.stats["skipped_deleted"] >= 4,
             "the restarted learner to read every event of the deleted user",
@@ -148,12 +144,12 @@ def test_the_learners_own_tombstone_is_only_an_echo(settings: Settings) -> None:
         early = int(time.time() * 1000) - 10_000
         _send_pair(producer, s, GONE, "r1", early)
         _send_pair(producer, s, OTHER, "o1", early)
-        _drain(learner, lambda: bool(store.versions(GONE) and store.versions(OTHER)), "v1s")
+        drain_learner(learner, lambda: bool(store.versions(GONE) and store.versions(OTHER)), "v1s")
         updates = _partitions(learner, s.topic_adapter_updates)
 
         # OTHER: deleted with nothing announced after the tombstone: no learner tombstone.
         _server_tombstone(producer, s, OTHER, int(time.time() * 1000))
-        _drain(learner, lambda: not store.user_dir(OTHER).exists(), f"{OTHER}'s deletion")
+        drain_learner(learner, lambda: not store.user_dir(OTHER).exists(), f"{OTHER}'s deletion")
 
         # GONE: the learner has not read the tombstone yet and learns v2 from a sample it
         # consumed first: v2 is announced after the tombstone.
@@ -161,19 +157,19 @@ def test_the_learners_own_tombstone_is_only_an_echo(settings: Settings) -> None:
         deleted_at = int(time.time() * 1000)
         _server_tombstone(producer, s, GONE, deleted_at)
         _send_pair(producer, s, GONE, "r2", deleted_at - 500)
-        _drain(learner, lambda: len(store.versions(GONE)) == 2, "v2 after the tombstone")
+        drain_learner(learner, lambda: len(store.versions(GONE)) == 2, "v2 after the tombstone")
         learner.consumer.resume(*updates)
-        _drain(learner, lambda: not store.user_dir(GONE).exists(), f"{GONE}'s deletion")
+        drain_learner(learner, lambda: not store.user_dir(GONE).exists(), f"{GONE}'s deletion")
         # The echo is on its way back; before the learner reads it, the user comes back
         # with a request started after the deletion.
         learner.consumer.pause(*updates)
         _send_pair(producer, s, GONE, "after", deleted_at + 1)
-        _drain(learner, lambda: store.versions(GONE) == [1], "a new v1 after the deletion")
+        drain_learner(learner, lambda: store.versions(GONE) == [1], "a new v1 after the deletion")
         learner.consumer.resume(*updates)
         echo = [r for r in _records_of(s, s.topic_adapter_updates, GONE) if r.headers]
         assert len(echo) == 1, echo
         tp = TopicPartition(s.topic_adapter_updates, echo[0].partition)
-        _drain(
+        drain_learner(
             learner,
             lambda: learner.consumer.position(tp) > echo[0].offset,
             "the learner to consume its own tombstone",

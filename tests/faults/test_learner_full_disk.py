@@ -40,7 +40,7 @@ from tests.faults.crash_support import (
     scrape,
     start_learner,
 )
-from tests.support import isolated_settings, wait_until
+from tests.support import drain_learner, isolated_settings, wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -189,14 +189,13 @@ def _metrics(learner: Learner) -> dict[str, float]:
 
 
 def _drain(learner: Learner, until: Callable[[], bool], what: str, timeout: float = 90) -> None:
-    assert learner.consumer is not None
-    deadline = time.monotonic() + timeout
-    while not until():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        polled = learner.consumer.poll(timeout_ms=200)
-        learner.process([r for batch in polled.values() for r in batch])
+    """drain_learner, reading the committed lag after every round (the test watches it)."""
+
+    def observe() -> None:
+        assert learner.consumer is not None
         learner.metrics.observe_lag(learner.consumer, force=True, committed=learner.committed)
+
+    drain_learner(learner, until, what, timeout, each=observe)
 
 
 def test_failed_writes_are_retried_and_every_sample_applied_once(

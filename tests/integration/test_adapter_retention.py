@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -21,22 +20,12 @@ from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.kafka.admin import ensure_loraloop_topics
 from loraloop.learner.loop import Learner
 from tests.faults.crash_support import USERS, EventStream, serving_settings
-from tests.support import InProcessServer, isolated_settings
+from tests.support import InProcessServer, drain_learner, isolated_settings
 
 pytestmark = pytest.mark.kafka
 
 GRACE_S = 2.0
 KEEP = 2
-
-
-def _drain(learner: Learner, until: Callable[[], bool], what: str, timeout: float = 90) -> None:
-    assert learner.consumer is not None
-    deadline = time.monotonic() + timeout
-    while not until():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        polled = learner.consumer.poll(timeout_ms=200)
-        learner.process([r for batch in polled.values() for r in batch])
 
 
 class Callers:
@@ -98,7 +87,9 @@ def test_old_versions_go_after_the_grace_and_nothing_served_or_learnt_is_lost(
             for r in range(10):
                 stream.round(f"r{r}", per_user=1)
                 # (the store's audit of every version cannot tell: old versions go)
-                _drain(learner, lambda: learner.stats["samples"] == stream.samples, f"round {r}")
+                drain_learner(
+                    learner, lambda: learner.stats["samples"] == stream.samples, f"round {r}", 90
+                )
                 for user in USERS:
                     newest = store.versions(user)[-1]
                     if newest not in written[user]:

@@ -30,9 +30,11 @@ from loraloop.learner.loop import Learner
 from loraloop.learner.user_models import initial_weights
 from tests.support import (
     InProcessServer,
+    drain_learner,
     feedback_event,
     interaction_event,
     isolated_settings,
+    poll_learner,
     read_topic,
     wait_until,
 )
@@ -82,16 +84,6 @@ def _code(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[grpc.Statu
     with pytest.raises(grpc.RpcError) as info:
         fn(*args, **kwargs)
     return info.value.code(), info.value.details()
-
-
-def _drain(learner: Learner, until: Callable[[], bool], timeout: float, what: str) -> None:
-    assert learner.consumer is not None
-    deadline = time.monotonic() + timeout
-    while not until():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        polled = learner.consumer.poll(timeout_ms=200)
-        learner.process([r for batch in polled.values() for r in batch])
 
 
 # --- 1. a plain prompt is a user turn; the arm is applied where it is credited --------------
@@ -163,13 +155,13 @@ def test_a_request_with_its_own_system_message_is_logged_as_such_and_credits_no_
     learner = Learner(settings.model_copy(update={"group_id": settings.group_id + "-own"}))
     learner.connect()
     try:
-        _drain(
+        drain_learner(
             learner,
             lambda: AdapterStore(settings.adapter_store).versions(user) != [],
-            60,
             "the learner to learn from both samples",
+            60,
         )
-        _drain(learner, lambda: learner.stats["samples"] >= 2, 30, "both samples")
+        drain_learner(learner, lambda: learner.stats["samples"] >= 2, "both samples", 30)
         model = learner.users.get(user)
         assert all(s.n == 0 for s in model.bandit.stats.values())  # no arm credited
         assert all(s.n == 0 for s in learner.population.stats.values())
@@ -193,8 +185,8 @@ def test_a_changed_vote_is_accepted_once_and_counted_once(
     learner = Learner(settings.model_copy(update={"group_id": settings.group_id + "-vote"}))
     learner.connect()
     try:
-        _drain(learner, lambda: learner.stats["samples"] >= 1, 60, "the vote's sample")
-        _drain(learner, lambda: True, 5, "nothing more")
+        drain_learner(learner, lambda: learner.stats["samples"] >= 1, "the vote's sample", 60)
+        poll_learner(learner, 5)
         stats = learner.users.get(user).bandit.stats
         assert stats["brief"].n == 1 and stats["brief"].reward_sum == 1.0
     finally:
@@ -225,7 +217,7 @@ def test_with_sum_every_vote_in_the_window_is_accepted_and_their_rewards_added(
             later = client.generate("summer", "hi", max_tokens=4, arm="formal")  # moves time on
             assert client.feedback(reply.request_id, "summer", thumbs=1) is False  # window closed
         server.running.service.events.flush()
-        _drain(learner, lambda: learner.stats["samples"] >= 1, 60, "the summed sample")
+        drain_learner(learner, lambda: learner.stats["samples"] >= 1, "the summed sample", 60)
         stats = learner.users.get("summer").bandit.stats
         assert stats["brief"].n == 1 and stats["brief"].reward_sum == 1.0  # -1 + 1 + 1, clipped
         assert stats["formal"].n == 0  # its window is still open
@@ -356,11 +348,11 @@ def test_recent_reward_is_the_mean_of_the_users_recent_rewards(
     learner = Learner(settings.model_copy(update={"group_id": settings.group_id + "-mean"}))
     learner.connect()
     try:
-        _drain(
+        drain_learner(
             learner,
             lambda: AdapterStore(settings.adapter_store).versions(user) == [1],
-            60,
             "the user's first version",
+            60,
         )
     finally:
         learner.close()
@@ -452,8 +444,8 @@ def test_the_learner_skips_interactions_of_another_base_model(
             fb = feedback_event("mixed", rid, now + 1)
             producer.send(settings.topic_feedback, key=b"mixed", value=fb.SerializeToString())
         producer.flush()
-        _drain(learner, lambda: learner.stats["samples"] >= 1, 60, "our sample")
-        _drain(learner, lambda: True, 3, "nothing more")
+        drain_learner(learner, lambda: learner.stats["samples"] >= 1, "our sample", 60)
+        poll_learner(learner, 3)
         assert learner.users.get("mixed").applied == ["ours"]
         assert learner.stats["samples"] == 1
         assert learner.stats.get("skipped_other_model") == 1
