@@ -169,27 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     from pydantic import ValidationError
 
-    from loraloop.core.devices import DeviceUnavailableError
-    from loraloop.core.kafka.admin import KafkaReplicationError
-    from loraloop.core.model_loading import ModelNotConfiguredError
-    from loraloop.service.auth import ApiKeyConfigError
-    from loraloop.service.event_log import SpillDirUnusable
-    from loraloop.service.openai_api import HttpPortUnavailable
-    from loraloop.service.tls import TlsConfigError
+    from loraloop.core.settings import StartupError
 
     try:
         _logging(ns.verbose)
         return int(ns.func(ns))
-    except (  # configuration a person must fix: one line, exit 2, no traceback
-        ValidationError,
-        ModelNotConfiguredError,
-        DeviceUnavailableError,
-        KafkaReplicationError,
-        ApiKeyConfigError,
-        TlsConfigError,
-        SpillDirUnusable,
-        HttpPortUnavailable,
-    ) as exc:
+    except (ValidationError, StartupError) as exc:  # a person must fix it: one line, exit 2
         print(f"loraloop {ns.command}: {_settings_error(exc)}", file=sys.stderr)
         return 2
 

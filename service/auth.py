@@ -30,6 +30,7 @@ from typing import Any
 
 import grpc
 
+from loraloop.core.settings import StartupError
 from loraloop.core.user_ids import MAX_USER_ID_LEN, user_id_error
 from loraloop.service.log_throttle import LogThrottle
 
@@ -41,7 +42,7 @@ _KEY_CHARS = re.compile(r"[^\s;]+")
 API_KEY_HEADER = "x-api-key"
 
 
-class ApiKeyConfigError(ValueError):
+class ApiKeyConfigError(StartupError, ValueError):
     """LORALOOP_API_KEYS cannot be parsed; the message names the entry, never the key."""
 
 

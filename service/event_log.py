@@ -71,6 +71,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
+from loraloop.core.settings import StartupError
 from loraloop.service.event_inflight import Outstanding
 from loraloop.service.event_producer import ProducerLink
 from loraloop.service.event_sender import STOP, EventQueue, Sender, StopRequest
@@ -88,7 +89,7 @@ __all__ = ["DROP_REASONS", "EventLog", "SpillDirUnusable", "TopicMissing"]
 _STOP_GRACE = 5.0  # stop() waits this long past its deadline for the sender to close
 
 
-class SpillDirUnusable(RuntimeError):
+class SpillDirUnusable(StartupError, RuntimeError):
     """The spill directory cannot be created, locked or listed (raised at construction)."""
 
 

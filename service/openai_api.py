@@ -53,7 +53,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from loraloop.core.gen.loraloop.v1 import api_pb2
-from loraloop.core.settings import Settings
+from loraloop.core.settings import Settings, StartupError
 from loraloop.service import openai_schema as oa
 from loraloop.service.auth import AuthInterceptor, Denial, presented_key
 from loraloop.service.call_guard import failure_message
@@ -540,7 +540,7 @@ class _Server(uvicorn.Server):
         yield  # SIGINT/SIGTERM belong to `loraloop serve`, which stops both front doors
 
 
-class HttpPortUnavailable(RuntimeError):
+class HttpPortUnavailable(StartupError, RuntimeError):
     """The HTTP API's address cannot be listened on (a start-up refusal)."""
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import grpc
 
-from loraloop.core.settings import Settings
+from loraloop.core.settings import Settings, StartupError
 
 
-class TlsConfigError(ValueError):
+class TlsConfigError(StartupError, ValueError):
     """The TLS settings are incomplete or name unreadable files."""
 
 

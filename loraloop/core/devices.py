@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from loraloop.core.settings import StartupError
+
 __all__ = ["DeviceUnavailableError", "resolve_device", "resolve_dtype", "resolved_dtype_name"]
 
 
-class DeviceUnavailableError(ValueError):
+class DeviceUnavailableError(StartupError, ValueError):
     """`Settings.device` asks for a device this machine does not have."""
 
 

@@ -10,7 +10,7 @@ import torch
 
 from loraloop.core.devices import resolve_device, resolve_dtype
 from loraloop.core.multi_lora import LoRABank
-from loraloop.core.settings import Settings
+from loraloop.core.settings import Settings, StartupError
 
 
 @dataclass
@@ -27,7 +27,7 @@ class LoadedModel:
         return self.bank.device
 
 
-class ModelNotConfiguredError(ValueError):
+class ModelNotConfiguredError(StartupError, ValueError):
     """`Settings.model` names no model."""
 
 

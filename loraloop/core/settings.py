@@ -38,6 +38,11 @@ OTHER_ENV = frozenset(
 )
 
 
+class StartupError(Exception):
+    """A configuration a person must fix, found at start-up: `serve` and `learn` end with
+    its message on one line and exit code 2. Each such error derives from this."""
+
+
 def _default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "loraloop"
 

@@ -127,3 +127,16 @@ def test_a_taken_http_port_stops_serve_before_the_model_loads(tmp_path: Path) ->
     assert done.returncode == 2, done.stderr
     assert f"cannot listen on 127.0.0.1:{port} for the HTTP API" in done.stderr
     assert "LORALOOP_HTTP_PORT" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_every_start_up_misconfiguration_is_one_line(tmp_path: Path) -> None:
+    """Refusals raised deep in start-up (here: auth required without keys) derive from
+    StartupError, which the CLI answers with one line and exit code 2."""
+    env = {
+        "LORALOOP_AUTH_REQUIRED": "true",
+        "LORALOOP_REQUEST_ID_SECRET": "a-real-one-0123456789",
+        "LORALOOP_PORT": "0",
+    }
+    done = _cli(tmp_path, env, "serve")
+    assert done.returncode == 2, done.stderr
+    assert "LORALOOP_API_KEYS is empty" in done.stderr and "Traceback" not in done.stderr

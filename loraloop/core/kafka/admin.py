@@ -22,7 +22,7 @@ from kafka.errors import (
     for_code,
 )
 
-from loraloop.core.settings import Settings
+from loraloop.core.settings import Settings, StartupError
 
 __all__ = [
     "TOMBSTONE_RETENTION_MS",
@@ -58,7 +58,7 @@ def _ask(call: Callable[[], _T], attempts: int = 4) -> _T:
     raise AssertionError("unreachable")
 
 
-class KafkaReplicationError(ValueError):
+class KafkaReplicationError(StartupError, ValueError):
     """The cluster cannot hold loraloop's topics at the configured replication factor: fewer
     brokers than replicas, or an existing topic with fewer replicas (a start-up error)."""
 
