@@ -28,8 +28,8 @@ from loraloop.devtools.kafka_broker import KafkaBroker
 from loraloop.learner.loop import Learner
 from loraloop.learner.outbox import Outbox, Outgoing
 from tests.faults.crash_support import announced_versions
-from tests.faults.test_learner_deletions import _drain, _send_pair
-from tests.support import isolated_settings, own_broker, read_topic
+from tests.faults.test_learner_deletions import _send_pair
+from tests.support import drain_learner, isolated_settings, own_broker, read_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -90,7 +90,7 @@ def test_a_refused_announcement_is_sent_again_and_offsets_wait(
     try:
         learner.connect()
         _send_pair(producer, s, "ivy", "r1", int(time.time() * 1000))
-        _drain(
+        drain_learner(
             learner,
             lambda: store.versions("ivy") == [1] and learner.stats["publish_failed"] >= 3,
             "the version written and its announcement refused a few times",
@@ -101,7 +101,7 @@ def test_a_refused_announcement_is_sent_again_and_offsets_wait(
         assert all((committed[k] or 0) < end for k, end in ends.items()), (committed, ends)
 
         _set_max_message_bytes(kafka_bootstrap, s.topic_adapter_updates, 1_048_588)
-        _drain(
+        drain_learner(
             learner,
             lambda: announced_versions(s) == {"ivy": 1} and _committed(s) == _ends(s),
             "the announcement to go out and the offsets to commit",
@@ -144,7 +144,7 @@ def test_a_flush_timeout_does_not_stop_the_learner(
     try:
         learner.connect()
         _send_pair(producer, s, "joe", "r1", int(time.time() * 1000))
-        _drain(learner, lambda: _committed(s) == _ends(s), "v1 announced and committed")
+        drain_learner(learner, lambda: _committed(s) == _ends(s), "v1 announced and committed")
         before = _committed(s)
         _send_pair(producer, s, "joe", "r2", int(time.time() * 1000))
         records: list = []
@@ -164,7 +164,7 @@ def test_a_flush_timeout_does_not_stop_the_learner(
         assert learner.stats["publish_timeouts"] == 1, learner.stats
         assert store.versions("joe") == [1, 2]
         assert _committed(s) == before  # nothing committed past the unacknowledged v2
-        _drain(
+        drain_learner(
             learner,
             lambda: announced_versions(s) == {"joe": 2} and _committed(s) == _ends(s),
             "the announcement acknowledged and the offsets committed",

@@ -23,8 +23,8 @@ from loraloop.core.adapters.version import ADAPTER_WEIGHTS, LEARNER_STATE
 from loraloop.core.kafka.admin import ensure_loraloop_topics
 from loraloop.learner.applied import AppliedOffsets
 from loraloop.learner.loop import Learner
-from tests.faults.test_learner_deletions import _drain, _send_pair
-from tests.support import isolated_settings
+from tests.faults.test_learner_deletions import _send_pair
+from tests.support import drain_learner, isolated_settings
 
 pytestmark = pytest.mark.kafka
 
@@ -48,9 +48,9 @@ def test_weights_and_state_come_from_one_version(
         first.connect()
         now = int(time.time() * 1000)
         _send_pair(producer, s, USER, "r1", now)
-        _drain(first, lambda: store.versions(USER) == [1], "v1")
+        drain_learner(first, lambda: store.versions(USER) == [1], "v1")
         _send_pair(producer, s, USER, "r2", now + 1)
-        _drain(first, lambda: store.versions(USER) == [1, 2], "v2")
+        drain_learner(first, lambda: store.versions(USER) == [1, 2], "v2")
     finally:
         first.close()
         producer.close()
@@ -68,7 +68,7 @@ def test_weights_and_state_come_from_one_version(
         assert (model.version, model.loaded_from) == (2, 1)
         assert _same(model.weights.a, v1_weights.a) and _same(model.weights.b, v1_weights.b)
         assert model.offsets == v1_offsets
-        _drain(replay, lambda: store.versions(USER) == [1, 2, 3], "v3 after the replay")
+        drain_learner(replay, lambda: store.versions(USER) == [1, 2, 3], "v3 after the replay")
         stats = dict(replay.stats)
     finally:
         replay.close()
