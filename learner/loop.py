@@ -35,12 +35,12 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
-from loraloop.core.adapters.store import AdapterStore, AdapterStoreError
+from loraloop.core.adapters.opening import open_adapter_store
+from loraloop.core.adapters.store import AdapterStoreError
 from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.bandits.arms import load_arms
 from loraloop.core.bandits.features import DIM
 from loraloop.core.bandits.linear import POPULATION, BanditState
-from loraloop.core.durable_files import fsync_dir
 from loraloop.core.event_checks import feedback_error, interaction_error
 from loraloop.core.fault_points import pause_point
 from loraloop.core.gen.loraloop.v1 import events_pb2
@@ -132,7 +132,7 @@ class Learner:
     def __init__(self, settings: Settings, max_users_per_step: int = 32) -> None:
         self.settings = settings
         self.lm: LoadedModel = load_model(settings, slots=max_users_per_step + 1)
-        self.store = AdapterStore(settings.adapter_store)
+        self.store = open_adapter_store(settings)
         self.arms = [a.name for a in load_arms(settings.arms_file)]
         self.users = UserModels(
             self.store, self.lm.bank, settings.seed, self.arms, on_unreadable=self._unreadable
@@ -588,12 +588,12 @@ class Learner:
         samples, else VersionTakenError."""
         model = item.model
         version = model.version + 1
-        if self.store.version_dir(model.user_id, version).is_dir():
+        if self.store.has_version(model.user_id, version):
             if item.failures:
                 state = self.store.learner_state(model.user_id, version)
                 offsets = AppliedOffsets.from_json(state.get("applied_offsets"))
                 if all(offsets.contains(s.interaction_position) for s in item.samples):
-                    fsync_dir(self.store.user_dir(model.user_id))  # what the try did not
+                    self.store.sync_user(model.user_id)  # what the try did not
                     return self.users.adopt(model, self.store.get(model.user_id, version))
             raise VersionTakenError(f"{model.user_id} v{version} was written by another writer")
         return self.users.commit(model, self.lm.model_id, self.settings.lora_targets)

@@ -21,14 +21,15 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from loraloop.core.adapters.protocol import VersionStore
 from loraloop.core.adapters.retention import retired_versions
-from loraloop.core.adapters.store import AdapterStore, AdapterStoreError
+from loraloop.core.adapters.store import AdapterStoreError
 
 
 class Retention:
     def __init__(
         self,
-        store: AdapterStore,
+        store: VersionStore,
         keep_newest: int,
         grace_s: float,
         clock: Callable[[], float] = time.monotonic,

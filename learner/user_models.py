@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from loraloop.core.adapters.peft_format import read_peft_dir, to_peft_files
-from loraloop.core.adapters.store import AdapterStore, AdapterStoreError
+from loraloop.core.adapters.protocol import VersionStore
+from loraloop.core.adapters.store import AdapterStoreError
 from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.bandits.features import DIM
 from loraloop.core.bandits.linear import BanditState
@@ -98,7 +99,7 @@ class UserModels:
 
     def __init__(
         self,
-        store: AdapterStore,
+        store: VersionStore,
         bank: LoRABank,
         seed: int,
         arms: list[str],

@@ -10,8 +10,8 @@ What is measured where:
   servicer method it called and the gRPC status name as code (its HTTP status is in the
   access-log line);
 - batches, time to first token, tokens, adapter loads and hot-swaps: the engine calls the
-  `decode_step`/`first_token`/... methods (the hf engine does; an engine without the
-  hooks simply leaves those series at zero);
+  `decode_step`/`first_token`/... methods (the hf and vllm engines do; an engine without
+  the hooks simply leaves those series at zero);
 - adapter-cache hits/misses/evictions, adapters resident, the event queue, the spill
   journal and the adapter-updates follower: read at scrape time from the objects that
   already count them (`AdapterSlots`, `EventLog`, `AdapterRegistry`), by `_StateCollector`.
@@ -226,13 +226,15 @@ class _StateCollector(Collector):
         )
         yield _gauge(
             "loraloop_server_adapters_resident",
-            "Adapter versions resident in the engine's slots.",
+            "Adapter versions resident in the engine's slots (the vllm engine: those "
+            "registered with vLLM).",
             len(slots) if slots is not None else None,
         )
         yield _gauge(
             "loraloop_server_adapter_slots",
-            "Capacity of the engine's adapter slots (setting adapter_slots).",
-            self.adapter_slots if self.engine is not None else None,
+            "Capacity of the engine's adapter slots (setting adapter_slots; the vllm engine: "
+            "the adapters vLLM keeps registered, vllm_max_cpu_loras less its zero adapter).",
+            getattr(slots, "capacity", self.adapter_slots) if self.engine is not None else None,
         )
         yield from _counters(
             "loraloop_server_events",

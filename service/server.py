@@ -19,7 +19,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loraloop.core.adapters.store import AdapterStore, AdapterStoreError
+from loraloop.core.adapters.opening import open_adapter_store
+from loraloop.core.adapters.protocol import VersionStore
+from loraloop.core.adapters.store import AdapterStoreError
 from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.bandits.features import context_features
 from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
@@ -83,7 +85,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         engine: Engine,
         registry: AdapterRegistry,
         events: EventLog,
-        store: AdapterStore,
+        store: VersionStore,
         strategy: StrategyChooser,
     ) -> None:
         self.settings = settings
@@ -501,7 +503,7 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
     http_sock = bind_http(settings) if settings.http_port >= 0 else None
     engine = engine or build_engine(settings)
     await engine.start()
-    store = AdapterStore(settings.adapter_store)
+    store = open_adapter_store(settings)
     strategy = StrategyChooser(settings)
     metrics = ServerMetrics()
 

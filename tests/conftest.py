@@ -10,6 +10,7 @@ import pytest
 
 if TYPE_CHECKING:
     from loraloop.devtools.kafka_broker import KafkaBroker
+    from loraloop.devtools.s3_server import SeaweedS3
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -43,3 +44,23 @@ def kafka_bootstrap(kafka_broker: KafkaBroker) -> str:
 
     ensure_loraloop_topics(Settings(), bootstrap=kafka_broker.bootstrap)
     return kafka_broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One real S3-compatible server (SeaweedFS, `weed server -s3`) for the session, on
+    free loopback ports, with the bucket "adapters". Its log lives under pytest's basetemp.
+    The binary is built once into the cache (loraloop.devtools.s3_server)."""
+    from loraloop.devtools.s3_server import SeaweedS3
+
+    with SeaweedS3(tmp_path_factory.mktemp("s3"), buckets=("adapters",)) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The AWS variables that point boto3 (in this process) at the session's S3 server."""
+    env = s3_server.env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env

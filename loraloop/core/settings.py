@@ -127,7 +127,23 @@ class Settings(BaseSettings):
 
     # --- adapter store ---------------------------------------------------------------------
     adapter_store: Path = Field(
-        Path("./out/adapters"), description="Root of the versioned adapter store."
+        Path("./out/adapters"),
+        description="Root of the versioned adapter store on a local or shared filesystem "
+        "(used when adapter_store_uri is empty).",
+    )
+    adapter_store_uri: str = Field(
+        "",
+        description="Where the adapter versions are: file:///path (a directory, like "
+        "adapter_store) or s3://bucket/prefix (any S3-compatible object store: the endpoint "
+        "from AWS_ENDPOINT_URL, credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+        "the host's identity, AWS_REGION). Empty: the directory adapter_store. With S3 the "
+        "learner writes there and every server fetches versions into adapter_cache_dir.",
+    )
+    adapter_cache_dir: Path | None = Field(
+        None,
+        description="With an s3:// adapter store: the local directory where this process "
+        "keeps its copies of fetched versions (each user's two newest). Default: "
+        "<cache_dir>/adapter-copies.",
     )
     adapter_keep_versions: int = Field(
         3,

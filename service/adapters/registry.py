@@ -35,11 +35,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
-from loraloop.core.adapters.store import AdapterStore
+from loraloop.core.adapters.protocol import VersionStore
 from loraloop.core.adapters.version import ADAPTER_CONFIG, AdapterVersion, expected_checksum
 from loraloop.core.gen.loraloop.v1 import events_pb2
 from loraloop.core.kafka.follow import TopicFollower
@@ -50,17 +47,10 @@ RETRY_TRANSIENT_S = 30.0  # a version that failed to load for a passing reason i
 DELETIONS_REMEMBERED = 100_000  # users whose deletion time the registry keeps
 
 
-def path_from_uri(uri: str) -> Path:
-    parsed = urlparse(uri)
-    if parsed.scheme != "file":
-        raise ValueError(f"unsupported adapter URI {uri!r}: only file:// is served")
-    return Path(url2pathname(parsed.path))
-
-
 class AdapterRegistry:
     def __init__(
         self,
-        store: AdapterStore,
+        store: VersionStore,
         bootstrap: str,
         topic: str,
         on_delete: Callable[[str], None] | None = None,
@@ -93,6 +83,18 @@ class AdapterRegistry:
 
     def stop(self) -> None:
         self._follower.stop()
+
+    def fetch(self, ref: AdapterVersion) -> AdapterVersion:
+        """Make `ref` readable at its path (a remote store downloads it into this host's
+        copy, checksums verified). Blocks on the network: call it off the event loop.
+
+        Raises AdapterStoreError (an integrity error) or OSError (the store unreachable)."""
+        return self._store.fetch(ref)
+
+    @property
+    def local(self) -> bool:
+        """True when every version is readable without `fetch`."""
+        return self._store.is_local
 
     @property
     def caught_up(self) -> threading.Event:
@@ -159,7 +161,7 @@ class AdapterRegistry:
             with self._lock:
                 if self._blocked((user_id, version)):
                     continue
-            ref = AdapterVersion(user_id, version, self._store.version_dir(user_id, version))
+            ref = self._store.ref(user_id, version)
             problem = self._foreign(ref)
             if problem is not None:
                 self._mark_rejected(ref, problem, transient=False)
@@ -263,7 +265,12 @@ class AdapterRegistry:
             self.forget(user_id)
             self.release(user_id)
             return True
-        ref = AdapterVersion(user_id, event.version, self._checked_path(user_id, event))
+        # The event's URI must name exactly the store's copy of this user's announced
+        # version: an event can never make the server read files from anywhere else
+        # (another version, a temporary directory, another store). ValueError otherwise,
+        # and for a bad user id or a version below 1.
+        self._store.path_for_uri(event.uri, user_id, event.version)
+        ref = self._store.ref(user_id, event.version)
         with self._lock:
             current = self._latest.get(user_id)
             if current is not None and current.version >= ref.version:
@@ -294,20 +301,6 @@ class AdapterRegistry:
         lock, so call it off the event loop."""
         if self._on_delete:
             self._on_delete(user_id)
-
-    def _checked_path(self, user_id: str, event: events_pb2.AdapterUpdated) -> Path:
-        """The version directory the event's URI names, which must be exactly the store's
-        directory of this user's announced version: an event can never make the server
-        read files from anywhere else (another version, a temporary directory, ...)."""
-        path = path_from_uri(event.uri)
-        # ValueError for a bad user_id or a version below 1
-        expected = self._store.version_dir(user_id, event.version)
-        if path.resolve() != expected.resolve():
-            raise ValueError(
-                f"adapter URI {event.uri[:200]!r} is not the store directory of "
-                f"{user_id} v{event.version} ({expected})"
-            )
-        return path
 
     def forget(self, user_id: str) -> None:
         """Serve the base model to a deleted user, without consulting the store (the

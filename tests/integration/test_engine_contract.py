@@ -9,6 +9,11 @@ corrupt adapter before the first token. "Greedy" and "equal" hold up to rounding
 sums in other orders (KV cache, batches, its own kernels), so its logits agree with the
 reference's to `logit_atol`, and a near-tie within that may go either way.
 
+Each engine must also feed the server's metrics the same way: attached to a real
+`ServerMetrics` (as the server attaches it) and a real `AdapterRegistry`, a few generations
+with and without adapters leave a sample above zero in every family of `ENGINE_METRICS`
+(what the dashboard reads), with the figures of the requests actually run.
+
 The vllm half needs vllm importable (`scripts/install-vllm.sh`, then run pytest from
 .venv-vllm); elsewhere it is skipped with the reason.
 """
@@ -18,20 +23,26 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
 import torch
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from loraloop.core.adapters.peft_format import to_peft_files
 from loraloop.core.adapters.store import AdapterStore
 from loraloop.core.adapters.version import AdapterVersion
+from loraloop.core.gen.loraloop.v1 import events_pb2
 from loraloop.core.logprobs import response_logprobs
 from loraloop.core.model_loading import LoadedModel, load_model
 from loraloop.core.multi_lora import BASE_SLOT, LoRAWeights
 from loraloop.core.settings import Settings
+from loraloop.service.adapters.registry import AdapterRegistry
 from loraloop.service.engines.protocol import AdapterLoadError, Engine, GenerationRequest
+from loraloop.service.metrics import ServerMetrics
 from tests.tolerances import forward_atol, rounding_atol
 
 T = TypeVar("T")
@@ -368,3 +379,108 @@ def test_corrupt_adapter_fails_before_the_first_token(engine, world) -> None:
     # the engine is unharmed
     ok = _request(world, PROMPTS[0], None, "after-bad")
     assert loop.run(eng.generate(ok)).token_ids
+
+
+# The engine-fed series the dashboard reads (ops/grafana/loraloop-dashboard.json), as
+# (sample name, labels): after the traffic below, each has a sample above zero, whichever
+# the engine. One list for both engines.
+ENGINE_METRICS: tuple[tuple[str, dict[str, str]], ...] = (
+    ("loraloop_server_generated_tokens_total", {}),
+    ("loraloop_server_prompt_tokens_total", {}),
+    ("loraloop_server_time_to_first_token_seconds_count", {}),
+    ("loraloop_server_batch_size_count", {}),
+    ("loraloop_server_adapter_loads_total", {"result": "ok"}),
+    ("loraloop_server_adapter_loads_total", {"result": "error"}),
+    ("loraloop_server_adapter_load_duration_seconds_count", {}),
+    ("loraloop_server_adapter_cache_hits_total", {"tier": "engine"}),
+    ("loraloop_server_adapter_cache_misses_total", {"tier": "engine"}),
+    ("loraloop_server_adapters_resident", {}),
+    ("loraloop_server_adapter_slots", {}),
+    ("loraloop_server_adapter_swap_seconds_count", {}),
+)
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(metrics: ServerMetrics) -> Samples:
+    """Every sample of the registry's exposition text (what Prometheus reads)."""
+    text = generate_latest(metrics.registry).decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_engines_export_the_dashboard_metrics(engine, world) -> None:
+    """A version published while the server follows adapter-updates, then served with a
+    cold user and an older adapter in one batch, again (a resident hit), and a corrupt
+    adapter: every ENGINE_METRICS series is above zero, with these requests' figures."""
+    eng, loop = engine
+    settings = world["settings"]
+    user = f"metrics-{eng.settings.engine}"
+    store = AdapterStore(settings.adapter_store)
+    files = to_peft_files(make_adapter(world["ref"].lm, 99), "tiny", settings.lora_targets)
+    written = store.write(user, 1, files)
+    # A real registry, never started (no Kafka here): it applies the announcement as its
+    # follower would once caught up, so the version is live and its hot swap is timed.
+    registry = AdapterRegistry(store, "127.0.0.1:9", settings.topic_adapter_updates)
+    registry.caught_up.set()
+    metrics = ServerMetrics()
+    metrics.watch(
+        engine=eng,
+        registry=registry,
+        events=None,
+        adapter_slots=eng.settings.adapter_slots,
+        queue_size=0,
+    )
+    assert eng.metrics is metrics  # the engine has the hooks
+    try:
+        published = events_pb2.AdapterUpdated(
+            user_id=user,
+            version=1,
+            uri=written.path.as_uri(),
+            timestamp_ms=int(time.time() * 1000),
+        )
+        assert registry.apply(user, published)
+        ref = registry.resolve(user)
+        assert ref is not None and ref.version == 1
+        batch = [
+            _request(world, PROMPTS[0], ref, "metrics-new"),
+            _request(world, PROMPTS[1], None, "metrics-cold"),
+            _request(world, PROMPTS[2], world["refs"][(2, 1)], "metrics-old"),
+        ]
+
+        async def together() -> list[Any]:
+            return await asyncio.gather(*(eng.generate(r) for r in batch))
+
+        results = loop.run(together())
+        again = _request(world, PROMPTS[1], ref, "metrics-again")
+        results.append(loop.run(eng.generate(again)))
+        with pytest.raises(AdapterLoadError):
+            loop.run(eng.generate(_request(world, PROMPTS[0], world["bad"], "metrics-bad")))
+    finally:
+        eng.metrics = None
+    samples = scrape(metrics)
+
+    def value(name: str, labels: dict[str, str] | None = None) -> float:
+        return samples.get((name, frozenset((labels or {}).items())), 0.0)
+
+    missing = [(name, labels) for name, labels in ENGINE_METRICS if not value(name, labels) > 0]
+    assert not missing, f"{eng.settings.engine}: no sample above zero for {missing}"
+    served = [*batch, again]
+    assert value("loraloop_server_generated_tokens_total") == sum(len(r.token_ids) for r in results)
+    assert value("loraloop_server_prompt_tokens_total") == sum(
+        len(r.prompt_token_ids) for r in served
+    )
+    assert value("loraloop_server_time_to_first_token_seconds_count") == len(served)
+    # no step decoded more requests than ran at once (three)
+    steps = value("loraloop_server_batch_size_count")
+    assert value("loraloop_server_batch_size_bucket", {"le": "4.0"}) == steps
+    assert value("loraloop_server_adapter_loads_total", {"result": "error"}) == 1
+    loads = value("loraloop_server_adapter_loads_total", {"result": "ok"})
+    assert 1 <= loads <= 2  # the new version, and the older one unless still resident
+    assert value("loraloop_server_adapter_load_duration_seconds_count") == loads
+    assert value("loraloop_server_adapter_swap_seconds_count") == 1  # the first request only
+    assert 0 <= value("loraloop_server_adapter_swap_seconds_sum") < 600
+    resident = value("loraloop_server_adapters_resident")
+    assert resident <= value("loraloop_server_adapter_slots")

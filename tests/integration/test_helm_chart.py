@@ -216,10 +216,7 @@ def test_rendered_manifests_do_what_the_values_say(helm: str, values: Path) -> N
     fields = {f.upper() for f in Settings.model_fields}
     settings_keys = {k.removeprefix("LORALOOP_") for k in env if k.startswith("LORALOOP_")}
     assert settings_keys <= fields, settings_keys - fields
-    store = chosen.get("adapterStore", {}).get("type", "pvc")
-    assert ("LORALOOP_ADAPTER_STORE" in env) == (store == "pvc")
-    claim = chosen.get("adapterStore", {}).get("pvc", {}).get("existingClaim")
-    assert bool(by_kind(docs, "PersistentVolumeClaim")) == (store == "pvc" and not claim)
+    check_adapter_store(chosen.get("adapterStore", {}), docs)
 
     dashboards = [
         c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")
@@ -244,6 +241,72 @@ def test_rendered_manifests_do_what_the_values_say(helm: str, values: Path) -> N
         assert services and all(
             any(p["name"] == "metrics" for p in s["spec"]["ports"]) for s in services
         )
+
+
+def pod_env(container: dict[str, Any], docs: list[dict[str, Any]]) -> dict[str, str]:
+    """The container's environment as the kubelet builds it from the rendered manifests:
+    its ConfigMaps' data (envFrom), then its own env values."""
+    maps = {c["metadata"]["name"]: c["data"] for c in by_kind(docs, "ConfigMap")}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(maps[source["configMapRef"]["name"]])
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def deployments(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The Deployments by component (server, learner)."""
+    return {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+        for d in by_kind(docs, "Deployment")
+    }
+
+
+def check_adapter_store(chosen: dict[str, Any], docs: list[dict[str, Any]]) -> None:
+    """pvc: every pod mounts the claim at mountPath, named by LORALOOP_ADAPTER_STORE. s3:
+    no claim anywhere; every pod gets LORALOOP_ADAPTER_STORE_URI, its own emptyDir cache at
+    mountPath (LORALOOP_ADAPTER_CACHE_DIR), AWS_ENDPOINT_URL / AWS_REGION when given, and
+    the credentials Secret through envFrom when one is named."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["adapterStore"]
+    store = {**defaults, **chosen}
+    pvc, s3 = {**defaults["pvc"], **store["pvc"]}, {**defaults["s3"], **store["s3"]}
+    path = store["mountPath"]
+    claims = by_kind(docs, "PersistentVolumeClaim")
+    pods = deployments(docs)
+    assert pods and pods.keys() <= {"server", "learner"}
+    for component, deployment in pods.items():
+        spec = deployment["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        env = pod_env(container, docs)
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        secrets = [s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s]
+        if store["type"] == "pvc":
+            assert env["LORALOOP_ADAPTER_STORE"] == mounts["adapters"] == path, component
+            claim = pvc["existingClaim"] or "demo-loraloop-adapters"
+            assert volumes["adapters"]["persistentVolumeClaim"]["claimName"] == claim
+            assert not {"LORALOOP_ADAPTER_STORE_URI", "LORALOOP_ADAPTER_CACHE_DIR"} & set(env)
+            assert not any(k.startswith("AWS_") for k in env), component
+            assert len(secrets) == 1, component  # the application's own Secret only
+            continue
+        assert store["type"] == "s3"
+        assert "LORALOOP_ADAPTER_STORE" not in env, component
+        prefix = s3["prefix"].strip("/")
+        wanted = f"s3://{s3['bucket']}/{prefix}" if prefix else f"s3://{s3['bucket']}"
+        assert env["LORALOOP_ADAPTER_STORE_URI"] == wanted, component
+        assert env["LORALOOP_ADAPTER_CACHE_DIR"] == mounts["adapter-cache"] == path, component
+        assert volumes["adapter-cache"]["emptyDir"] == {"sizeLimit": s3["cacheSizeLimit"]}
+        assert not any("persistentVolumeClaim" in v for v in volumes.values()), component
+        assert env.get("AWS_ENDPOINT_URL") == (s3["endpoint"] or None), component
+        assert env.get("AWS_REGION") == (s3["region"] or None), component
+        assert secrets[1:] == ([s3["existingSecret"]] if s3["existingSecret"] else [])
+    if store["type"] == "pvc":
+        assert len(claims) == (0 if pvc["existingClaim"] else 1)
+        for claim in claims:
+            assert claim["spec"]["accessModes"] == pvc["accessModes"]
+    else:
+        assert not claims
 
 
 def check_learner_probes(learner: dict[str, Any], chosen: dict[str, Any]) -> None:
@@ -323,15 +386,121 @@ def render_error(helm: str, values: dict[str, Any], tmp_path: Path) -> str:
 KEYS_SET = {"secrets": {"apiKeys": "ci-placeholder-0123456789abcdef=*"}}
 
 
-def test_an_s3_store_is_refused_until_supported(helm: str, tmp_path: Path) -> None:
-    """No setting reads an object-store URI yet: a chart that rendered one would give every
-    pod its own empty local store, with personalization silently off."""
-    values = {
-        **KEYS_SET,
-        "adapterStore": {"type": "s3", "s3": {"bucket": "adapters"}},
+REAL_SECRETS = {"secrets": {**KEYS_SET["secrets"], "requestIdSecret": "a-real-one-0123"}}
+
+
+def render_values(helm: str, values: dict[str, Any], tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return render(helm, path)[1]
+
+
+def test_an_s3_store_reaches_both_pods_with_a_cache_and_no_claim(helm: str, tmp_path: Path) -> None:
+    """type s3: the URI, endpoint, region and the credentials Secret in server and learner
+    alike, each pod's own emptyDir cache, no PersistentVolumeClaim; and, without a shared
+    volume, several server replicas and learners render (as with autoscaling)."""
+    s3 = {
+        "bucket": "team-adapters",
+        "prefix": "/prod/adapters/",
+        "endpoint": "http://minio.storage.svc:9000",
+        "region": "eu-west-3",
+        "existingSecret": "minio-keys",
+        "cacheSizeLimit": "3Gi",
     }
-    values["secrets"] = {**KEYS_SET["secrets"], "requestIdSecret": "a-real-one-0123"}
-    assert "adapterStore.type s3 is not supported yet" in render_error(helm, values, tmp_path)
+    store = {"type": "s3", "mountPath": "/cache/adapters", "s3": s3}
+    values = {
+        **REAL_SECRETS,
+        "adapterStore": store,
+        "server": {"replicas": 3},
+        "learner": {"replicas": 2},
+    }
+    docs = render_values(helm, values, tmp_path)
+    check_adapter_store(store, docs)
+    pods = deployments(docs)
+    assert set(pods) == {"server", "learner"}
+    assert pods["server"]["spec"]["replicas"] == 3 and pods["learner"]["spec"]["replicas"] == 2
+    for component, deployment in pods.items():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = pod_env(container, docs)
+        assert env["LORALOOP_ADAPTER_STORE_URI"] == "s3://team-adapters/prod/adapters"
+        assert env["LORALOOP_ADAPTER_CACHE_DIR"] == "/cache/adapters"
+        assert env["AWS_ENDPOINT_URL"] == "http://minio.storage.svc:9000"
+        assert env["AWS_REGION"] == "eu-west-3"
+        assert {"secretRef": {"name": "minio-keys"}} in container["envFrom"], component
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    fields = set(Settings.model_fields)
+    assert {"adapter_store_uri", "adapter_cache_dir"} <= fields, "settings the chart sets"
+
+
+def test_an_s3_store_without_keys_uses_the_pod_identity(helm: str, tmp_path: Path) -> None:
+    """No Secret, endpoint or region: AWS S3 with the pod's own identity (IRSA through the
+    ServiceAccount's annotations), under the default prefix."""
+    role = {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/loraloop"}
+    store = {"type": "s3", "s3": {"bucket": "team-adapters"}}
+    values = {**REAL_SECRETS, "adapterStore": store, "serviceAccount": {"annotations": role}}
+    docs = render_values(helm, values, tmp_path)
+    check_adapter_store(store, docs)
+    (account,) = by_kind(docs, "ServiceAccount")
+    assert account["metadata"]["annotations"] == role
+    for component, deployment in deployments(docs).items():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == account["metadata"]["name"], component
+        (container,) = pod["containers"]
+        env = pod_env(container, docs)
+        assert env["LORALOOP_ADAPTER_STORE_URI"] == "s3://team-adapters/adapters"
+        assert not any(k.startswith("AWS_") for k in env), component
+        assert [s for s in container["envFrom"] if "secretRef" in s] == [
+            {"secretRef": {"name": "demo-loraloop"}}
+        ]
+
+
+def test_an_s3_store_needs_a_bucket_name(helm: str, tmp_path: Path) -> None:
+    for bucket in ("", "  "):
+        values = {**REAL_SECRETS, "adapterStore": {"type": "s3", "s3": {"bucket": bucket}}}
+        assert "adapterStore.s3.bucket is empty" in render_error(helm, values, tmp_path)
+    for bucket in ("s3://team-adapters", "team-adapters/prod"):
+        values = {**REAL_SECRETS, "adapterStore": {"type": "s3", "s3": {"bucket": bucket}}}
+        error = render_error(helm, values, tmp_path)
+        assert "adapterStore.s3.bucket must be a bucket name only" in error
+    values = {**REAL_SECRETS, "adapterStore": {"type": "nfs"}}
+    assert "adapterStore.type must be pvc or s3" in render_error(helm, values, tmp_path)
+
+
+def test_the_gpu_example_serves_with_vllm_and_learns_on_the_gpu(helm: str) -> None:
+    """ci/gpu-hpa-values.yaml, the production example: vLLM servers and learners each
+    with a GPU (device cuda, bfloat16), autoscaled servers and several learners sharing an
+    S3 store, so no claim ties them to one node."""
+    values = CHART / "ci" / "gpu-hpa-values.yaml"
+    chosen = yaml.safe_load(values.read_text())
+    _, docs = render(helm, values)
+    pods = deployments(docs)
+    containers = {c: d["spec"]["template"]["spec"]["containers"][0] for c, d in pods.items()}
+    server, learner = containers["server"], containers["learner"]
+    server_env, learner_env = pod_env(server, docs), pod_env(learner, docs)
+
+    assert server_env["LORALOOP_ENGINE"] == "vllm"
+    assert server["args"] == ["serve"] and learner["args"] == ["learn"]
+    for env in (server_env, learner_env):
+        assert env["LORALOOP_DEVICE"] == "cuda"
+        assert env["LORALOOP_DTYPE"] == "bfloat16"
+    for container in (server, learner):
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1", container["name"]
+    for deployment in pods.values():
+        pod = deployment["spec"]["template"]["spec"]
+        assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])  # GPU taint
+        assert "cloud.google.com/gke-accelerator" in pod["nodeSelector"]
+
+    # The S3 store: what lets the HPA and the learners spread over nodes.
+    assert chosen["adapterStore"]["type"] == "s3"
+    check_adapter_store(chosen["adapterStore"], docs)
+    for env in (server_env, learner_env):
+        assert env["LORALOOP_ADAPTER_STORE_URI"].startswith("s3://")
+        assert env["LORALOOP_ADAPTER_CACHE_DIR"]
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    (hpa,) = by_kind(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"] > 1
+    assert "replicas" not in pods["server"]["spec"]
+    assert pods["learner"]["spec"]["replicas"] > 1
 
 
 def test_a_base_model_is_required(helm: str, tmp_path: Path) -> None:

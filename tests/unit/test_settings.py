@@ -59,7 +59,8 @@ def test_learner_configs_take_their_defaults_from_settings() -> None:
 
 def test_unknown_variables_are_named_with_the_closest_setting() -> None:
     environ = {
-        "LORALOOP_ADAPTER_STORE_URI": "s3://bucket/adapters",
+        "LORALOOP_ADAPTER_STORE_URL": "s3://bucket/adapters",
+        "LORALOOP_ADAPTER_STORE_URI": "s3://bucket/adapters",  # a setting
         "LORALOOP_MODLE": "x",
         "LORALOOP_PORT": "50051",
         "LORALOOP_API_KEY": "the Python client's own",
@@ -67,7 +68,7 @@ def test_unknown_variables_are_named_with_the_closest_setting() -> None:
         "PATH": "/usr/bin",
     }
     assert unknown_env(environ) == [
-        "LORALOOP_ADAPTER_STORE_URI (did you mean LORALOOP_ADAPTER_STORE?)",
+        "LORALOOP_ADAPTER_STORE_URL (did you mean LORALOOP_ADAPTER_STORE_URI?)",
         "LORALOOP_MODLE (did you mean LORALOOP_MODEL?)",
         "LORALOOP_XYZZY",
     ]

@@ -67,23 +67,42 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.adapterStore.pvc.existingClaim | default (printf "%s-adapters" (include "loraloop.fullname" .)) }}
 {{- end }}
 
-{{/* Environment shared by server and learner: ConfigMap, Secret, store location. */}}
+{{/* s3://bucket/prefix of the S3 adapter store (type s3); refuses an empty bucket. */}}
+{{- define "loraloop.storeUri" -}}
+{{- $s3 := .Values.adapterStore.s3 }}
+{{- $bucket := $s3.bucket | default "" | toString | trim }}
+{{- if not $bucket }}
+{{- fail "adapterStore.type is s3 but adapterStore.s3.bucket is empty: name the (existing) bucket that holds the adapter versions" }}
+{{- end }}
+{{- if or (contains "/" $bucket) (contains ":" $bucket) }}
+{{- fail (printf "adapterStore.s3.bucket must be a bucket name only, not %q: put the key prefix in adapterStore.s3.prefix and an S3-compatible store's URL in adapterStore.s3.endpoint" $bucket) }}
+{{- end }}
+{{- $prefix := $s3.prefix | default "" | toString | trim | trimAll "/" }}
+{{- printf "s3://%s/%s" $bucket $prefix | trimSuffix "/" }}
+{{- end }}
+
+{{/* Environment shared by server and learner: ConfigMap, Secret, store credentials. */}}
 {{- define "loraloop.env" -}}
 envFrom:
   - configMapRef:
       name: {{ include "loraloop.fullname" . }}
   - secretRef:
       name: {{ include "loraloop.secretName" . }}
-{{- if and (eq .Values.adapterStore.type "s3") .Values.adapterStore.s3.credentialsSecret }}
+{{- if and (eq .Values.adapterStore.type "s3") .Values.adapterStore.s3.existingSecret }}
+  # AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY of the S3 adapter store.
   - secretRef:
-      name: {{ .Values.adapterStore.s3.credentialsSecret }}
+      name: {{ .Values.adapterStore.s3.existingSecret }}
 {{- end }}
 {{- end }}
 
-{{/* Volume mount and volume (list items) of the adapter store (none for S3). */}}
+{{/* Volume mount and volume (list items) of the adapter store: the claim (pvc), or the
+local cache of fetched versions, an emptyDir (s3). */}}
 {{- define "loraloop.storeMounts" -}}
 {{- if eq .Values.adapterStore.type "pvc" }}
 - name: adapters
+  mountPath: {{ .Values.adapterStore.mountPath }}
+{{- else if eq .Values.adapterStore.type "s3" }}
+- name: adapter-cache
   mountPath: {{ .Values.adapterStore.mountPath }}
 {{- end }}
 {{- end }}
@@ -93,6 +112,13 @@ envFrom:
 - name: adapters
   persistentVolumeClaim:
     claimName: {{ include "loraloop.claimName" . }}
+{{- else if eq .Values.adapterStore.type "s3" }}
+- name: adapter-cache
+  emptyDir:
+    {{- with .Values.adapterStore.s3.cacheSizeLimit }}
+    sizeLimit: {{ . }}
+    {{- else }} {}
+    {{- end }}
 {{- end }}
 {{- end }}
 

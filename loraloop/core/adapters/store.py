@@ -24,6 +24,8 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from loraloop.core.adapters.version import (
     ADAPTER_WEIGHTS,
@@ -44,11 +46,16 @@ class AdapterStoreError(RuntimeError):
 
 
 class AdapterStore:
-    """Immutable versioned adapter directories under one root."""
+    """Immutable versioned adapter directories under one root (a `VersionStore`)."""
+
+    is_local = True
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def describe(self) -> str:
+        return str(self.root)
 
     def user_dir(self, user_id: str) -> Path:
         return self.root / check_user_id(user_id)
@@ -65,6 +72,32 @@ class AdapterStore:
             return []
         found = (_VERSION_DIR.fullmatch(p.name) for p in udir.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
+
+    def has_version(self, user_id: str, version: int) -> bool:
+        return self.version_dir(user_id, version).is_dir()
+
+    def ref(self, user_id: str, version: int) -> AdapterVersion:
+        return AdapterVersion(user_id, version, self.version_dir(user_id, version))
+
+    def fetch(self, ref: AdapterVersion) -> AdapterVersion:
+        """Nothing to fetch: every version is on this filesystem."""
+        return ref
+
+    def sync_user(self, user_id: str) -> None:
+        fsync_dir(self.user_dir(user_id))
+
+    def path_for_uri(self, uri: str, user_id: str, version: int) -> Path:
+        parsed = urlparse(uri)
+        if parsed.scheme != "file":
+            raise ValueError(f"adapter URI {uri[:200]!r} is not a file:// URI of {self.root}")
+        path = Path(url2pathname(parsed.path))
+        expected = self.version_dir(user_id, version)  # ValueError: bad user id or version
+        if path.resolve() != expected.resolve():
+            raise ValueError(
+                f"adapter URI {uri[:200]!r} is not the store directory of "
+                f"{user_id} v{version} ({expected})"
+            )
+        return expected
 
     def latest(self, user_id: str) -> AdapterVersion | None:
         versions = self.versions(user_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -22,15 +22,19 @@ LEARNER_STATE = "learner_state.json"
 @dataclass(frozen=True)
 class AdapterVersion:
     """One immutable adapter version of one user: version `version` of `user_id`'s
-    adapter, in the directory `path`. Equal (and hashed) by those three fields."""
+    adapter, in the local directory `path` (for a remote store: where this host keeps its
+    copy, which may not be fetched yet). Equal (and hashed) by those three fields.
+    `remote` is the version's URI in a remote store ("" for a local one)."""
 
     user_id: str
     version: int
     path: Path
+    remote: str = field(default="", compare=False)
 
     @property
     def uri(self) -> str:
-        return self.path.resolve().as_uri()
+        """Where the version lives, as announced to serving: the remote URI, else file://."""
+        return self.remote or self.path.resolve().as_uri()
 
     @functools.cached_property
     def checksum(self) -> str:
