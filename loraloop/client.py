@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -109,7 +111,15 @@ class UserStateView:
     arms: tuple[tuple[str, int, float], ...] = ()  # (arm, pulls, mean reward)
 
 
+SESSION_USERS = 10_000  # users whose newest adapter version a client remembers
+
+
 class LoraLoopClient:
+    """A client of the gRPC API. It remembers the newest adapter version it was served per
+    user (the most recent SESSION_USERS users) and sends it as
+    GenerateRequest.min_adapter_version, so that behind a load balancer spreading calls
+    over replicas a user never gets an older adapter than this client had before."""
+
     def __init__(
         self,
         target: str,
@@ -130,6 +140,27 @@ class LoraLoopClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout = timeout
         self._metadata = api_key_metadata(api_key)
+        self._seen: OrderedDict[str, int] = OrderedDict()  # user -> newest version served
+        self._seen_lock = threading.Lock()
+
+    def _floor(self, request: api_pb2.GenerateRequest) -> api_pb2.GenerateRequest:
+        with self._seen_lock:
+            request.min_adapter_version = self._seen.get(request.user_id, 0)
+        return request
+
+    def _served(self, user_id: str, reply: Reply) -> Reply:
+        with self._seen_lock:
+            if reply.adapter_version >= self._seen.get(user_id, 0):
+                self._seen[user_id] = reply.adapter_version
+                self._seen.move_to_end(user_id)
+                while len(self._seen) > SESSION_USERS:
+                    self._seen.popitem(last=False)
+        return reply
+
+    def forget_user(self, user_id: str) -> None:
+        """Drop the floor remembered for a user (done by delete_user)."""
+        with self._seen_lock:
+            self._seen.pop(user_id, None)
 
     # --- lifecycle ----------------------------------------------------------------------
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -202,9 +233,9 @@ class LoraLoopClient:
             user_id, prompt, messages, max_tokens, temperature, top_p, seed, arm
         )
         response = self._stub.Generate(
-            request, timeout=timeout or self.timeout, metadata=self._metadata
+            self._floor(request), timeout=timeout or self.timeout, metadata=self._metadata
         )
-        return Reply.from_proto(response)
+        return self._served(user_id, Reply.from_proto(response))
 
     def stream(
         self,
@@ -224,10 +255,10 @@ class LoraLoopClient:
             user_id, prompt, messages, max_tokens, temperature, top_p, seed, arm
         )
         for msg in self._stub.GenerateStream(
-            request, timeout=timeout or self.timeout, metadata=self._metadata
+            self._floor(request), timeout=timeout or self.timeout, metadata=self._metadata
         ):
             if msg.HasField("final"):
-                yield Reply.from_proto(msg.final)
+                yield self._served(user_id, Reply.from_proto(msg.final))
             elif msg.delta:
                 yield msg.delta
 
@@ -286,6 +317,7 @@ class LoraLoopClient:
 
     def delete_user(self, user_id: str, timeout: float | None = None) -> bool:
         """Forget a user everywhere; True when something of theirs existed."""
+        self.forget_user(user_id)
         msg = self._stub.DeleteUser(
             api_pb2.DeleteUserRequest(user_id=user_id),
             timeout=timeout or self.timeout,

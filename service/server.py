@@ -45,6 +45,7 @@ from loraloop.service.tls import describe as describe_tls
 from loraloop.service.tls import server_credentials
 from loraloop.service.validation import (
     RequestError,
+    check_adapter_floor,
     check_arm,
     check_input,
     check_sampling,
@@ -102,11 +103,17 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         self._rated: OrderedDict[str, int] = OrderedDict()
 
     # --- Generate -----------------------------------------------------------------------
-    async def _resolve(self, user_id: str) -> AdapterVersion | None:
+    async def _resolve(self, user_id: str, floor: int = 0) -> AdapterVersion | None:
         """The registry's version for the user; its first lookup of a user lists the store,
-        which happens in a worker thread, off the event loop."""
+        which happens in a worker thread, off the event loop. `floor`: the newest version
+        the client was served (GenerateRequest.min_adapter_version); a view older than it
+        is checked against the store (also off the loop)."""
         if self.registry.known(user_id):
-            return self.registry.resolve(user_id)
+            ref = self.registry.resolve(user_id)
+            if floor <= (ref.version if ref else 0):
+                return ref
+        if floor > 0:
+            return await asyncio.to_thread(self.registry.catch_up, user_id, floor)
         return await asyncio.to_thread(self.registry.resolve, user_id)
 
     async def _prepare(self, request: api_pb2.GenerateRequest) -> Prepared:
@@ -150,7 +157,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         gen = GenerationRequest(
             request_id=self.request_ids.issue(user_id, started_ms),
             prompt_token_ids=token_ids,
-            adapter=await self._resolve(user_id),
+            adapter=await self._resolve(user_id, check_adapter_floor(request.min_adapter_version)),
             max_tokens=decoding.max_tokens,
             temperature=temperature,
             top_p=top_p,

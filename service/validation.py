@@ -136,6 +136,16 @@ def check_arm(arm: str) -> str | None:
     return arm or None
 
 
+def check_adapter_floor(floor: int) -> int:
+    """GenerateRequest.min_adapter_version: 0 (none) or a version a server returned."""
+    if floor < 0:
+        raise invalid(
+            f"min_adapter_version is {floor}: send 0, or the adapter_version a previous "
+            "response returned for this user"
+        )
+    return floor
+
+
 def check_signals(signals: common_pb2.FeedbackSignals) -> None:
     error = signals_error(signals)
     if error:

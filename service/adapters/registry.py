@@ -69,6 +69,7 @@ class AdapterRegistry:
         self._failures: dict[tuple[str, int], int] = {}  # transient failures in a row
         # user -> newest version rejected for a transient reason, to restore when it is due
         self._retry: dict[str, AdapterVersion] = {}
+        self.floor_catch_ups = 0  # versions found in the store for a client's floor
         self.rejected = 0  # rejections (a version rejected again after its retry counts again)
         self.transient_rejections = 0
         self._published_at: dict[tuple[str, int], float] = {}
@@ -119,6 +120,28 @@ class AdapterRegistry:
                 if stored is not None and (current is None or stored.version > current.version):
                     self._latest[user_id] = stored
             return self._latest.get(user_id)
+
+    def catch_up(self, user_id: str, floor: int) -> AdapterVersion | None:
+        """`resolve`, for a client that has been served version `floor` (by another replica):
+        when this server's view is older, it lists the store for a newer complete version
+        (the announcement is on its way here, the store has it already). A deleted user is
+        never looked up this way: the client's floor predates the deletion. Lists the
+        store: call it off the event loop."""
+        current = self.resolve(user_id)
+        if (current.version if current else 0) >= floor:
+            return current
+        with self._lock:
+            if user_id in self._deleted_at:
+                return current
+        stored = self._newest_stored(user_id)
+        with self._lock:
+            if user_id in self._deleted_at:
+                return self._latest.get(user_id)
+            current = self._latest.get(user_id)
+            if stored is not None and (current is None or stored.version > current.version):
+                self._latest[user_id] = current = stored
+                self.floor_catch_ups += 1
+            return current
 
     def known(self, user_id: str) -> bool:
         """True when `resolve(user_id)` answers from memory (no store listing)."""

@@ -35,7 +35,7 @@ set by the server) as the hf engine does, with these figures:
   has been in a vLLM batch;
 - residency (`slots`, read by the metrics module at scrape time): the user adapter versions
   registered with vLLM, which keeps them in host RAM (at most `max_cpu_loras`, the zero
-  adapter taking one) and moves up to `max_loras` of them onto the device per step.
+  adapter taking one) and up to `max_loras` of them on the device for its batches.
 """
 
 from __future__ import annotations

@@ -457,3 +457,48 @@ def test_the_learner_skips_interactions_of_another_base_model(
     finally:
         producer.close()
         learner.close()
+
+
+def test_a_clients_adapter_floor_makes_a_replica_behind_look_in_the_store(
+    served: tuple[Settings, InProcessServer], client: LoraLoopClient
+) -> None:
+    """min_adapter_version: a version another replica served (in the store, its
+    announcement not here yet) is served here too, never an older one; the Python client
+    sends the newest version it has had."""
+    settings, server = served
+    service = server.running.service
+    user = "floored"
+    assert client.generate(user, "hi", max_tokens=2).adapter_version == 0  # known: base
+    store = AdapterStore(settings.adapter_store)
+    weights = initial_weights(service.engine.lm.bank, user, 0)
+    store.write(user, 1, to_peft_files(weights, service.engine.model_id, settings.lora_targets))
+    stub = api_pb2_grpc.LoraLoopStub(client._channel)
+
+    def ask(floor: int) -> api_pb2.GenerateResponse:
+        request = api_pb2.GenerateRequest(
+            user_id=user,
+            prompt="hi",
+            sampling=common_pb2.SamplingParams(max_tokens=2),
+            min_adapter_version=floor,
+        )
+        return stub.Generate(request, timeout=60)
+
+    assert ask(0).adapter_version == 0  # unannounced, no floor: this replica's view
+    before = service.registry.floor_catch_ups
+    assert ask(1).adapter_version == 1  # a client that had v1 elsewhere
+    assert service.registry.floor_catch_ups == before + 1
+    assert ask(0).adapter_version == 1  # and the view moved on for everyone
+    assert ask(7).adapter_version == 1  # a floor the store cannot meet is not an error
+    code, details = _code(ask, -1)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "min_adapter_version" in details
+    # the client remembers what it was served, and sends it
+    with LoraLoopClient(server.target, timeout=60) as fresh:
+        assert fresh.generate(user, "hi", max_tokens=2).adapter_version == 1
+        sent: list[int] = []
+        real = fresh._stub.Generate
+        fresh._stub.Generate = lambda req, **kw: (
+            sent.append(req.min_adapter_version),
+            real(req, **kw),
+        )[1]  # type: ignore[method-assign]
+        fresh.generate(user, "hi", max_tokens=2)
+        assert sent == [1]
