@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2
 
 
-def _service_config(retries: int) -> str:
+def _service_config(retries: int, load_balancing: str = "pick_first") -> str:
     policy = {
         "maxAttempts": max(2, retries + 1),
         "initialBackoff": "0.1s",
@@ -39,7 +39,12 @@ def _service_config(retries: int) -> str:
         "retryableStatusCodes": ["UNAVAILABLE"],
     }
     return json.dumps(
-        {"methodConfig": [{"name": [{"service": "loraloop.v1.LoraLoop"}], "retryPolicy": policy}]}
+        {
+            "loadBalancingConfig": [{load_balancing: {}}],
+            "methodConfig": [
+                {"name": [{"service": "loraloop.v1.LoraLoop"}], "retryPolicy": policy}
+            ],
+        }
     )
 
 
@@ -128,8 +133,15 @@ class LoraLoopClient:
         retries: int = 4,
         credentials: grpc.ChannelCredentials | None = None,
         api_key: str | None = None,
+        load_balancing: str = "pick_first",
     ) -> None:
-        options = [("grpc.service_config", _service_config(retries)), ("grpc.enable_retries", 1)]
+        """`target`: host:port, or any gRPC name, e.g. "dns:///loraloop-server:50051" or
+        "ipv4:10.0.0.1:50051,10.0.0.2:50051"; with `load_balancing="round_robin"` calls are
+        spread over every address the name resolves to (server replicas)."""
+        options = [
+            ("grpc.service_config", _service_config(retries, load_balancing)),
+            ("grpc.enable_retries", 1),
+        ]
         credentials = credentials or tls_credentials()
         self._channel = (
             grpc.secure_channel(target, credentials, options)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from loraloop.devtools.kafka_broker import KafkaBroker
+    from loraloop.devtools.kafka_broker import KafkaBroker, KafkaCluster
     from loraloop.devtools.s3_server import SeaweedS3
 
 
@@ -64,3 +64,23 @@ def s3_env(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, s
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    """A 3-broker KRaft cluster (the same jars, on loopback) for the tests of replicated
+    topics, shared by the session (tests that kill a broker restart it). Skips when Java
+    or Maven is missing."""
+    import shutil
+
+    from loraloop.devtools.kafka_broker import KafkaCluster
+
+    missing = [tool for tool in ("java", "mvn") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the Kafka cluster needs {' and '.join(missing)} on PATH")
+    kafka = KafkaCluster(tmp_path_factory.mktemp("kafka-cluster"), nodes=3)
+    kafka.start(timeout=180)
+    try:
+        yield kafka
+    finally:
+        kafka.stop()

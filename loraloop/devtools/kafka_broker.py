@@ -757,6 +757,14 @@ class KafkaCluster:
                 raise RuntimeError(f"{len(ids)} of {count} Kafka brokers live after {timeout:.0f}s")
             time.sleep(0.2)
 
+    def restart_stopped(self, timeout: float = 120.0) -> None:
+        """Start again every node that was killed or stopped (its data kept), and wait
+        until all of them are live brokers again."""
+        for node in self.nodes:
+            if not node.running:
+                node.start(timeout)
+        self.wait_live(len(self.nodes), timeout)
+
     def stop(self, timeout: float = 15.0) -> None:
         """Stop every node (SIGTERM to all at once, SIGKILL after `timeout` s: one by one,
         the last nodes would wait for a quorum that has gone); a temporary data directory

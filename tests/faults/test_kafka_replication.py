@@ -11,7 +11,6 @@ learner announced on adapter-updates). Figures are printed (`pytest -s`).
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -51,17 +50,11 @@ pytestmark = pytest.mark.kafka
 USERS = ("ana", "bo", "cy", "di")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
-    missing = [tool for tool in ("java", "mvn") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"the Kafka cluster needs {' and '.join(missing)} on PATH")
-    kafka = KafkaCluster(tmp_path_factory.mktemp("kafka-cluster"), nodes=3)
-    kafka.start(timeout=180)
-    try:
-        yield kafka
-    finally:
-        kafka.stop()
+@pytest.fixture
+def cluster(kafka_cluster: KafkaCluster) -> Iterator[KafkaCluster]:
+    """The session's 3-broker cluster, every broker up again afterwards."""
+    yield kafka_cluster
+    kafka_cluster.restart_stopped()
 
 
 def replicated(cluster: KafkaCluster, tmp_path: Path, **overrides: object) -> Settings:
