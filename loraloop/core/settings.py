@@ -364,8 +364,19 @@ class Settings(BaseSettings):
     bandit_prior_strength: float = Field(
         5.0, ge=0, description="Observations the population prior is worth to a cold user."
     )
-    bandit_noise: float = Field(0.5, gt=0, description="Thompson sampling's posterior scale.")
-    bandit_alpha: float = Field(0.5, ge=0, description="LinUCB's confidence-bound width.")
+    bandit_noise: float = Field(
+        0.5,
+        gt=0,
+        description="Thompson sampling's posterior spread, in units of the reward's standard "
+        "deviation (estimated from the rewards seen, so one value serves rewards in [0, 1] and "
+        "[-1, 1] alike): 1 is the Bayesian posterior, smaller is greedier.",
+    )
+    bandit_alpha: float = Field(
+        0.5,
+        ge=0,
+        description="LinUCB's confidence-bound width, in units of the reward's standard "
+        "deviation (estimated from the rewards seen).",
+    )
     bandit_epsilon: float = Field(
         0.05, ge=0, le=1, description="LinUCB's share of uniformly random choices."
     )

@@ -22,6 +22,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraloop.core.bandits.linear import RESERVED_ARM_NAMES
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -60,6 +62,9 @@ def load_arms(path: Path | str | None) -> tuple[Arm, ...]:
             raise ValueError(f"arms file {path}: arm {i} has unknown keys {sorted(unknown)}")
         if not entry.get("name"):
             raise ValueError(f"arms file {path}: arm {i} needs a name")
+        if entry["name"] in RESERVED_ARM_NAMES:
+            reserved = ", ".join(sorted(RESERVED_ARM_NAMES))
+            raise ValueError(f"arms file {path}: arm names {reserved} are reserved")
         temperature, top_p = entry.get("temperature"), entry.get("top_p")
         if temperature is not None and not 0 <= temperature <= 10:
             raise ValueError(f"arms file {path}: arm {entry['name']} temperature out of [0, 10]")

@@ -5,9 +5,26 @@ user's choice uses adds the population's statistics (all users pooled) as a prio
 at most `prior_strength` observations, so a cold user starts from what works for
 everyone and moves to their own taste as their data grows:
 
-    A    = lambda * I + w * XtX_pop + XtX_user,     w = min(1, prior_strength / n_pop)
-    b    = w * Xtr_pop + Xtr_user
-    mean = A^-1 b,   covariance = noise^2 * A^-1
+    A    = L + w * XtX_pop + XtX_user,     w = min(1, prior_strength / n_pop)
+    b    = L m e0 + w * Xtr_pop + Xtr_user
+    mean = A^-1 b,   covariance = scale^2 * A^-1
+
+L = diag(ridge, slope_ridge, ...) is the prior's precision in observations: weak on the
+bias coefficient, whose prior mean is the reference reward m (the population's mean
+reward, else the user's, else 0), and strong on the context coefficients, so a context
+feature moves an arm's score only once the data show it matters. `scale` is the
+reward's standard deviation within an arm, estimated from the rewards seen (see
+`reward_scale`), so exploration does not depend on the reward's unit: rewards r and
+a r + c (a > 0) give scores a s + c with standard deviations a sd, the same choices.
+The first feature of every context must be the constant 1 (features.py).
+
+The spread is kept per state (user or population) as Welford's running sum of squared
+deviations of each reward from its arm's mean reward before and after it (`m2`), over
+`m2_n` updates (an arm's first reward has no mean to deviate from). State written
+before these existed has neither and starts them at 0: the spread prior rules until new
+rewards arrive. On the wire (events_pb2.BanditState) they travel as one extra
+ArmStatistics entry named SPREAD (pulls = m2_n, reward_sum = m2), which readers that
+do not know it drop like any arm that is not theirs; load_arms refuses that name.
 """
 
 from __future__ import annotations
@@ -20,6 +37,14 @@ import numpy as np
 from loraloop.core.gen.loraloop.v1 import events_pb2
 
 POPULATION = "*population*"  # key of the pooled statistics (never a valid user id)
+SPREAD = "*spread*"  # the wire entry that carries m2 and m2_n (never a valid arm name)
+RESERVED_ARM_NAMES = frozenset({SPREAD, "_seq", "_dim", "_m2", "_m2_n"})  # keys of to_json
+
+PRIOR_STRENGTH = 5.0  # observations the population is worth to a cold user
+RIDGE = 1.0  # prior precision of the bias coefficient, in observations
+SLOPE_RIDGE = 10.0  # prior precision of each context coefficient, in observations
+SCALE_PRIOR = 0.5  # reward standard deviation assumed before any reward is seen
+SCALE_PRIOR_WEIGHT = 5.0  # observations that assumption is worth
 
 
 @dataclass
@@ -49,6 +74,7 @@ class ArmStats:
 class Posterior:
     mean: np.ndarray  # [arms, d]
     precision_inv: np.ndarray  # [arms, d, d]
+    scale: float = 1.0  # reward standard deviation: covariance = scale^2 * precision_inv
 
 
 class BanditState:
@@ -59,28 +85,40 @@ class BanditState:
         self.dim = dim
         self.stats = {a: ArmStats(dim) for a in arms}
         self.seq = 0
+        self.m2 = 0.0  # sum over updates of (r - arm mean before) * (r - arm mean after)
+        self.m2_n = 0  # updates m2 covers
 
     def update(self, arm: str, x: np.ndarray, reward: float) -> None:
         if arm in self.stats and len(x) == self.dim:
-            self.stats[arm].update(x, reward)
+            s = self.stats[arm]
+            if s.n:
+                before, after = s.mean_reward, (s.reward_sum + reward) / (s.n + 1)
+                self.m2 += (reward - before) * (reward - after)
+                self.m2_n += 1
+            s.update(x, reward)
             self.seq += 1
 
+    @property
+    def mean_reward(self) -> float | None:
+        """Mean reward over every arm's pulls; None without any."""
+        n = sum(s.n for s in self.stats.values())
+        return sum(s.reward_sum for s in self.stats.values()) / n if n else None
+
     def to_proto(self, key: str, timestamp_ms: int) -> events_pb2.BanditState:
+        arms = [
+            events_pb2.ArmStatistics(
+                arm=a,
+                xtx=s.xtx.ravel().tolist(),
+                xtr=s.xtr.tolist(),
+                pulls=s.n,
+                reward_sum=s.reward_sum,
+            )
+            for a, s in self.stats.items()
+        ]
+        if self.m2_n:
+            arms.append(events_pb2.ArmStatistics(arm=SPREAD, pulls=self.m2_n, reward_sum=self.m2))
         return events_pb2.BanditState(
-            key=key,
-            seq=self.seq,
-            dim=self.dim,
-            timestamp_ms=timestamp_ms,
-            arms=[
-                events_pb2.ArmStatistics(
-                    arm=a,
-                    xtx=s.xtx.ravel().tolist(),
-                    xtr=s.xtr.tolist(),
-                    pulls=s.n,
-                    reward_sum=s.reward_sum,
-                )
-                for a, s in self.stats.items()
-            ],
+            key=key, seq=self.seq, dim=self.dim, timestamp_ms=timestamp_ms, arms=arms
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -92,14 +130,16 @@ class BanditState:
                 "reward_sum": s.reward_sum,
             }
             for a, s in self.stats.items()
-        } | {"_seq": self.seq, "_dim": self.dim}
+        } | {"_seq": self.seq, "_dim": self.dim, "_m2": self.m2, "_m2_n": self.m2_n}
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None, arms: list[str], dim: int) -> BanditState:
+        """Rebuild from to_json's dict; state without "_m2" (older) starts its spread at 0."""
         state = cls(arms, dim)
         if not data or data.get("_dim") != dim:
             return state
         state.seq = int(data.get("_seq", 0))
+        state.m2, state.m2_n = float(data.get("_m2", 0.0)), int(data.get("_m2_n", 0))
         for a, s in state.stats.items():
             if a in data:
                 s.xtx = np.array(data[a]["xtx"]).reshape(dim, dim)
@@ -109,11 +149,14 @@ class BanditState:
 
     @classmethod
     def from_proto(cls, msg: events_pb2.BanditState, arms: list[str]) -> BanditState:
-        """Rebuild from an event; arms the event lacks start empty, unknown ones are dropped."""
+        """Rebuild from an event; arms the event lacks start empty, unknown ones are dropped,
+        and an event without the SPREAD entry (older) starts the spread at 0."""
         state = cls(arms, msg.dim)
         state.seq = msg.seq
         for a in msg.arms:
-            if a.arm in state.stats and len(a.xtr) == msg.dim and len(a.xtx) == msg.dim**2:
+            if a.arm == SPREAD:
+                state.m2, state.m2_n = a.reward_sum, a.pulls
+            elif a.arm in state.stats and len(a.xtr) == msg.dim and len(a.xtx) == msg.dim**2:
                 s = state.stats[a.arm]
                 s.xtx = np.array(a.xtx).reshape(msg.dim, msg.dim)
                 s.xtr = np.array(a.xtr)
@@ -121,19 +164,41 @@ class BanditState:
         return state
 
 
+def reward_scale(user: BanditState | None, population: BanditState | None) -> float:
+    """The reward's standard deviation within an arm, for a user's choice.
+
+    The population's pooled spread, shrunk toward SCALE_PRIOR (worth SCALE_PRIOR_WEIGHT
+    updates), is the prior of the user's own, which is worth the same weight:
+
+        v_pop  = (W * SCALE_PRIOR^2 + m2_pop) / (W + m2_n_pop)
+        scale  = sqrt((W * v_pop + m2_user) / (W + m2_n_user))
+    """
+    w = SCALE_PRIOR_WEIGHT
+    var = SCALE_PRIOR**2
+    for state in (population, user):
+        if state is not None:
+            var = (w * var + max(state.m2, 0.0)) / (w + state.m2_n)
+    return float(np.sqrt(var))
+
+
 def posterior(
     user: BanditState | None,
     population: BanditState | None,
     arms: list[str],
     dim: int,
-    prior_strength: float = 5.0,
-    ridge: float = 1.0,
+    prior_strength: float = PRIOR_STRENGTH,
+    ridge: float = RIDGE,
+    slope_ridge: float = SLOPE_RIDGE,
 ) -> Posterior:
     """The per-arm posterior of a user's reward model, population-shrunk."""
+    reference = next(
+        (m for m in (s.mean_reward for s in (population, user) if s) if m is not None), 0.0
+    )
+    prior = np.diag([ridge] + [slope_ridge] * (dim - 1))
     means, covs = [], []
     for arm in arms:
-        a_mat = ridge * np.eye(dim)
-        b_vec = np.zeros(dim)
+        a_mat = prior.copy()
+        b_vec = prior[:, 0] * reference
         pop = population.stats.get(arm) if population else None
         if pop is not None and pop.n:
             w = min(1.0, prior_strength / pop.n)
@@ -146,4 +211,4 @@ def posterior(
         inv = np.linalg.inv(a_mat)
         means.append(inv @ b_vec)
         covs.append(inv)
-    return Posterior(np.array(means), np.array(covs))
+    return Posterior(np.array(means), np.array(covs), reward_scale(user, population))

@@ -1,6 +1,9 @@
 """LinUCB with epsilon exploration: play the highest upper confidence bound, except
 with probability epsilon a uniformly random arm, so every arm keeps a known, nonzero
-propensity for off-policy evaluation."""
+propensity for off-policy evaluation.
+
+The bound is mean + alpha * scale * sqrt(x^T A^-1 x), `scale` the reward's standard
+deviation estimated from the rewards seen (linear.reward_scale): `alpha` is unit-free."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ def choose(
 ) -> tuple[int, float]:
     """(chosen arm index, its probability under this policy)."""
     arms = post.mean.shape[0]
-    ucb = post.mean @ x + alpha * np.sqrt(np.einsum("i,aij,j->a", x, post.precision_inv, x))
+    ucb = post.mean @ x + alpha * post.scale * np.sqrt(np.einsum("i,aij,j->a", x, post.precision_inv, x))
     best = int(ucb.argmax())
     chosen = int(rng.integers(arms)) if rng.random() < epsilon else best
     propensity = epsilon / arms + (1 - epsilon if chosen == best else 0.0)

@@ -1,13 +1,17 @@
 """Linear Thompson sampling: draw each arm's weights from its posterior, play the best.
 
 Only each arm's *score* theta_a . x matters for the choice, and under the Gaussian
-posterior theta_a ~ N(mu_a, noise^2 A_a^-1) it is itself Gaussian and independent of the
-other arms' scores:
+posterior theta_a ~ N(mu_a, (noise * scale)^2 A_a^-1) it is itself Gaussian and
+independent of the other arms' scores:
 
-    s_a ~ N(m_a, sd_a^2),    m_a = mu_a . x,    sd_a^2 = noise^2 x^T A_a^-1 x
+    s_a ~ N(m_a, sd_a^2),    m_a = mu_a . x,    sd_a^2 = (noise * scale)^2 x^T A_a^-1 x
 
 So one scalar draw per arm is the same choice as a draw of every arm's weight vector,
 without a Cholesky factor or d-dimensional draws.
+
+`scale` is the reward's standard deviation estimated from the rewards seen
+(linear.reward_scale), so `noise` is unit-free: 1 is the Bayesian posterior, smaller is
+greedier (0.5, the default, did best in benchmarks/bench_bandit_world.py).
 
 The propensity of the chosen arm k (for off-policy evaluation and importance weights) is
 
@@ -38,7 +42,7 @@ def score_distribution(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation of every arm's score at context `x`."""
     means = post.mean @ x
-    var = noise**2 * np.einsum("i,aij,j->a", x, post.precision_inv, x)
+    var = (noise * post.scale) ** 2 * np.einsum("i,aij,j->a", x, post.precision_inv, x)
     return means, np.sqrt(np.maximum(var, 0.0))
 
 
