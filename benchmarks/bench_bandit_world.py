@@ -333,7 +333,7 @@ def main() -> None:
     ns = parser.parse_args()
     if ns.small:
         ns.users, ns.rounds, ns.seeds = 20, 3000, 2
-    console = Console()
+    console = Console(width=110)
     with tempfile.TemporaryDirectory() as tmp:
         arms_file = Path(tmp) / "arms.toml"
         arms_file.write_text("".join(f'[[arm]]\nname = "arm{a}"\n\n' for a in range(ARMS)))

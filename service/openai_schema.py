@@ -419,6 +419,7 @@ _SCALARS: dict[int, tuple[type, tuple[int, int] | None]] = {
     pb_descriptor.FieldDescriptor.TYPE_DOUBLE: (float, None),
     pb_descriptor.FieldDescriptor.TYPE_INT32: (int, (-(2**31), 2**31)),
     pb_descriptor.FieldDescriptor.TYPE_INT64: (int, (-(2**63), 2**63)),
+    pb_descriptor.FieldDescriptor.TYPE_STRING: (str, None),  # signals.edited_text
 }
 
 

@@ -48,6 +48,7 @@ from loraloop.service.validation import (
     check_adapter_floor,
     check_arm,
     check_input,
+    check_regenerates,
     check_sampling,
     check_signals,
     check_user,
@@ -73,6 +74,8 @@ class Prepared:
     # A place in the event queue is held for the interaction until it is published (or
     # the call fails): a response is never answered with its interaction dropped.
     holds_place: bool = False
+    # GenerateRequest.regenerates, checked: the request id this response replaces ("": none)
+    regenerates: str = ""
 
 
 def _now_ms() -> int:
@@ -123,6 +126,9 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
         user_id = check_user(request.user_id)
         prompt, given = check_input(request, self.settings.max_prompt_chars)
         pinned = check_arm(request.arm)
+        replaced = check_regenerates(
+            request.regenerates, self.request_ids.ownership(request.regenerates, user_id)
+        )
         decoding = check_sampling(request.sampling, self.settings)
         messages = given if given is not None else [("user", prompt or "")]
         token_ids = self.engine.encode(None, messages)
@@ -170,7 +176,8 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
                 "generated; retry with backoff",
             )
         text = "\n".join(f"{r}: {c}" for r, c in messages)
-        return Prepared(gen, choice, [float(v) for v in context], text, started_ms, True)
+        context_values = [float(v) for v in context]
+        return Prepared(gen, choice, context_values, text, started_ms, True, replaced)
 
     def _give_back_place(self, prepared: Prepared | None) -> None:
         """The call ends without its interaction: hand its place in the queue back."""
@@ -212,6 +219,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             finish_reason=finish,
             context=prepared.context,
             request_overrides=choice.overrides,
+            regenerates=prepared.regenerates,
         )
         reserved, prepared.holds_place = prepared.holds_place, False
         logged = self.events.publish(
@@ -311,7 +319,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
                     f"request_id {shown(rid)} was not issued to this user_id: pass the"
                     " request_id that Generate returned for this user",
                 )
-            check_signals(request.signals)
+            check_signals(request.signals, self.settings.preference_max_edit_chars)
         except RequestError as err:
             await context.abort(err.code, err.message)
         now = _now_ms()

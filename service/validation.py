@@ -11,11 +11,13 @@ from loraloop.core.event_checks import signals_error
 from loraloop.core.gen.loraloop.v1 import api_pb2, common_pb2
 from loraloop.core.settings import Settings
 from loraloop.core.user_ids import user_id_error
+from loraloop.service.request_ids import Ownership
 
 ROLES = ("system", "user", "assistant")
 MAX_PROMPT_CHARS = 100_000  # default of Settings.max_prompt_chars
 MAX_MESSAGES = 1_000
 MAX_ARM_CHARS = 128
+MAX_EDIT_CHARS = 16_000  # default of Settings.preference_max_edit_chars
 _SHOWN_CHARS = 40  # how much of a refused value a message quotes back
 
 
@@ -146,7 +148,42 @@ def check_adapter_floor(floor: int) -> int:
     return floor
 
 
-def check_signals(signals: common_pb2.FeedbackSignals) -> None:
+def check_signals(
+    signals: common_pb2.FeedbackSignals, max_edit_chars: int = MAX_EDIT_CHARS
+) -> None:
     error = signals_error(signals)
     if error:
         raise invalid(error)
+    if signals.HasField("edited_text"):
+        edit = signals.edited_text
+        if not edit.strip():
+            raise invalid(
+                "signals.edited_text is empty: send the response as the user edited it, "
+                "or leave it unset"
+            )
+        if len(edit) > max_edit_chars:
+            raise invalid(
+                f"signals.edited_text has {len(edit)} characters: the limit is "
+                f"{max_edit_chars} (setting preference_max_edit_chars); send a shorter "
+                "edit, or leave it unset"
+            )
+
+
+def check_regenerates(request_id: str, owner: Ownership) -> str:
+    """GenerateRequest.regenerates: empty, or an id this service issued to the request's
+    user (`owner` is what the request-id MACs say of it)."""
+    if not request_id:
+        return ""
+    if owner is Ownership.OTHER_USER:
+        raise RequestError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "regenerates names a request_id issued to another user_id: a user can only "
+            "regenerate a response served to them",
+        )
+    if owner is not Ownership.USER:
+        raise invalid(
+            f"regenerates={shown(request_id)} is not a request_id this service issued to "
+            "this user_id: pass the request_id that Generate returned for the response "
+            "being replaced, or leave it empty"
+        )
+    return request_id

@@ -23,6 +23,8 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 DEV_SECRET = "loraloop-dev-secret"
 PUBLISHED_SECRETS = frozenset({DEV_SECRET, "change-me"})
 FeedbackAggregation = Literal["earliest", "sum"]
+PreferenceLearning = Literal["reward", "preference", "both"]
+PreferenceSource = Literal["regenerate", "edit"]
 
 # LORALOOP_* variables that are not settings of the server or the learner: the Python
 # client's own (loraloop/client.py) and the fault-injection hooks of the crash tests.
@@ -477,6 +479,39 @@ class Settings(BaseSettings):
         gt=0,
         description="Rollback guard: a fall of the windowed mean reward this "
         "large below the best window rolls the user back to the best version.",
+    )
+    preference_learning: PreferenceLearning = Field(
+        "reward",
+        description="What trains each user's LoRA adapter: 'reward' (REINFORCE on the "
+        "feedback's reward; no preference pairs are formed), 'preference' (online DPO on "
+        "the pairs that regenerates and edits make, learner/preferences.py; rewards still "
+        "teach the bandit), or 'both' (one step on the REINFORCE loss plus dpo_weight "
+        "times the DPO loss). With pairs from regenerates, the learner keeps each "
+        "interaction's offset uncommitted for reward_wait_seconds, so a replay can pair it.",
+    )
+    preference_sources: list[PreferenceSource] = Field(
+        default_factory=lambda: ["regenerate", "edit"],
+        description="Which signals make preference pairs when preference_learning is not "
+        "'reward': 'regenerate' (GenerateRequest.regenerates: the new response over the "
+        "replaced one), 'edit' (FeedbackSignals.edited_text over the response).",
+    )
+    preference_max_edit_chars: int = Field(
+        16_000,
+        ge=1,
+        description="Longest FeedbackSignals.edited_text accepted, in characters: the "
+        "server refuses a longer one (INVALID_ARGUMENT), the learner skips it.",
+    )
+    dpo_beta: float = Field(
+        0.1,
+        gt=0,
+        description="DPO's beta: how sharply the loss separates the chosen from the "
+        "rejected response, in log-probability ratios to the base model.",
+    )
+    dpo_weight: float = Field(
+        1.0,
+        gt=0,
+        description="With preference_learning='both': the weight of the DPO loss added to "
+        "the REINFORCE loss (per user, each the mean over its samples or pairs).",
     )
 
     @field_validator("kafka_min_insync_replicas")

@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("user_id", "prompt", "messages", "sampling", "arm", "min_adapter_version")
+    __slots__ = ("user_id", "prompt", "messages", "sampling", "arm", "min_adapter_version", "regenerates")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     ARM_FIELD_NUMBER: _ClassVar[int]
     MIN_ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REGENERATES_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     prompt: str
     messages: ChatMessages
     sampling: _common_pb2.SamplingParams
     arm: str
     min_adapter_version: int
-    def __init__(self, user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., arm: _Optional[str] = ..., min_adapter_version: _Optional[int] = ...) -> None: ...
+    regenerates: str
+    def __init__(self, user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., arm: _Optional[str] = ..., min_adapter_version: _Optional[int] = ..., regenerates: _Optional[str] = ...) -> None: ...
 
 class ChatMessages(_message.Message):
     __slots__ = ("messages",)

@@ -25,7 +25,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class FeedbackSignals(_message.Message):
-    __slots__ = ("thumbs", "rating", "accepted", "copied", "regenerated", "edited", "follow_up", "dwell_ms")
+    __slots__ = ("thumbs", "rating", "accepted", "copied", "regenerated", "edited", "follow_up", "dwell_ms", "edited_text")
     THUMBS_FIELD_NUMBER: _ClassVar[int]
     RATING_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class FeedbackSignals(_message.Message):
     EDITED_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_UP_FIELD_NUMBER: _ClassVar[int]
     DWELL_MS_FIELD_NUMBER: _ClassVar[int]
+    EDITED_TEXT_FIELD_NUMBER: _ClassVar[int]
     thumbs: int
     rating: float
     accepted: bool
@@ -42,4 +43,5 @@ class FeedbackSignals(_message.Message):
     edited: bool
     follow_up: bool
     dwell_ms: int
-    def __init__(self, thumbs: _Optional[int] = ..., rating: _Optional[float] = ..., accepted: _Optional[bool] = ..., copied: _Optional[bool] = ..., regenerated: _Optional[bool] = ..., edited: _Optional[bool] = ..., follow_up: _Optional[bool] = ..., dwell_ms: _Optional[int] = ...) -> None: ...
+    edited_text: str
+    def __init__(self, thumbs: _Optional[int] = ..., rating: _Optional[float] = ..., accepted: _Optional[bool] = ..., copied: _Optional[bool] = ..., regenerated: _Optional[bool] = ..., edited: _Optional[bool] = ..., follow_up: _Optional[bool] = ..., dwell_ms: _Optional[int] = ..., edited_text: _Optional[str] = ...) -> None: ...

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Interaction(_message.Message):
-    __slots__ = ("request_id", "user_id", "timestamp_ms", "prompt", "prompt_token_ids", "response_token_ids", "behaviour_logprobs", "response_text", "adapter_version", "arm", "arm_propensity", "sampling", "model_id", "finish_reason", "context", "request_overrides")
+    __slots__ = ("request_id", "user_id", "timestamp_ms", "prompt", "prompt_token_ids", "response_token_ids", "behaviour_logprobs", "response_text", "adapter_version", "arm", "arm_propensity", "sampling", "model_id", "finish_reason", "context", "request_overrides", "regenerates")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class Interaction(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    REGENERATES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     timestamp_ms: int
@@ -41,7 +42,8 @@ class Interaction(_message.Message):
     finish_reason: str
     context: _containers.RepeatedScalarFieldContainer[float]
     request_overrides: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., response_text: _Optional[str] = ..., adapter_version: _Optional[int] = ..., arm: _Optional[str] = ..., arm_propensity: _Optional[float] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., model_id: _Optional[str] = ..., finish_reason: _Optional[str] = ..., context: _Optional[_Iterable[float]] = ..., request_overrides: _Optional[_Iterable[str]] = ...) -> None: ...
+    regenerates: str
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., response_text: _Optional[str] = ..., adapter_version: _Optional[int] = ..., arm: _Optional[str] = ..., arm_propensity: _Optional[float] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., model_id: _Optional[str] = ..., finish_reason: _Optional[str] = ..., context: _Optional[_Iterable[float]] = ..., request_overrides: _Optional[_Iterable[str]] = ..., regenerates: _Optional[str] = ...) -> None: ...
 
 class FeedbackEvent(_message.Message):
     __slots__ = ("request_id", "user_id", "timestamp_ms", "signals", "feedback_id")
@@ -76,7 +78,7 @@ class AdapterUpdated(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., version: _Optional[int] = ..., uri: _Optional[str] = ..., checksum: _Optional[str] = ..., base_model_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., metrics: _Optional[_Union[UpdateMetrics, _Mapping]] = ...) -> None: ...
 
 class UpdateMetrics(_message.Message):
-    __slots__ = ("samples", "mean_reward", "mean_advantage", "loss", "grad_norm", "baseline", "kl", "rolled_back")
+    __slots__ = ("samples", "mean_reward", "mean_advantage", "loss", "grad_norm", "baseline", "kl", "rolled_back", "pairs", "preference_loss")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MEAN_REWARD_FIELD_NUMBER: _ClassVar[int]
     MEAN_ADVANTAGE_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +87,8 @@ class UpdateMetrics(_message.Message):
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     KL_FIELD_NUMBER: _ClassVar[int]
     ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    PREFERENCE_LOSS_FIELD_NUMBER: _ClassVar[int]
     samples: int
     mean_reward: float
     mean_advantage: float
@@ -93,7 +97,9 @@ class UpdateMetrics(_message.Message):
     baseline: float
     kl: float
     rolled_back: str
-    def __init__(self, samples: _Optional[int] = ..., mean_reward: _Optional[float] = ..., mean_advantage: _Optional[float] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., baseline: _Optional[float] = ..., kl: _Optional[float] = ..., rolled_back: _Optional[str] = ...) -> None: ...
+    pairs: int
+    preference_loss: float
+    def __init__(self, samples: _Optional[int] = ..., mean_reward: _Optional[float] = ..., mean_advantage: _Optional[float] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., baseline: _Optional[float] = ..., kl: _Optional[float] = ..., rolled_back: _Optional[str] = ..., pairs: _Optional[int] = ..., preference_loss: _Optional[float] = ...) -> None: ...
 
 class BanditState(_message.Message):
     __slots__ = ("key", "seq", "dim", "arms", "timestamp_ms")
