@@ -485,8 +485,9 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
 _COMPILED = [(name, [re.compile(p) for p in pats]) for name, pats in STAGES]
 # Leaf frames of a thread that waits, not works (py-spy --nonblocking cannot always tell).
 IDLE_LEAVES = re.compile(
-    r"^(select|poll|epoll|wait|_wait_for_tstate_lock|get|sleep|recv|recv_into|accept|"
-    r"_worker|readline|_recv_msg|read) \("
+    r"^([\w.<>]*\.)?(select|poll|epoll|wait|_wait_for_tstate_lock|get|sleep|recv|recv_into|"
+    r"accept|readline|_recv_msg) \((selectors|threading|queue|socket|selector|time|"
+    r"multiprocessing|zmq|kafka)"
 )
 WAITING = "waiting"
 # Kafka client threads' samples by their owner (the thread's own frames or name).
@@ -515,15 +516,84 @@ def stage_of(stack: str) -> str:
     return "other"
 
 
-def summarize_profile(raw: Path) -> tuple[Counter[str], int]:
-    """Busy samples per stage (waiting ones dropped), and how many were waiting."""
-    by_stage: Counter[str] = Counter()
+THREAD = re.compile(r"^thread \((\d+)\)")
+UNSAMPLED_GRPC = "gRPC / asyncio"
+UNSAMPLED_NATIVE = "native threads without Python frames (torch's intra-op pool, ...)"
+
+
+def summarize_profile(raw: Path) -> tuple[dict[int, Counter[str]], int]:
+    """Busy samples per thread (native id) and stage, and how many samples were waiting."""
+    by_thread: dict[int, Counter[str]] = {}
+    waiting = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if stack and count.isdigit():
-            by_stage[stage_of(stack)] += int(count)
-    waiting = by_stage.pop(WAITING, 0)
-    return by_stage, waiting
+        if not stack or not count.isdigit():
+            continue
+        stage = stage_of(stack)
+        if stage == WAITING:
+            waiting += int(count)
+            continue
+        m = THREAD.match(stack)
+        by_thread.setdefault(int(m.group(1)) if m else 0, Counter())[stage] += int(count)
+    return by_thread, waiting
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of `pid`: (its name, utime + stime in seconds)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return out
+
+
+def split_by_stage(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    samples: dict[int, Counter[str]],
+    requests: int,
+) -> dict[str, float]:
+    """ms of CPU per request by stage: each thread's CPU over the run (from /proc), spread
+    over the stages of its busy samples; threads with CPU but no busy sample (no Python
+    frames: grpc's C++ threads, torch's OpenMP pool) by their name."""
+    ms: Counter[str] = Counter()
+    for tid, (name, end) in after.items():
+        used = end - before.get(tid, (name, 0.0))[1]
+        if used <= 0:
+            continue
+        counts = samples.get(tid)
+        if counts:
+            total = sum(counts.values())
+            for stage, n in counts.items():
+                ms[stage] += 1e3 * used * n / total / requests
+        elif name.startswith(("grpc", "default-exec", "resolver-exe", "event_engine")):
+            ms[UNSAMPLED_GRPC] += 1e3 * used / requests
+        else:
+            ms[f"{UNSAMPLED_NATIVE}"] += 1e3 * used / requests
+    return dict(ms)
+
+
+def dump_threads(
+    path: Path,
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    samples: dict[int, Counter[str]],
+) -> None:
+    """Per thread: name, CPU seconds over the run, busy samples by stage (for --keep)."""
+    rows = {
+        str(tid): {
+            "name": name,
+            "cpu_s": round(end - before.get(tid, (name, 0.0))[1], 3),
+            "samples": dict(samples.get(tid, {})),
+        }
+        for tid, (name, end) in after.items()
+    }
+    path.write_text(json.dumps(rows, indent=1))
 
 
 def py_spy_binary() -> str | None:
@@ -681,26 +751,26 @@ def report(
     if stages:
         st = Table(
             title=(
-                "server CPU per request by stage (py-spy, one more run of each; a stage's share "
-                "of the main process's busy samples x its CPU per request in that run)"
+                "CPU per request by stage (one more run of each: every thread's CPU from /proc, "
+                "spread over the stages of its py-spy samples)"
             )
         )
         for col in ("stage", "server ms/req", "engine alone ms/req", "outside the engine"):
             st.add_column(col, justify="right" if col != "stage" else "left")
-        order = [name for name, _ in STAGES] + ["other"]
+        order = [name for name, _ in STAGES] + ["other", UNSAMPLED_NATIVE]
         outside_total = 0.0
         for name in order:
             s_ms, a_ms = stages.get(name, (0.0, 0.0))
             if not s_ms and not a_ms:
                 continue
             diff = s_ms - a_ms
-            in_engine = name.startswith("engine:")
+            in_engine = name.startswith("engine:") or name == UNSAMPLED_NATIVE
             if not in_engine:
                 outside_total += diff
             st.add_row(name, f"{s_ms:.3f}", f"{a_ms:.3f}", "" if in_engine else f"{diff:+.3f}")
         s_tot = sum(v[0] for v in stages.values())
         a_tot = sum(v[1] for v in stages.values())
-        st.add_row("main process, all stages", f"{s_tot:.3f}", f"{a_tot:.3f}",
+        st.add_row("all threads of the main process", f"{s_tot:.3f}", f"{a_tot:.3f}",
                    f"{outside_total:+.3f}")  # fmt: skip
         console.print(st)
         (s_busy, s_wait), (a_busy, a_wait) = samples["server"], samples["alone"]
@@ -819,23 +889,28 @@ def main() -> int:
             if spy:
                 progress.update(task, description="py-spy: server")
                 prof = Profiler(spy, server.pid, tmp / "server.raw", args.profile_rate)
+                t0 = thread_cpu(server.pid)
                 run_s = bench.run_server(args.requests)
-                s_stage, s_wait = summarize_profile(prof.stop())
+                t1 = thread_cpu(server.pid)
+                s_threads, s_wait = summarize_profile(prof.stop())
+                s_ms = split_by_stage(t0, t1, s_threads, run_s["requests"])
+                dump_threads(tmp / "server-threads.json", t0, t1, s_threads)
                 progress.advance(task)
                 progress.update(task, description="py-spy: engine alone")
                 prof = Profiler(spy, alone.pid, tmp / "alone.raw", args.profile_rate)
+                t0 = thread_cpu(alone.pid)
                 run_a = alone.run(args.requests)
-                a_stage, a_wait = summarize_profile(prof.stop())
+                t1 = thread_cpu(alone.pid)
+                a_threads, a_wait = summarize_profile(prof.stop())
+                a_ms = split_by_stage(t0, t1, a_threads, run_a["requests"])
+                dump_threads(tmp / "alone-threads.json", t0, t1, a_threads)
                 progress.advance(task)
-                s_ms = 1e3 * run_s["cpu_main"] / max(1, run_s["requests"])
-                a_ms = 1e3 * run_a["cpu_main"] / max(1, run_a["requests"])
-                s_busy, a_busy = sum(s_stage.values()), sum(a_stage.values())
-                for name in set(s_stage) | set(a_stage):
-                    stages[name] = (
-                        s_ms * s_stage[name] / max(1, s_busy),
-                        a_ms * a_stage[name] / max(1, a_busy),
-                    )
-                samples = {"server": (s_busy, s_wait), "alone": (a_busy, a_wait)}
+                for name in set(s_ms) | set(a_ms):
+                    stages[name] = (s_ms.get(name, 0.0), a_ms.get(name, 0.0))
+                samples = {
+                    "server": (sum(sum(c.values()) for c in s_threads.values()), s_wait),
+                    "alone": (sum(sum(c.values()) for c in a_threads.values()), a_wait),
+                }
         report(console, args.engine, args, bench.runs, stages, samples, idle_cpu)
         console.print(
             f"{time.monotonic() - started:.0f} s in all; logs and profiles in {tmp}"

@@ -211,13 +211,17 @@ class LoraLoopClient:
         top_p: float | None,
         seed: int | None,
         arm: str | None = None,
+        regenerates: str | None = None,
     ) -> api_pb2.GenerateRequest:
         sampling: dict[str, Any] = {"max_tokens": max_tokens}
         for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
             if value is not None:
                 sampling[name] = value
         request = api_pb2.GenerateRequest(
-            user_id=user_id, sampling=common_pb2.SamplingParams(**sampling), arm=arm or ""
+            user_id=user_id,
+            sampling=common_pb2.SamplingParams(**sampling),
+            arm=arm or "",
+            regenerates=regenerates or "",
         )
         if messages is not None:
             request.messages.messages.extend(
@@ -238,11 +242,14 @@ class LoraLoopClient:
         top_p: float | None = None,
         seed: int | None = None,
         arm: str | None = None,
+        regenerates: str | None = None,
         timeout: float | None = None,
     ) -> Reply:
-        """One response for `user_id`; `arm` pins a response strategy (else the bandit picks)."""
+        """One response for `user_id`; `arm` pins a response strategy (else the bandit picks);
+        `regenerates`: the request_id of the response this one replaces (the user asked
+        again; send the same input)."""
         request = self._request(
-            user_id, prompt, messages, max_tokens, temperature, top_p, seed, arm
+            user_id, prompt, messages, max_tokens, temperature, top_p, seed, arm, regenerates
         )
         response = self._stub.Generate(
             self._floor(request), timeout=timeout or self.timeout, metadata=self._metadata
@@ -260,11 +267,12 @@ class LoraLoopClient:
         top_p: float | None = None,
         seed: int | None = None,
         arm: str | None = None,
+        regenerates: str | None = None,
         timeout: float | None = None,
     ) -> Iterator[str | Reply]:
-        """Yield text deltas as they arrive, then the final Reply."""
+        """Yield text deltas as they arrive, then the final Reply (arguments as `generate`)."""
         request = self._request(
-            user_id, prompt, messages, max_tokens, temperature, top_p, seed, arm
+            user_id, prompt, messages, max_tokens, temperature, top_p, seed, arm, regenerates
         )
         for msg in self._stub.GenerateStream(
             self._floor(request), timeout=timeout or self.timeout, metadata=self._metadata
@@ -287,11 +295,13 @@ class LoraLoopClient:
         edited: bool | None = None,
         follow_up: bool | None = None,
         dwell_ms: int | None = None,
+        edited_text: str | None = None,
         timeout: float | None = None,
     ) -> bool:
         """Report what the user did with a response: True when the feedback will count,
         False when it will not (a repeat, too late, or the user was deleted since; the
-        server's FeedbackResponse.reason says which)."""
+        server's FeedbackResponse.reason says which). `edited_text`: the response as the
+        user edited it, whole."""
         given = {
             "thumbs": thumbs,
             "rating": rating,
@@ -301,6 +311,7 @@ class LoraLoopClient:
             "edited": edited,
             "follow_up": follow_up,
             "dwell_ms": dwell_ms,
+            "edited_text": edited_text,
         }
         signals = common_pb2.FeedbackSignals()
         for name, value in given.items():

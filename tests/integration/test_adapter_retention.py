@@ -16,7 +16,8 @@ import pytest
 from kafka import KafkaProducer
 
 from loraloop.client import LoraLoopClient
-from loraloop.core.adapters.store import AdapterStore
+from loraloop.core.adapters.opening import open_adapter_store
+from loraloop.core.adapters.protocol import VersionStore
 from loraloop.core.kafka.admin import ensure_loraloop_topics
 from loraloop.learner.loop import Learner
 from tests.faults.crash_support import USERS, EventStream, serving_settings
@@ -32,7 +33,7 @@ class Callers:
     """Generate for every user, over and over, on a thread: each answer's version must be
     one the store had whole when it was served."""
 
-    def __init__(self, client: LoraLoopClient, store: AdapterStore) -> None:
+    def __init__(self, client: LoraLoopClient, store: VersionStore) -> None:
         self.client, self.store = client, store
         self.served: dict[str, int] = {}
         self.errors: list[str] = []
@@ -63,9 +64,19 @@ class Callers:
                 self.served[user] = reply.adapter_version
 
 
+@pytest.mark.parametrize("kind", ["file", "s3"])
 def test_old_versions_go_after_the_grace_and_nothing_served_or_learnt_is_lost(
-    kafka_bootstrap: str, tmp_path: Path
+    kafka_bootstrap: str, tmp_path: Path, kind: str, request: pytest.FixtureRequest
 ) -> None:
+    """With the local store, and with the S3 store (SeaweedFS), the server fetching into
+    a copy of its own."""
+    on_s3: dict[str, object] = {}
+    if kind == "s3":
+        request.getfixturevalue("s3_env")
+        on_s3 = {
+            "adapter_store_uri": f"s3://adapters/retention-{tmp_path.name}",
+            "adapter_cache_dir": tmp_path / "learner-copies",
+        }
     settings = isolated_settings(
         kafka_bootstrap,
         tmp_path,
@@ -73,12 +84,14 @@ def test_old_versions_go_after_the_grace_and_nothing_served_or_learnt_is_lost(
         adapter_retention_grace_seconds=GRACE_S,
         adapter_slots=1,  # every switch of user loads an adapter again...
         host_cache_adapters=1,  # ...from the store
+        **on_s3,
     )
     ensure_loraloop_topics(settings)
     ensure_loraloop_topics(serving_settings(settings))
-    store = AdapterStore(settings.adapter_store)
+    store = open_adapter_store(settings.model_copy(update={"adapter_cache_dir": tmp_path / "t"}))
     stream = EventStream(settings, KafkaProducer(bootstrap_servers=kafka_bootstrap))
-    server = InProcessServer(serving_settings(settings))
+    server_copies = {"adapter_cache_dir": tmp_path / "server-copies"}
+    server = InProcessServer(serving_settings(settings).model_copy(update=server_copies))
     learner = Learner(settings, max_users_per_step=4)
     written: dict[str, list[int]] = {u: [] for u in USERS}
     try:

@@ -355,7 +355,9 @@ def test_state_written_before_the_spread_loads_and_new_state_reads_in_old_code()
     )
     for state in (
         BanditState.from_json(old_json, ARMS, DIM),
-        BanditState.from_proto(events_pb2.BanditState.FromString(old_proto.SerializeToString()), ARMS),
+        BanditState.from_proto(
+            events_pb2.BanditState.FromString(old_proto.SerializeToString()), ARMS
+        ),
     ):
         assert (state.seq, state.m2, state.m2_n) == (1, 0.0, 0)
         assert state.stats["a"].n == 1 and state.stats["a"].mean_reward == 1.0
@@ -368,7 +370,12 @@ def test_state_written_before_the_spread_loads_and_new_state_reads_in_old_code()
     msg = state.to_proto("u", 1)
     assert SPREAD in [a.arm for a in msg.arms]
     pulls = {a: s.n for a, s in state.stats.items()}
-    assert _old_from_proto(msg, ARMS) == pulls and _old_from_json(state.to_json(), ARMS, DIM) == pulls
-    for back in (BanditState.from_proto(msg, ARMS), BanditState.from_json(state.to_json(), ARMS, DIM)):
+    assert (
+        _old_from_proto(msg, ARMS) == pulls and _old_from_json(state.to_json(), ARMS, DIM) == pulls
+    )
+    for back in (
+        BanditState.from_proto(msg, ARMS),
+        BanditState.from_json(state.to_json(), ARMS, DIM),
+    ):
         assert (back.m2, back.m2_n, back.seq) == (state.m2, state.m2_n, state.seq)
         assert {a: s.n for a, s in back.stats.items()} == pulls
