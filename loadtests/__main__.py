@@ -100,6 +100,12 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-learner", dest="learner", action="store_false", help="no learner")
     g.add_argument("--adapter-slots", type=int, default=64, help="LORALOOP_ADAPTER_SLOTS")
     g.add_argument("--max-batch-size", type=int, default=16, help="LORALOOP_MAX_BATCH_SIZE")
+    g.add_argument(
+        "--engine",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="the server's engine (vllm: runs under .venv-vllm, see `make vllm`)",
+    )
 
 
 def _stack_options(ns: argparse.Namespace) -> dict[str, Any]:
@@ -107,6 +113,7 @@ def _stack_options(ns: argparse.Namespace) -> dict[str, Any]:
         "learner": ns.learner,
         "adapter_slots": ns.adapter_slots,
         "max_batch_size": ns.max_batch_size,
+        "engine": ns.engine,
     }
 
 
@@ -234,8 +241,16 @@ def cmd_capacity(ns: argparse.Namespace) -> int:
         failures = 0
         for rate in [float(r) for r in ns.rates.split(",")]:
             config = LoadConfig(target=target, **{**fields, "rate": rate, "hard_stop": 10.0})
+            learning = stack is not None and stack.with_learner
+            updates_before = stack.adapter_updates() if learning and stack else 0
+            step_started = time.monotonic()
             with console.status(f"{rate:g} sessions/s for {ns.step_seconds:g} s..."):
                 result = asyncio.run(LoadGenerator(config).run())
+            updates_per_s = (
+                (stack.adapter_updates() - updates_before) / (time.monotonic() - step_started)
+                if learning and stack
+                else None
+            )
             s = report.summarize(result)
             p99 = s["latency_ms"]["p99"]
             ok = s["error_rate"] == 0 and p99 is not None and p99 < ns.p99_ms
@@ -249,13 +264,16 @@ def cmd_capacity(ns: argparse.Namespace) -> int:
                     "error_rate": s["error_rate"],
                     "errors_by_code": s["errors_by_code"],
                     "share_with_adapter": s["adapter_versions"]["share_with_adapter"],
+                    "learner_updates_per_s": updates_per_s,
                     "sustainable": ok,
                 }
             )
             console.print(
                 f"  {rate:g}/s: completed {s['requests_per_s']:.2f}/s, p50 "
                 f"{s['latency_ms']['p50'] or 0:,.0f} ms, p99 {p99 or 0:,.0f} ms, errors "
-                f"{s['error_rate']:.1%} -> {'ok' if ok else 'NOT sustainable'}"
+                f"{s['error_rate']:.1%}"
+                + ("" if updates_per_s is None else f", learner {updates_per_s:.1f} updates/s")
+                + f" -> {'ok' if ok else 'NOT sustainable'}"
             )
             failures = 0 if ok else failures + 1
             if failures >= 2:  # two failing steps in a row: beyond capacity
@@ -266,7 +284,8 @@ def cmd_capacity(ns: argparse.Namespace) -> int:
             stack.close()
     good = [r["offered_per_s"] for r in rows if r["sustainable"]]
     t = Table(
-        title=f"capacity: open loop, max_tokens {fields['max_tokens']}, {fields['users']} users,"
+        title=f"capacity ({ns.engine} engine, {'with' if ns.learner else 'no'} learner): open "
+        f"loop, max_tokens {fields['max_tokens']}, {fields['users']} users,"
         f" {ns.step_seconds:g} s per step, bound p99 < {ns.p99_ms:,.0f} ms, {os.cpu_count()} CPUs"
     )
     for col in (
@@ -278,6 +297,7 @@ def cmd_capacity(ns: argparse.Namespace) -> int:
         "p99 ms",
         "TTFT p50 ms",
         "errors",
+        "learner updates/s",
         "sustainable",
     ):
         t.add_column(col, justify="right")
@@ -290,6 +310,7 @@ def cmd_capacity(ns: argparse.Namespace) -> int:
             *(f"{lat[k] or 0:,.0f}" for k in ("p50", "p95", "p99")),
             f"{ttft['p50'] or 0:,.0f}",
             f"{r['error_rate']:.1%}",
+            "-" if r["learner_updates_per_s"] is None else f"{r['learner_updates_per_s']:.1f}",
             "yes" if r["sustainable"] else "no",
         )
     console.print(t)

@@ -7,6 +7,7 @@ mid-run and see what the system does.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Iterable
@@ -24,6 +25,7 @@ from loraloop.devtools.tiny_model import ensure_tiny_model
 from loraloop.processes import Process
 
 SERVER_READY = r"listening on [\d.]+:(\d+)"
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 LEARNER_READY = r"learner consuming"
 
 
@@ -63,9 +65,11 @@ class Stack:
         adapter_slots: int = 64,
         max_batch_size: int = 16,
         learning_rate: float = 2e-3,
+        engine: str = "hf",
     ) -> None:
         self.out = out
         self.with_learner = learner
+        self.engine = engine
         self.overrides: dict[str, Any] = {
             "adapter_slots": adapter_slots,
             "max_batch_size": max_batch_size,
@@ -96,12 +100,32 @@ class Stack:
             **settings,
         )
         ensure_loraloop_topics(self.settings)
-        self.server = Process(["serve"], self.settings, SERVER_READY, log=self.out / "server.log")
+        self.server = self._start_server()
         if self.with_learner:
             self.start_learner()
         with LoraLoopClient(self.target, timeout=60) as client:
             client.wait_ready()
         return self
+
+    def _start_server(self) -> Process:
+        """`loraloop serve` with the stack's engine: the vllm one runs under the vllm
+        environment (`make vllm`; LORALOOP_VLLM_PYTHON names another interpreter)."""
+        assert self.settings is not None
+        if self.engine == "hf":
+            return Process(["serve"], self.settings, SERVER_READY, log=self.out / "server.log")
+        python = os.environ.get("LORALOOP_VLLM_PYTHON") or str(VLLM_PYTHON)
+        if not Path(python).is_file():
+            raise RuntimeError(f"the vllm engine needs {python}: run `make vllm` first")
+        settings = self.settings.model_copy(update={"engine": self.engine})
+        return Process(
+            ["serve"], settings, SERVER_READY, 300, self.out / "server.log", python=python
+        )
+
+    def adapter_updates(self) -> int:
+        """AdapterUpdated records on the topic now (versions the learner published)."""
+        assert self.settings is not None
+        records = read_to_end(self.bootstrap, [self.settings.topic_adapter_updates], 30.0)
+        return sum(1 for r in records if r.value)
 
     def start_learner(self) -> None:
         assert self.settings is not None

@@ -46,10 +46,13 @@ class Process:
         ready: str,
         timeout: float = 120,
         log: Path | None = None,
+        python: str | None = None,
     ) -> None:
+        """`python`: the interpreter to run it with (default: this one), e.g. a virtual
+        environment's with vllm installed."""
         self.name = args[0]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraloop.cli", *args],
+            [python or sys.executable, "-m", "loraloop.cli", *args],
             env=settings_env(settings),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
