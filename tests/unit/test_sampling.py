@@ -169,3 +169,27 @@ def test_bfloat16_logits_are_accepted() -> None:
     tokens, logprobs = sample_tokens(row, torch.zeros(1), torch.ones(1), [None])
     assert tokens.dtype == torch.long and int(tokens[0]) == 1
     assert logprobs.dtype == torch.float32
+
+
+def test_top_p_one_drops_nothing_even_when_the_float_sum_reaches_one_early() -> None:
+    """float32 cumulative sums of a peaked row hit 1.0 before its tail; top_p 1 keeps it."""
+    from loraloop.core.sampling import nucleus_log_softmax, outside_nucleus
+
+    row = torch.tensor([[30.0, 0.0, -5.0, -10.0]])
+    probs = row.softmax(-1)
+    assert float(probs.cumsum(-1)[0, 0]) == 1.0  # the premise: the sum is 1 at once
+    assert not outside_nucleus(probs, torch.ones(1)).any()
+    assert torch.isfinite(nucleus_log_softmax(row, torch.ones(1))).all()
+
+
+def test_the_draw_never_picks_a_zero_probability_token_and_follows_the_mass() -> None:
+    """Inverse-transform draws over rows with masked (zero) tokens between kept ones, for
+    unseeded rows in one batch and a seeded one."""
+    from loraloop.service.engines.hf import draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25, 0.0]] * 3)
+    gens: list[torch.Generator | None] = [None, torch.Generator().manual_seed(3), None]
+    picks = torch.stack([draw(probs, gens) for _ in range(6000)])
+    for j in range(3):
+        chi2 = _chi_square(picks[:, j], probs[j].double())
+        assert chi2 < _CHI2_999[2], (j, chi2)
