@@ -101,7 +101,15 @@ def _demo(ns: argparse.Namespace) -> int:
 def _eval(ns: argparse.Namespace) -> int:
     from loraloop.eval import run_eval
 
-    return run_eval(ns.seeds, ns.users, ns.rounds, ns.out, skip_model=ns.skip_model)
+    return run_eval(
+        ns.seeds,
+        ns.users,
+        ns.rounds,
+        ns.out,
+        skip_model=ns.skip_model,
+        tastes=ns.tastes,
+        signals=ns.signals,
+    )
 
 
 def _ope(ns: argparse.Namespace) -> int:
@@ -157,6 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="out/eval", help="where eval.json and the logs go")
     p.add_argument(
         "--skip-model", action="store_true", help="skip the model's well-formedness report"
+    )
+    p.add_argument(
+        "--tastes",
+        choices=["demo", "random"],
+        default="demo",
+        help="the demo's six tastes, or tastes drawn at random from the attribute space",
+    )
+    p.add_argument(
+        "--signals",
+        choices=["demo", "threshold"],
+        default="demo",
+        help="how simulated users report: the demo's mapping, or another app's thresholds",
     )
     p.set_defaults(func=_eval)
 

@@ -196,11 +196,14 @@ def run_world(
     seed: int = 0,
     bootstrap: str | None = None,
     quiet: bool = False,
+    tastes: str = "demo",
+    signals: str = "demo",
 ) -> tuple[int, Rewards]:
     """Kafka, server, learner and simulated users with these settings; the rewards.
 
     `bootstrap` uses that Kafka broker instead of starting one (the caller then isolates
-    topics and consumer group in `overrides`).
+    topics and consumer group in `overrides`). `tastes` and `signals` choose the users'
+    world (loraloop.demo_world.make_users).
     """
     shutil.rmtree(out / "adapters", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +214,7 @@ def run_world(
     if not quiet:
         console.print(f"model: {model}")
     started = time.monotonic()
-    people = make_users(users, seed)
+    people = make_users(users, seed, tastes, signals)
     with ExitStack() as stack:
         if bootstrap is None:
             broker = KafkaBroker(data_dir=Path(tempfile.mkdtemp(prefix="loraloop-kafka-")))

@@ -12,6 +12,14 @@ The population mixes *shared* tastes, which a configured arm (`loraloop/configs/
 one system prompt per friendly, formal, brief) expresses on its own, and *idiosyncratic*
 ones, which add an attribute no arm asks for (emoji, lists), so only the user's own
 LoRA adapter can learn it.
+
+Two other worlds measure what the demo's own does not (`make_users(tastes=, signals=)`):
+
+- tastes "random": each user wants 1 to 3 attributes drawn at random, with random values,
+  from the whole attribute space (tone, length, format, emoji), not the six fixed tastes;
+- signals "threshold": another app's mapping from how good a reply felt to what it
+  reports: thumbs up at >= 0.75 and down at <= 0.25 every time, accepted at >= 0.5, dwell
+  proportional to it, regenerate below 0.3; no copy or edit.
 """
 
 from __future__ import annotations
@@ -78,6 +86,7 @@ class SimulatedUser:
     rng: random.Random
     shared: bool = True  # an arm expresses this taste on its own
     noise: float = 0.1  # share of reactions that ignore the reply (random)
+    signals: str = "demo"  # how reactions become signals: "demo" or "threshold"
 
     @property
     def likes(self) -> str:
@@ -100,6 +109,8 @@ class SimulatedUser:
         """(true reward in [0, 1], the feedback signals the app reports, with noise)."""
         true = self.score(text)
         felt = self.rng.random() if self.rng.random() < self.noise else true
+        if self.signals == "threshold":
+            return true, threshold_signals(felt, self.rng)
         accepted = self.rng.random() < felt
         signals: dict[str, object] = {
             "accepted": accepted,
@@ -116,12 +127,48 @@ class SimulatedUser:
         return true, signals
 
 
-def make_users(n: int, seed: int = 0) -> list[SimulatedUser]:
-    """`n` users whose tastes cycle through `TASTES` (shared ones first)."""
+def threshold_signals(felt: float, rng: random.Random) -> dict[str, object]:
+    """The "threshold" mapping (see the module) of how good a reply felt, in [0, 1]."""
+    signals: dict[str, object] = {
+        "accepted": felt >= 0.5,
+        "dwell_ms": int(felt * 20_000 * rng.uniform(0.8, 1.2)),
+    }
+    if felt >= 0.75 or felt <= 0.25:
+        signals["thumbs"] = 1 if felt >= 0.75 else -1
+    if felt < 0.3:
+        signals["regenerated"] = True
+    return signals
+
+
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
+    "tone": ("friendly", "formal", "neutral"),
+    "length": ("short", "long"),
+    "format": ("prose", "list"),
+    "emoji": ("yes", "no"),
+}
+# What one arm of demo-arms.toml asks for on its own.
+_ARM_TASTES = ({"tone": "friendly"}, {"tone": "formal"}, {"length": "short"})
+
+
+def random_taste(rng: random.Random) -> tuple[dict[str, str], bool]:
+    """1 to 3 attributes with random values, and whether one arm expresses it alone."""
+    wanted = rng.sample(sorted(ATTRIBUTE_VALUES), rng.randint(1, 3))
+    taste = {a: rng.choice(ATTRIBUTE_VALUES[a]) for a in sorted(wanted)}
+    return taste, taste in _ARM_TASTES
+
+
+def make_users(
+    n: int, seed: int = 0, tastes: str = "demo", signals: str = "demo"
+) -> list[SimulatedUser]:
+    """`n` users: tastes "demo" cycle through `TASTES` (shared ones first), "random" are
+    drawn from the attribute space (seeded by `seed`); `signals` is "demo" or "threshold"
+    (see the module)."""
+    if tastes not in ("demo", "random") or signals not in ("demo", "threshold"):
+        raise ValueError(f"unknown world: tastes {tastes!r}, signals {signals!r}")
+    draw = random.Random(f"tastes-{seed}")
     users = []
     for i in range(n):
-        taste, shared = TASTES[i % len(TASTES)]
-        users.append(
-            SimulatedUser(f"user-{i:02d}", dict(taste), random.Random(seed * 1000 + i), shared)
-        )
+        taste, shared = TASTES[i % len(TASTES)] if tastes == "demo" else random_taste(draw)
+        rng = random.Random(seed * 1000 + i)
+        users.append(SimulatedUser(f"user-{i:02d}", dict(taste), rng, shared, signals=signals))
     return users

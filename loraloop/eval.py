@@ -213,12 +213,20 @@ def run_eval(
     out_dir: str = "out/eval",
     skip_model: bool = False,
     overrides: dict[str, object] | None = None,
+    tastes: str = "demo",
+    signals: str = "demo",
 ) -> int:
     from loraloop.devtools.tiny_model import ensure_tiny_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, object] = {"seeds": seeds, "users": users, "rounds": rounds}
+    results: dict[str, object] = {
+        "seeds": seeds,
+        "users": users,
+        "rounds": rounds,
+        "tastes": tastes,
+        "signals": signals,
+    }
     if not skip_model:
         with console.status("sampling the model against every full control line..."):
             report = model_report(str(ensure_tiny_model()))
@@ -235,11 +243,13 @@ def run_eval(
             series=ALL_SERIES,
             seed=seed,
             quiet=True,
+            tastes=tastes,
+            signals=signals,
         )
         if code:
             console.print(f"[red]seed {seed}: the run failed; logs in {out}/seed-{seed}/")
             return 1
-        runs.append((make_users(users, seed), rewards))
+        runs.append((make_users(users, seed, tastes, signals), rewards))
     summary = summarize(runs)
     results["summary"] = summary
     (out / "eval.json").write_text(json.dumps(results, indent=2))

@@ -110,3 +110,37 @@ def test_summarize_on_synthetic_curves() -> None:
     assert abs(out["idiosyncratic"]["lora_added"][0] - 0.2) < 1e-9
     assert out["shared"]["lora_added"][0] == 0.0
     assert out["idiosyncratic"]["lora_added_p"] < 0.001
+
+
+def test_random_tastes_cover_the_attribute_space_and_are_seeded() -> None:
+    from loraloop.demo_world import ATTRIBUTE_VALUES
+
+    users = make_users(200, seed=3, tastes="random")
+    assert [u.taste for u in users] == [u.taste for u in make_users(200, 3, "random")]
+    assert [u.taste for u in users] != [u.taste for u in make_users(200, 4, "random")]
+    seen = {(a, v) for u in users for a, v in u.taste.items()}
+    assert seen == {(a, v) for a, vs in ATTRIBUTE_VALUES.items() for v in vs}
+    assert {len(u.taste) for u in users} == {1, 2, 3}
+    assert all(
+        u.shared == (u.taste in ({"tone": "friendly"}, {"tone": "formal"}, {"length": "short"}))
+        for u in users
+    )
+
+
+def test_threshold_signals_follow_the_other_apps_mapping() -> None:
+    import random
+
+    from loraloop.demo_world import threshold_signals
+
+    rng = random.Random(0)
+    assert threshold_signals(0.9, rng)["thumbs"] == 1 and threshold_signals(0.9, rng)["accepted"]
+    low = threshold_signals(0.2, rng)
+    assert low["thumbs"] == -1 and low["regenerated"] and not low["accepted"]
+    mid = threshold_signals(0.6, rng)
+    assert "thumbs" not in mid and mid["accepted"] and "regenerated" not in mid
+    user = make_users(1, 0, "random", "threshold")[0]
+    assert user.signals == "threshold" and "copied" not in user.react("Hello there.")[1]
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown world"):
+        make_users(1, 0, "odd")
