@@ -14,7 +14,6 @@ from loraloop.core.bandits.linear import (
     POPULATION,
     RESERVED_ARM_NAMES,
     SCALE_PRIOR,
-    SPREAD,
     BanditState,
     posterior,
     reward_scale,
@@ -132,8 +131,8 @@ def test_thompson_propensity_matches_the_integral(means: list[float], sds: list[
 def test_linucb_propensities_are_exact() -> None:
     rng = np.random.default_rng(1)
     user = BanditState(ARMS, 1)
-    for arm, r in (("a", 0.0), ("b", 0.0)) * 20 + (("c", 1.0),) * 20:
-        user.update(arm, np.array([1.0]), r)
+    for name, r in (("a", 0.0), ("b", 0.0)) * 20 + (("c", 1.0),) * 20:
+        user.update(name, np.array([1.0]), r)
     post = posterior(user, None, ARMS, 1)
     eps = 0.3
     picks = [linucb.choose(post, np.array([1.0]), rng, alpha=0.1, epsilon=eps) for _ in range(4000)]
@@ -368,7 +367,7 @@ def test_state_written_before_the_spread_loads_and_new_state_reads_in_old_code()
     # new state, read back by new code and by the code before the spread
     state, _ = _states(_history(np.random.default_rng(9), 50))
     msg = state.to_proto("u", 1)
-    assert SPREAD in [a.arm for a in msg.arms]
+    assert msg.reward_m2_n == state.m2_n > 0 and msg.reward_m2 == state.m2
     pulls = {a: s.n for a, s in state.stats.items()}
     assert (
         _old_from_proto(msg, ARMS) == pulls and _old_from_json(state.to_json(), ARMS, DIM) == pulls

@@ -22,9 +22,7 @@ The spread is kept per state (user or population) as Welford's running sum of sq
 deviations of each reward from its arm's mean reward before and after it (`m2`), over
 `m2_n` updates (an arm's first reward has no mean to deviate from). State written
 before these existed has neither and starts them at 0: the spread prior rules until new
-rewards arrive. On the wire (events_pb2.BanditState) they travel as one extra
-ArmStatistics entry named SPREAD (pulls = m2_n, reward_sum = m2), which readers that
-do not know it drop like any arm that is not theirs; load_arms refuses that name.
+rewards arrive. On the wire they are BanditState.reward_m2 and reward_m2_n.
 """
 
 from __future__ import annotations
@@ -37,8 +35,7 @@ import numpy as np
 from loraloop.core.gen.loraloop.v1 import events_pb2
 
 POPULATION = "*population*"  # key of the pooled statistics (never a valid user id)
-SPREAD = "*spread*"  # the wire entry that carries m2 and m2_n (never a valid arm name)
-RESERVED_ARM_NAMES = frozenset({SPREAD, "_seq", "_dim", "_m2", "_m2_n"})  # keys of to_json
+RESERVED_ARM_NAMES = frozenset({"_seq", "_dim", "_m2", "_m2_n"})  # keys of to_json
 
 PRIOR_STRENGTH = 5.0  # observations the population is worth to a cold user
 RIDGE = 1.0  # prior precision of the bias coefficient, in observations
@@ -115,10 +112,14 @@ class BanditState:
             )
             for a, s in self.stats.items()
         ]
-        if self.m2_n:
-            arms.append(events_pb2.ArmStatistics(arm=SPREAD, pulls=self.m2_n, reward_sum=self.m2))
         return events_pb2.BanditState(
-            key=key, seq=self.seq, dim=self.dim, timestamp_ms=timestamp_ms, arms=arms
+            key=key,
+            seq=self.seq,
+            dim=self.dim,
+            timestamp_ms=timestamp_ms,
+            arms=arms,
+            reward_m2=self.m2,
+            reward_m2_n=self.m2_n,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -150,13 +151,12 @@ class BanditState:
     @classmethod
     def from_proto(cls, msg: events_pb2.BanditState, arms: list[str]) -> BanditState:
         """Rebuild from an event; arms the event lacks start empty, unknown ones are dropped,
-        and an event without the SPREAD entry (older) starts the spread at 0."""
+        and an event without a spread (older) starts it at 0."""
         state = cls(arms, msg.dim)
         state.seq = msg.seq
+        state.m2, state.m2_n = msg.reward_m2, msg.reward_m2_n
         for a in msg.arms:
-            if a.arm == SPREAD:
-                state.m2, state.m2_n = a.reward_sum, a.pulls
-            elif a.arm in state.stats and len(a.xtr) == msg.dim and len(a.xtx) == msg.dim**2:
+            if a.arm in state.stats and len(a.xtr) == msg.dim and len(a.xtx) == msg.dim**2:
                 s = state.stats[a.arm]
                 s.xtx = np.array(a.xtx).reshape(msg.dim, msg.dim)
                 s.xtr = np.array(a.xtr)

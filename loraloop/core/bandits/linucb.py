@@ -21,7 +21,8 @@ def choose(
 ) -> tuple[int, float]:
     """(chosen arm index, its probability under this policy)."""
     arms = post.mean.shape[0]
-    ucb = post.mean @ x + alpha * post.scale * np.sqrt(np.einsum("i,aij,j->a", x, post.precision_inv, x))
+    width = np.sqrt(np.einsum("i,aij,j->a", x, post.precision_inv, x))
+    ucb = post.mean @ x + alpha * post.scale * width
     best = int(ucb.argmax())
     chosen = int(rng.integers(arms)) if rng.random() < epsilon else best
     propensity = epsilon / arms + (1 - epsilon if chosen == best else 0.0)

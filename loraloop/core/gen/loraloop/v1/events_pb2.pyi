@@ -102,18 +102,22 @@ class UpdateMetrics(_message.Message):
     def __init__(self, samples: _Optional[int] = ..., mean_reward: _Optional[float] = ..., mean_advantage: _Optional[float] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., baseline: _Optional[float] = ..., kl: _Optional[float] = ..., rolled_back: _Optional[str] = ..., pairs: _Optional[int] = ..., preference_loss: _Optional[float] = ...) -> None: ...
 
 class BanditState(_message.Message):
-    __slots__ = ("key", "seq", "dim", "arms", "timestamp_ms")
+    __slots__ = ("key", "seq", "dim", "arms", "timestamp_ms", "reward_m2", "reward_m2_n")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     ARMS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    REWARD_M2_FIELD_NUMBER: _ClassVar[int]
+    REWARD_M2_N_FIELD_NUMBER: _ClassVar[int]
     key: str
     seq: int
     dim: int
     arms: _containers.RepeatedCompositeFieldContainer[ArmStatistics]
     timestamp_ms: int
-    def __init__(self, key: _Optional[str] = ..., seq: _Optional[int] = ..., dim: _Optional[int] = ..., arms: _Optional[_Iterable[_Union[ArmStatistics, _Mapping]]] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
+    reward_m2: float
+    reward_m2_n: int
+    def __init__(self, key: _Optional[str] = ..., seq: _Optional[int] = ..., dim: _Optional[int] = ..., arms: _Optional[_Iterable[_Union[ArmStatistics, _Mapping]]] = ..., timestamp_ms: _Optional[int] = ..., reward_m2: _Optional[float] = ..., reward_m2_n: _Optional[int] = ...) -> None: ...
 
 class ArmStatistics(_message.Message):
     __slots__ = ("arm", "xtx", "xtr", "pulls", "reward_sum")
