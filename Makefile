@@ -60,6 +60,9 @@ bench: setup
 	$(PY) benchmarks/bench_serving_overheads.py
 	$(PY) benchmarks/bench_learner_step.py
 	$(PY) benchmarks/bench_bandit_choice.py
+	$(PY) benchmarks/bench_sampler.py
+	$(PY) benchmarks/bench_footprint.py
+	$(PY) benchmarks/bench_learner_throughput.py
 
 # Load tests (loadtests/README.md): ghz for the comparison, the scenarios, the capacity sweep.
 loadtest-tools:
