@@ -142,6 +142,23 @@ def _to_80(units: list[Unit]) -> float:
     return float(hits[0] + 3) if len(hits) else float(len(curve) + 1)
 
 
+def user_to_80(unit: Unit, window: int = 10) -> float | None:
+    """One (seed, user): the first interaction at which the trailing mean of `window`
+    personalized rewards reaches 80 % of that user's mean oracle reward; None: never."""
+    pers, target = unit["personalized"], 0.8 * float(unit["oracle"].mean())
+    for i in range(window, len(pers) + 1):
+        if float(pers[i - window : i].mean()) >= target - 1e-9:
+            return float(i)
+    return None
+
+
+def _median_user_to_80(units: list[Unit]) -> float:
+    """Median over (seed, user) of `user_to_80`, a user who never gets there counting as
+    one interaction past the end."""
+    rounds = len(units[0]["personalized"])
+    return float(np.median([user_to_80(u) or rounds + 1 for u in units]))
+
+
 def _share_at(units: list[Unit], end: int) -> float:
     pers = np.mean([u["personalized"][end - 10 : end].mean() for u in units])
     return float(pers / np.mean([u["oracle"].mean() for u in units]))
@@ -189,6 +206,8 @@ def summarize(runs: list[tuple[list[SimulatedUser], Rewards]]) -> dict[str, dict
         out[group] = {
             "units": len(members),
             "to_80pct_oracle": _interval(members, _to_80),
+            "median_user_to_80pct": _interval(members, _median_user_to_80),
+            "users_never_at_80pct": sum(user_to_80(u) is None for u in members),
             f"share_of_oracle_at_{end}": _interval(members, lambda m: _share_at(m, end)),
             "gain_vs_global": _interval(members, _gain),
             "lora_added": _interval(members, _lora_added),
@@ -282,6 +301,7 @@ def _print(summary: dict[str, dict[str, object]], rounds: int) -> None:
         table.add_column(f"{group} ({summary[group]['units']})")
     rows = [
         ("interactions to 80 % of oracle", "to_80pct_oracle", "count"),
+        ("  per user, median (mean of 10)", "median_user_to_80pct", "count"),
         (f"share of oracle at {end}", f"share_of_oracle_at_{end}", "share"),
         ("personalized vs global (last quarter)", "gain_vs_global", "pct"),
         ("LoRA's added reward (last half)", "lora_added", "share"),
@@ -290,6 +310,9 @@ def _print(summary: dict[str, dict[str, object]], rounds: int) -> None:
         table.add_row(
             label, *(_fmt(cast(Interval, s[key]), rounds, kind) for s in summary.values())
         )
+    table.add_row(
+        "  users never at 80 %", *(str(s["users_never_at_80pct"]) for s in summary.values())
+    )
     table.add_row(
         "  one-sided p (LoRA adds > 0)", *(f"{s['lora_added_p']:.4f}" for s in summary.values())
     )

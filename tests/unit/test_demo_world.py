@@ -144,3 +144,30 @@ def test_threshold_signals_follow_the_other_apps_mapping() -> None:
 
     with pytest.raises(ValueError, match="unknown world"):
         make_users(1, 0, "odd")
+
+
+def test_per_user_interactions_to_80_percent_of_the_oracle() -> None:
+    import numpy as np
+
+    from loraloop.eval import user_to_80
+
+    late = {"personalized": np.array([0.0] * 20 + [1.0] * 60), "oracle": np.ones(80)}
+    never = {"personalized": np.full(80, 0.5), "oracle": np.ones(80)}
+    assert user_to_80(late) == 28.0  # 8 of the 10 trailing rewards are 1 at interaction 28
+    assert user_to_80(never) is None
+    people = make_users(2, 0)
+    series = ("base", "global", "arm", "personalized", "oracle")
+    rewards = {
+        name: {
+            people[0].user_id: list(
+                late["personalized"] if name == "personalized" else late["oracle"]
+            ),
+            people[1].user_id: list(
+                never["personalized"] if name == "personalized" else never["oracle"]
+            ),
+        }
+        for name in series
+    }
+    summary = summarize([(people, rewards)])  # type: ignore[list-item]
+    assert summary["all"]["users_never_at_80pct"] == 1
+    assert summary["all"]["median_user_to_80pct"][0] == (28 + 81) / 2  # type: ignore[index]
