@@ -220,6 +220,24 @@ def summarize(runs: list[tuple[list[SimulatedUser], Rewards]]) -> dict[str, dict
     return out
 
 
+def validity(replies: Path, rounds: int, known: set[str]) -> dict[str, tuple[float, float]]:
+    """Per series, the share of well-formed replies over the first and the last quarter
+    of each user's interactions (replies.jsonl of a run, in interaction order): whether
+    learning made the replies drift from what the model can say well."""
+    per: dict[tuple[str, str], list[bool]] = {}
+    for line in replies.read_text().splitlines():
+        row = json.loads(line)
+        per.setdefault((row["series"], row["user"]), []).append(is_well_formed(row["text"], known))
+    q = max(1, rounds // 4)
+    out: dict[str, tuple[float, float]] = {}
+    for series in sorted({s for s, _ in per}):
+        runs = [flags for (s, _), flags in per.items() if s == series]
+        first = [f for flags in runs for f in flags[:q]]
+        last = [f for flags in runs for f in flags[-q:]]
+        out[series] = (float(np.mean(first)), float(np.mean(last)))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
@@ -269,10 +287,21 @@ def run_eval(
             console.print(f"[red]seed {seed}: the run failed; logs in {out}/seed-{seed}/")
             return 1
         runs.append((make_users(users, seed, tastes, signals), rewards))
+    known = known_sentences()
+    checks = [validity(out / f"seed-{seed}" / "replies.jsonl", rounds, known) for seed in seeds]
+    valid = {
+        name: tuple(float(np.mean([c[name][i] for c in checks])) for i in (0, 1))
+        for name in checks[0]
+    }
     summary = summarize(runs)
     results["summary"] = summary
+    results["well_formed_first_last_quarter"] = valid
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     _print(summary, rounds)
+    console.print(
+        "well-formed replies, first -> last quarter: "
+        + ", ".join(f"{n} {a:.2f} -> {b:.2f}" for n, (a, b) in valid.items())
+    )
     console.print(f"details: {out / 'eval.json'}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import statistics
+from pathlib import Path
 
 import numpy as np
 
@@ -171,3 +172,19 @@ def test_per_user_interactions_to_80_percent_of_the_oracle() -> None:
     summary = summarize([(people, rewards)])  # type: ignore[list-item]
     assert summary["all"]["users_never_at_80pct"] == 1
     assert summary["all"]["median_user_to_80pct"][0] == (28 + 81) / 2  # type: ignore[index]
+
+
+def test_validity_is_the_share_of_well_formed_replies_per_quarter(tmp_path: Path) -> None:
+    import json
+
+    from loraloop.eval import validity
+
+    good, bad = "Stir it gently.", "zzz qqq"
+    rows = [("personalized", "u", good if i < 4 else bad) for i in range(8)]
+    rows += [("base", "u", good) for _ in range(8)]
+    path = tmp_path / "replies.jsonl"
+    path.write_text(
+        "".join(json.dumps({"series": s, "user": u, "text": t}) + "\n" for s, u, t in rows)
+    )
+    found = validity(path, 8, known_sentences())
+    assert found == {"base": (1.0, 1.0), "personalized": (1.0, 0.0)}
