@@ -1,8 +1,12 @@
 """Serving overhead: the engine alone vs the same engine behind the real server.
 
     python benchmarks/bench_server_overhead.py --engine hf --quick        # about 1 minute
-    python benchmarks/bench_server_overhead.py --engine hf                # about 4 minutes
-    .venv-vllm/bin/python benchmarks/bench_server_overhead.py --engine vllm [--quick]
+    python benchmarks/bench_server_overhead.py --engine hf                # about 3 minutes
+    .venv-vllm/bin/python benchmarks/bench_server_overhead.py --engine vllm --quick  # 1.5 min
+    .venv-vllm/bin/python benchmarks/bench_server_overhead.py --engine vllm          # 3 min
+
+Needs ghz (`make loadtest-tools`) and, for the split by stage, py-spy (`pip install
+py-spy`; without it, `--profile-rate 0`).
 
 Two processes run the same engine (`--engine hf|vllm`) with the same settings, model
 (the tiny one), adapters (one stored version per user, N users), prompts and sampling
@@ -23,14 +27,17 @@ Runs alternate (server, engine alone, server, ...); figures are medians. Reporte
 - throughput: requests/s and tokens/s of each, and their ratio (target >= 0.8);
 - CPU per request: the server process's CPU time (/proc/<pid>/stat utime + stime, with
   its child processes, e.g. vLLM's engine core) over a ghz run, and the engine-alone
-  process's over its run; the difference is the server's CPU per request outside the
-  engine (target <= 2 ms);
-- the split of that difference by stage: one more run of each with py-spy sampling the
-  process (from outside, `--nonblocking`); each busy sample is put in a stage by the
-  innermost frame that names one (module / function rules in STAGES), the stage's share
-  of the samples is scaled to the process's measured CPU per request in that run, and the
-  engine-alone figure of a stage is subtracted from the server's (the asyncio loop, the
-  engine's tokenizer calls, the engine thread are in both).
+  process's over its run; the difference (median of the pairs) is the server's CPU per
+  request outside the engine (target <= 2 ms). On a shared machine the engine's own CPU
+  moves by more than that between runs, so the split below is the steadier figure;
+- the split by stage: one more run of each side with py-spy sampling the process (from
+  outside, `--nonblocking`) and every thread's CPU read from /proc/<pid>/task before and
+  after. A thread's CPU is spread over the stages of its busy samples (a sample's stage is
+  named by its innermost frame that a rule in STAGES matches); threads without Python
+  frames (torch's OpenMP pool, grpc's C++ threads) go by their name. The engine-alone
+  figure of a stage is subtracted from the server's (the asyncio loop, the tokenizer, the
+  engine thread are in both), and the stages outside the engine are summed; a table of
+  CPU per request by thread (no sampling involved) comes with it.
 
 The machine has 2 cores here and ghz, the Kafka broker and the server share them, so
 the server's throughput is also bounded by what the client and the broker take (shown).
@@ -431,15 +438,23 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     (
         "detokenization and streaming",
         (
-            r"^_?decode \((transformers|tokenizers)/",
-            r"^(convert_ids_to_tokens|batch_decode) ",
+            r"(^|\.)_?decode \((transformers|tokenizers)/",
+            r"(^|\.)(convert_ids_to_tokens|batch_decode) \(",
             r"vllm/v1/engine/detokenizer\.py",
-            r"^GenerateStream \(.*service/server\.py",
-            r"^generate \(.*service/engines/protocol\.py",
+            r"(^|\.)GenerateStream \(.*service/server\.py",
+            r"(^|\.)generate \(.*service/engines/protocol\.py",
             r"service/call_metadata\.py",
         ),
     ),
-    (ENGINE_TOKENIZE, (r"^apply_chat_template ", r"^encode_with ", r"jinja2/", r"^encode \(")),
+    (
+        ENGINE_TOKENIZE,
+        (
+            r"(^|\.)apply_chat_template \(",
+            r"(^|\.)encode_with \(",
+            r"jinja2/",
+            r"(^|\.)encode \(.*service/engines/",
+        ),
+    ),
     ("bandit choice", (r"service/strategy\.py", r"core/bandits/")),
     (
         "validation and auth",
@@ -450,14 +465,14 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
             r"service/admission\.py",
             r"service/request_ids\.py",
             r"core/user_ids\.py",
-            r"^_prepare \(.*service/server\.py",
-            r"^(hmac|hashlib)",
+            r"(^|\.)_prepare \(.*service/server\.py",
+            r"\((hmac|hashlib)\.py",
         ),
     ),
     (
         "event encoding and event log (Interaction, queue, sender, producer)",
         (
-            r"^_response \(.*service/server\.py",
+            r"(^|\.)_response \(.*service/server\.py",
             r"service/(event_\w+|spill_\w+|journal_drain|missing_topics)\.py",
             r"kafka/producer/",
         ),
@@ -468,7 +483,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
         "registry and cache",
         (r"service/adapters/", r"core/adapters/", r"core/kafka/follow\.py"),
     ),
-    (KAFKA, (r"^[^(]* \(kafka/",)),
+    (KAFKA, (r"\(kafka/",)),
     (
         ENGINE_MODEL,
         (
@@ -486,8 +501,8 @@ _COMPILED = [(name, [re.compile(p) for p in pats]) for name, pats in STAGES]
 # Leaf frames of a thread that waits, not works (py-spy --nonblocking cannot always tell).
 IDLE_LEAVES = re.compile(
     r"^([\w.<>]*\.)?(select|poll|epoll|wait|_wait_for_tstate_lock|get|sleep|recv|recv_into|"
-    r"accept|readline|_recv_msg) \((selectors|threading|queue|socket|selector|time|"
-    r"multiprocessing|zmq|kafka)"
+    r"accept|readline|_recv_msg|_worker) \((selectors|threading|queue|socket|selector|time|"
+    r"multiprocessing|zmq|kafka|concurrent)"
 )
 WAITING = "waiting"
 # Kafka client threads' samples by their owner (the thread's own frames or name).
@@ -519,6 +534,34 @@ def stage_of(stack: str) -> str:
 THREAD = re.compile(r"^thread \((\d+)\)")
 UNSAMPLED_GRPC = "gRPC / asyncio"
 UNSAMPLED_NATIVE = "native threads without Python frames (torch's intra-op pool, ...)"
+
+
+THREAD_NAME = re.compile(r"^thread \((\d+)\): ([^;]+)")
+
+
+def thread_names(raw: Path) -> dict[int, str]:
+    """Python thread names by native id, from py-spy's stacks."""
+    names = {}
+    for line in raw.read_text().splitlines():
+        if m := THREAD_NAME.match(line):
+            names[int(m.group(1))] = m.group(2)
+    return names
+
+
+def by_thread(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    names: dict[int, str],
+    requests: int,
+) -> dict[str, float]:
+    """ms of CPU per request by thread name (Python's, else the OS's, marked native)."""
+    ms: Counter[str] = Counter()
+    for tid, (name, end) in after.items():
+        used = end - before.get(tid, (name, 0.0))[1]
+        if used > 0:
+            label = names.get(tid) or f"(native) {name}"
+            ms[re.sub(r"-\d+(_\d+)?$", "", label)] += 1e3 * used / requests
+    return dict(ms)
 
 
 def summarize_profile(raw: Path) -> tuple[dict[int, Counter[str]], int]:
@@ -630,7 +673,10 @@ class Profiler:
 
 
 # --- set-up ------------------------------------------------------------------------------
-ARMS = "".join(f'[[arm]]\nname = "arm{i}"\n\n' for i in range(4))  # no levers: same sampling
+def arms_toml(n: int) -> str:
+    """`n` arms without levers: the bandit chooses (and logs) an arm per request, and every
+    arm samples the same way, so both sides run the same generations."""
+    return "".join(f'[[arm]]\nname = "arm{i}"\n\n' for i in range(n))
 
 
 def write_adapters(settings: Any, work: Workload, rank: int) -> None:
@@ -687,7 +733,8 @@ def report(
     runs: dict[str, list[dict[str, Any]]],
     stages: dict[str, tuple[float, float]],
     samples: dict[str, tuple[int, int]],
-    idle_cpu: float,
+    threads: dict[str, tuple[float, float]],
+    idle_cpu: tuple[float, float],
 ) -> None:
     from rich.table import Table
 
@@ -734,7 +781,8 @@ def report(
               "", "")  # fmt: skip
     t.add_row("Kafka broker CPU ms / request", "",
               f"{1e3 * med(srv, 'cpu_broker', 'requests'):.2f}", "", "")  # fmt: skip
-    t.add_row("server CPU while idle (% of a core)", "", f"{100 * idle_cpu:.1f} %", "", "")
+    t.add_row("CPU while idle (% of a core, process tree)", f"{100 * idle_cpu[1]:.1f} %",
+              f"{100 * idle_cpu[0]:.1f} %", "", "")  # fmt: skip
     errors = sum(r["errors"] for r in srv + alone)
     t.add_row("errors", str(sum(r["errors"] for r in alone)), str(sum(r["errors"] for r in srv)),
               "", "0")  # fmt: skip
@@ -779,6 +827,18 @@ def report(
             f"busy + {a_wait} waiting. Child processes (vLLM's engine core) are not sampled: "
             "their CPU is the engine's in both runs."
         )
+    if threads:
+        tt = Table(title="CPU per request by thread, same profiled runs (/proc; no sampling)")
+        for col in ("thread", "server ms/req", "engine alone ms/req"):
+            tt.add_column(col, justify="right" if col != "thread" else "left")
+        for name, (s_ms, a_ms) in sorted(threads.items(), key=lambda kv: -kv[1][0] - kv[1][1]):
+            if s_ms >= 0.005 or a_ms >= 0.005:
+                tt.add_row(name, f"{s_ms:.2f}", f"{a_ms:.2f}")
+        tt.add_row(
+            "all", f"{sum(v[0] for v in threads.values()):.2f}",
+            f"{sum(v[1] for v in threads.values()):.2f}",
+        )  # fmt: skip
+        console.print(tt)
     if errors:
         console.print(f"[red]errors: {errors}[/red]")
 
@@ -796,12 +856,17 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--arms", type=int, default=4, help="no-op bandit arms (1: no bandit)")
     parser.add_argument("--ghz-cpus", type=int, default=1, help="ghz's GOMAXPROCS")
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy Hz; 0: no split")
+    parser.add_argument(
+        "--profile-requests", type=int, help="per profiled run (default 2 x --requests)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
     args.requests = args.requests or (120 if args.quick else 480)
     args.repeats = args.repeats or (2 if args.quick else 5)
+    args.profile_requests = args.profile_requests or 2 * args.requests
 
     from rich.console import Console
     from rich.progress import Progress
@@ -824,7 +889,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-server-overhead-"))
     work = make_workload(args.users, args.prompts, args.max_tokens)
     (tmp / "data.json").write_text(json.dumps(work.ghz_data()))
-    (tmp / "arms.toml").write_text(ARMS)
+    (tmp / "arms.toml").write_text(arms_toml(args.arms))
     (tmp / "spec.json").write_text(
         json.dumps({"workload": work.to_json(), "concurrency": args.concurrency})
     )
@@ -868,9 +933,12 @@ def main() -> int:
             broker_proc.pid if broker_proc is not None else None,
             ghz_command(ghz, tmp / "data.json", args.concurrency, args.ghz_cpus),
         )
-        own0 = tree_cpu(server.pid)[1]
+        idle0 = tree_cpu(server.pid)[1], tree_cpu(alone.pid)[1]
         time.sleep(3.0)
-        idle_cpu = (tree_cpu(server.pid)[1] - own0) / 3.0
+        idle_cpu = (
+            (tree_cpu(server.pid)[1] - idle0[0]) / 3.0,
+            (tree_cpu(alone.pid)[1] - idle0[1]) / 3.0,
+        )
         steps = 2 + 2 * args.repeats + (2 if spy else 0)
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("warm-up", total=steps)
@@ -886,24 +954,28 @@ def main() -> int:
                 progress.advance(task)
             stages: dict[str, tuple[float, float]] = {}
             samples: dict[str, tuple[int, int]] = {}
+            threads: dict[str, tuple[float, float]] = {}
             if spy:
                 progress.update(task, description="py-spy: server")
                 prof = Profiler(spy, server.pid, tmp / "server.raw", args.profile_rate)
                 t0 = thread_cpu(server.pid)
-                run_s = bench.run_server(args.requests)
+                run_s = bench.run_server(args.profile_requests)
                 t1 = thread_cpu(server.pid)
                 s_threads, s_wait = summarize_profile(prof.stop())
                 s_ms = split_by_stage(t0, t1, s_threads, run_s["requests"])
                 dump_threads(tmp / "server-threads.json", t0, t1, s_threads)
+                s_by = by_thread(t0, t1, thread_names(prof.out), run_s["requests"])
                 progress.advance(task)
                 progress.update(task, description="py-spy: engine alone")
                 prof = Profiler(spy, alone.pid, tmp / "alone.raw", args.profile_rate)
                 t0 = thread_cpu(alone.pid)
-                run_a = alone.run(args.requests)
+                run_a = alone.run(args.profile_requests)
                 t1 = thread_cpu(alone.pid)
                 a_threads, a_wait = summarize_profile(prof.stop())
                 a_ms = split_by_stage(t0, t1, a_threads, run_a["requests"])
                 dump_threads(tmp / "alone-threads.json", t0, t1, a_threads)
+                a_by = by_thread(t0, t1, thread_names(prof.out), run_a["requests"])
+                threads = {n: (s_by.get(n, 0.0), a_by.get(n, 0.0)) for n in {*s_by, *a_by}}
                 progress.advance(task)
                 for name in set(s_ms) | set(a_ms):
                     stages[name] = (s_ms.get(name, 0.0), a_ms.get(name, 0.0))
@@ -911,7 +983,7 @@ def main() -> int:
                     "server": (sum(sum(c.values()) for c in s_threads.values()), s_wait),
                     "alone": (sum(sum(c.values()) for c in a_threads.values()), a_wait),
                 }
-        report(console, args.engine, args, bench.runs, stages, samples, idle_cpu)
+        report(console, args.engine, args, bench.runs, stages, samples, threads, idle_cpu)
         console.print(
             f"{time.monotonic() - started:.0f} s in all; logs and profiles in {tmp}"
             + ("" if args.keep else " (removed)")

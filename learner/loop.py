@@ -17,7 +17,10 @@ committed until all of it is acknowledged.
 
 Each joined sample teaches a user two things at once: the bandit statistics of the arm
 that was played (fast: adapts within a handful of interactions) and the user's LoRA
-adapter (slow: a policy-gradient step, many users batched into one backward pass).
+adapter (slow: a policy-gradient step, many users batched into one backward pass). With
+preference_learning on, the preference pairs a sample carries (a regenerate, an edit:
+learner/preferences.py) add a DPO loss to that step (learner/algos/dpo.py), or replace the
+policy gradient; a sample without feedback that carries a pair is kept for the pair alone.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from loraloop.core.adapters.opening import open_adapter_store
 from loraloop.core.adapters.store import AdapterStoreError
 from loraloop.core.adapters.version import AdapterVersion
 from loraloop.core.bandits.arms import load_arms
-from loraloop.core.bandits.features import DIM
-from loraloop.core.bandits.linear import POPULATION, BanditState
+from loraloop.core.bandits.context_schema import load_context_schema, recorded_schema
+from loraloop.core.bandits.linear import BanditState, population_key
 from loraloop.core.event_checks import feedback_error, interaction_error
 from loraloop.core.fault_points import pause_point
 from loraloop.core.gen.loraloop.v1 import events_pb2
@@ -50,6 +53,7 @@ from loraloop.core.model_loading import LoadedModel, load_model
 from loraloop.core.settings import Settings
 from loraloop.core.user_ids import user_id_error
 from loraloop.learner import guard
+from loraloop.learner.algos.dpo import DPOConfig, PairBatch, preference_step
 from loraloop.learner.algos.reinforce import AdamState, ReinforceConfig, UserBatch, reinforce_step
 from loraloop.learner.announcements import Announcements
 from loraloop.learner.applied import AppliedOffsets
@@ -63,6 +67,7 @@ from loraloop.learner.deletions import (
 from loraloop.learner.joiner import Joiner, Sample
 from loraloop.learner.metrics import LearnerMetrics
 from loraloop.learner.outbox import Outbox, Outgoing
+from loraloop.learner.preferences import PairMaker, PreferenceConfig
 from loraloop.learner.retention import Retention
 from loraloop.learner.rewards import reward, reward_config
 from loraloop.learner.user_models import UserModel, UserModels, position_text
@@ -131,15 +136,30 @@ class _Unwritten:
 class Learner:
     def __init__(self, settings: Settings, max_users_per_step: int = 32) -> None:
         self.settings = settings
+        # the bandit's context schema: statistics and contexts of another one are not used
+        self.schema = load_context_schema(settings.context_schema_file)  # before the model
         self.lm: LoadedModel = load_model(settings, slots=max_users_per_step + 1)
         self.store = open_adapter_store(settings)
         self.arms = [a.name for a in load_arms(settings.arms_file)]
         self.users = UserModels(
-            self.store, self.lm.bank, settings.seed, self.arms, on_unreadable=self._unreadable
+            self.store,
+            self.lm.bank,
+            settings.seed,
+            self.arms,
+            on_unreadable=self._unreadable,
+            schema=self.schema,
+            on_schema_mismatch=self._schema_mismatch,
         )
-        self.population = BanditState(self.arms, DIM)
-        self.joiner = Joiner(settings.reward_wait_seconds, settings.feedback_aggregation)
+        self._population_key = population_key(self.schema.fingerprint)
+        self.population = BanditState(self.arms, self.schema.dim, self.schema.fingerprint)
+        self.preferences = PreferenceConfig.from_settings(settings)
+        self.joiner = Joiner(
+            settings.reward_wait_seconds,
+            settings.feedback_aggregation,
+            pair_regenerates=self.preferences.uses("regenerate"),
+        )
         self.algo = ReinforceConfig.from_settings(settings)
+        self.dpo = DPOConfig.from_settings(settings)
         self.guard = guard.GuardConfig.from_settings(settings)
         self.rewards = reward_config(settings.reward_weights)
         self.max_users_per_step = max_users_per_step
@@ -158,6 +178,10 @@ class Learner:
             "rollbacks": 0,
             "default_rewards": 0,
             "unknown_arms": 0,
+            # over another context schema (metrics.BANDIT_SCHEMA_KINDS): kept, not used
+            "bandit_schema_set_aside": 0,
+            "bandit_schema_population": 0,
+            "bandit_schema_samples": 0,
             "no_arm": 0,  # samples served with no arm applied: no arm credited
             "skipped_other_model": 0,  # samples logged for another base model
             "dead_lettered": 0,
@@ -171,6 +195,7 @@ class Learner:
             "skipped_duplicate": 0,
             "versions_retired": 0,
             "retention_failed": 0,
+            "pairs": 0,  # preference pairs learnt from (written versions)
         }
         # versions whose write failed, per user, written again after a backoff (at most one
         # per user: the user's next update waits for it)
@@ -191,6 +216,7 @@ class Learner:
         config = self.lm.model.config
         self._vocab_size = int(config.vocab_size)
         self._context = getattr(config, "max_position_embeddings", None)
+        self.pair_maker = PairMaker(self.preferences, self.lm.tokenizer, self._context)
         self.consumer: KafkaConsumer | None = None
         self.metrics = LearnerMetrics()  # served on /metrics by `loraloop learn`
         self.metrics.watch(self, "reinforce", self.lm.model_id)
@@ -241,11 +267,17 @@ class Learner:
         return self.outbox.producer
 
     def _restore_population(self) -> None:
-        """Pick up the pooled bandit statistics where the last learner left them."""
+        """Pick up the pooled bandit statistics where the last learner left them: those
+        over this learner's context schema, under its key (population_key); other
+        schemas' pools stay on the topic under theirs."""
+        schema = self.schema
         for record in self._read_whole(self.settings.topic_bandit_state):
-            if record.key == POPULATION.encode() and record.value is not None:
+            if record.key == self._population_key.encode() and record.value is not None:
                 msg = events_pb2.BanditState.FromString(record.value)
-                if msg.seq > self.population.seq and msg.dim == DIM:
+                ours = recorded_schema(msg.context_schema) == schema.fingerprint
+                if not ours or msg.dim != schema.dim:
+                    self.stats["bandit_schema_population"] += 1
+                elif msg.seq > self.population.seq:
                     self.population = BanditState.from_proto(msg, self.arms)
 
     def _read_whole(self, topic: str) -> Iterator[Any]:
@@ -343,7 +375,7 @@ class Learner:
         for record in records:
             self._ingest(record)
         for sample in self.joiner.expire():  # ("sum": windows closed with their feedback)
-            if sample.feedback is None and self.settings.default_reward is None:
+            if not self._rewarded(sample) and sample.replaced is None:  # nothing to learn
                 self.joiner.release(sample.positions)
             else:
                 self._ready_sample(sample)
@@ -445,6 +477,11 @@ class Learner:
             return False
         return True
 
+    def _rewarded(self, sample: Sample) -> bool:
+        """Whether the sample has a reward: feedback, or the default reward standing in.
+        One without is queued only for the preference pair it carries (a regenerate)."""
+        return sample.feedback is not None or self.settings.default_reward is not None
+
     def _reward(self, sample: Sample) -> float:
         """The sample's reward: of its feedback ("sum": the rewards of all its feedback
         added, clipped to [-1, 1]), or the default reward when none came."""
@@ -459,15 +496,38 @@ class Learner:
         if not arm:  # no arm was applied to the request (it set the arms' levers itself)
             self.stats["no_arm"] += 1
             return
-        if arm not in model.bandit.stats or len(x) != DIM:
+        logged_under = recorded_schema(sample.interaction.context_schema)
+        if logged_under != self.schema.fingerprint or len(x) != self.schema.dim:
+            self._schema_mismatch(sample.user_id, logged_under, sample)
+            return
+        if arm not in model.bandit.stats:
             self.stats["unknown_arms"] += 1
             return
         model.bandit.update(arm, x, r)
         self.population.update(arm, x, r)
-        self._bandit_dirty.update({model.user_id, POPULATION})
+        self._bandit_dirty.update({model.user_id, self._population_key})
+
+    def _schema_mismatch(self, user_id: str, schema: str, sample: Sample | None = None) -> None:
+        """Statistics (a user's, set aside by UserModels) or a sample's context over
+        another context schema than the learner's: counted, logged once per kind."""
+        key = "bandit_schema_samples" if sample is not None else "bandit_schema_set_aside"
+        self.stats[key] += 1
+        if sample is not None and self.stats[key] == 1:
+            log.warning(
+                "%s: interaction %s has a context of schema %s (%d values), this learner "
+                "uses %s, %s: the bandit does not learn from it, the adapter does (logged "
+                "once, counted in loraloop_learner_bandit_schema_mismatch_total); give the "
+                "servers the learner's context_schema_file",
+                user_id,
+                sample.request_id,
+                schema[:80],
+                len(sample.interaction.context),
+                self.schema.fingerprint,
+                self.schema.describe(),
+            )
 
     def _update(self, user_ids: list[str]) -> None:
-        batches, models, kept = [], [], []
+        batches, models, kept, pair_batches = [], [], [], []
         for user_id in user_ids:
             samples = self._ready.pop(user_id)
             model = self.users.get(user_id)
@@ -487,14 +547,20 @@ class Learner:
                 self._reannounce(model)  # a replay: its last version may not be announced
             if not fresh:
                 continue
-            rewards = [self._reward(s) for s in fresh]
+            rewarded = [s for s in fresh if self._rewarded(s)]
+            rewards = [self._reward(s) for s in rewarded]
             # work on copies: the cached model changes only once its version is written
             model = dataclasses.replace(
                 model, bandit=copy.deepcopy(model.bandit), guard=copy.deepcopy(model.guard)
             )
-            for s, r in zip(fresh, rewards, strict=True):
+            for s, r in zip(rewarded, rewards, strict=True):
                 self._learn_bandit(model, s, r)
-            trainable = [i for i, s in enumerate(fresh) if s.interaction.response_token_ids]
+            trainable = [
+                i
+                for i, s in enumerate(rewarded)
+                if s.interaction.response_token_ids and self.preferences.mode != "preference"
+            ]
+            pairs = [p for s in fresh for p in self.pair_maker.pairs(s)]
             kept.append((fresh, rewards))
             models.append(model)
             batches.append(
@@ -502,26 +568,40 @@ class Learner:
                     weights=model.weights,
                     adam=model.adam,
                     baseline=model.baseline,
-                    prompts=[list(fresh[i].interaction.prompt_token_ids) for i in trainable],
-                    responses=[list(fresh[i].interaction.response_token_ids) for i in trainable],
+                    prompts=[list(rewarded[i].interaction.prompt_token_ids) for i in trainable],
+                    responses=[list(rewarded[i].interaction.response_token_ids) for i in trainable],
                     rewards=[rewards[i] for i in trainable],
-                    behaviour=[list(fresh[i].interaction.behaviour_logprobs) for i in trainable],
-                    temperatures=[fresh[i].interaction.sampling.temperature for i in trainable],
-                    top_ps=[fresh[i].interaction.sampling.top_p for i in trainable],
+                    behaviour=[list(rewarded[i].interaction.behaviour_logprobs) for i in trainable],
+                    temperatures=[rewarded[i].interaction.sampling.temperature for i in trainable],
+                    top_ps=[rewarded[i].interaction.sampling.top_p for i in trainable],
+                )
+            )
+            pair_batches.append(
+                PairBatch(
+                    [p.prompt for p in pairs],
+                    [p.chosen for p in pairs],
+                    [p.rejected for p in pairs],
                 )
             )
         if not batches:
             return
         started = time.perf_counter()
-        stepped = [b for b in batches if b.rewards]
-        results = reinforce_step(self.lm, stepped, self.algo) if stepped else []
+        stepped = [k for k, b in enumerate(batches) if b.rewards or pair_batches[k]]
+        users = [batches[k] for k in stepped]
+        if self.preferences.mode == "reward":
+            results: list[Any] = reinforce_step(self.lm, users, self.algo) if users else []
+        else:
+            with_pairs = [pair_batches[k] for k in stepped]
+            results = (
+                preference_step(self.lm, users, with_pairs, self.algo, self.dpo) if users else []
+            )
         self.last_step_seconds = time.perf_counter() - started
-        self.metrics.observe_step(self.last_step_seconds, stepped)
+        self.metrics.observe_step(self.last_step_seconds, users)
         pause_point("learner.after_step")
         updates = iter(results)
         self.stats["updates"] += 1
-        for model, (samples, rewards), batch in zip(models, kept, batches, strict=True):
-            upd = next(updates) if batch.rewards else None
+        for k, (model, (samples, rewards)) in enumerate(zip(models, kept, strict=True)):
+            upd = next(updates) if k in stepped else None
             if upd is not None:
                 self.metrics.observe_update(upd)
             self._apply(model, samples, rewards, upd)
@@ -581,6 +661,7 @@ class Learner:
             self.joiner.release(s.positions)
         self.stats["versions"] += 1
         self.stats["samples"] += len(item.samples)
+        self.stats["pairs"] += getattr(item.upd, "pairs", 0)
 
     def _store(self, item: _Unwritten) -> AdapterVersion:
         """`users.commit`; when the version is there already, the one an earlier try of
@@ -653,12 +734,14 @@ class Learner:
     ) -> None:
         metrics = events_pb2.UpdateMetrics(
             samples=n,
-            mean_reward=sum(rewards) / len(rewards),
+            mean_reward=sum(rewards) / len(rewards) if rewards else 0.0,
             rolled_back=rollback or "",
         )
         if upd is not None:
             metrics.mean_advantage, metrics.loss = upd.mean_advantage, upd.loss
             metrics.grad_norm, metrics.baseline, metrics.kl = upd.grad_norm, upd.baseline, upd.kl
+            metrics.pairs = getattr(upd, "pairs", 0)
+            metrics.preference_loss = getattr(upd, "preference_loss", 0.0)
         self._announce(stored, metrics)
         log.info(
             "%s -> v%d (reward %.2f, kl %.4f, %d samples%s)",
@@ -726,7 +809,7 @@ class Learner:
         now = int(time.time() * 1000)
         # a user whose version is unwritten is published once it is written
         for key in sorted(self._bandit_dirty - self._unwritten.keys()):
-            state = self.population if key == POPULATION else self.users.get(key).bandit
+            state = self.population if key == self._population_key else self.users.get(key).bandit
             self.outbox.send(
                 Outgoing(
                     self.settings.topic_bandit_state,

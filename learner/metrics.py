@@ -118,6 +118,16 @@ SKIP_REASONS = {
     # from them would train this model on another one's samples
     "skipped_other_model": "other_base_model",
 }
+# Learner.stats key -> kind label of loraloop_learner_bandit_schema_mismatch_total: what
+# was found over another context schema than the learner's (context_schema_file).
+BANDIT_SCHEMA_KINDS = {
+    # a user's stored statistics: kept in the learner state under their fingerprint
+    "bandit_schema_set_aside": "user_statistics",
+    # pooled statistics on bandit-state at start-up under this schema's key: not used
+    "bandit_schema_population": "population_statistics",
+    # interactions logged under another schema: learnt by the adapter, not the bandit
+    "bandit_schema_samples": "interactions",
+}
 # Joiner counter attributes -> outcome label of loraloop_learner_joiner_events_total.
 JOINER_OUTCOMES = ("duplicate", "expired", "late", "orphaned", "mismatched")
 
@@ -292,6 +302,20 @@ class _StatsCollector(Collector):
         if stats is not None:
             for key, reason in SKIP_REASONS.items():
                 family.add_metric([reason], stats.get(key, 0))
+        yield family
+        family = CounterMetricFamily(
+            "loraloop_learner_bandit_schema_mismatch",
+            "Bandit statistics and logged contexts over another context schema than the "
+            "learner's, not used, by kind: user_statistics (a user's, set aside in the "
+            "learner state under their schema's fingerprint and restored when that schema "
+            "comes back), population_statistics (pooled ones at start-up), interactions "
+            "(contexts logged under another schema: the adapter learns from them, the "
+            "bandit does not).",
+            labels=("kind",),
+        )
+        if stats is not None:
+            for key, kind in BANDIT_SCHEMA_KINDS.items():
+                family.add_metric([kind], stats.get(key, 0))
         yield family
         family = CounterMetricFamily(
             "loraloop_learner_adapter_write_failures",

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loraloop.core.bandits.arms import load_arms
-from loraloop.core.bandits.features import DIM
+from loraloop.core.bandits.context_schema import load_context_schema, recorded_schema
 from loraloop.core.gen.loraloop.v1 import events_pb2
 from loraloop.core.kafka.replay import read_to_end
 from loraloop.core.settings import Settings
@@ -23,8 +23,11 @@ from loraloop.learner.rewards import reward, reward_config
 
 
 def read_logs(settings: Settings, timeout_s: float = 30.0) -> tuple[ope.Logs, list[str]]:
-    """Joined (context, arm, propensity, reward) rows from Kafka, oldest first."""
+    """Joined (context, arm, propensity, reward) rows from Kafka, oldest first: those
+    whose context was logged under the context schema of `settings` (context_schema_file;
+    the estimates are of policies over that schema's vectors)."""
     arms = [a.name for a in load_arms(settings.arms_file)]
+    schema = load_context_schema(settings.context_schema_file)
     joiner = Joiner(wait_seconds=1e9)  # offline: every feedback may still come
     rows: list[tuple[int, list[float], int, float, float]] = []
     cfg = reward_config(settings.reward_weights)
@@ -41,7 +44,11 @@ def read_logs(settings: Settings, timeout_s: float = 30.0) -> tuple[ope.Logs, li
         if sample is None or sample.feedback is None:
             continue
         it = sample.interaction
-        if it.arm not in arms or len(it.context) != DIM or it.arm_propensity <= 0:
+        if it.arm not in arms or it.arm_propensity <= 0:
+            continue
+        if recorded_schema(it.context_schema) != schema.fingerprint:
+            continue
+        if len(it.context) != schema.dim:
             continue
         rows.append(
             (
@@ -54,7 +61,7 @@ def read_logs(settings: Settings, timeout_s: float = 30.0) -> tuple[ope.Logs, li
         )
     rows.sort(key=lambda row: row[0])
     logs = ope.Logs(
-        contexts=np.array([r[1] for r in rows]).reshape(-1, DIM),
+        contexts=np.array([r[1] for r in rows]).reshape(-1, schema.dim),
         actions=np.array([r[2] for r in rows], dtype=int),
         propensities=np.array([r[3] for r in rows]),
         rewards=np.array([r[4] for r in rows]),

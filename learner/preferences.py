@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from loraloop.core.gen.loraloop.v1 import common_pb2, events_pb2
@@ -40,8 +40,10 @@ from loraloop.learner.joiner import Sample
 class PreferenceConfig:
     """Which losses train the adapter, and which signals make pairs (the settings)."""
 
-    mode: PreferenceLearning = default_of("preference_learning")
-    sources: frozenset[str] = frozenset(default_of("preference_sources"))
+    mode: PreferenceLearning = field(default_factory=lambda: default_of("preference_learning"))
+    sources: frozenset[str] = field(
+        default_factory=lambda: frozenset(default_of("preference_sources"))
+    )
     max_edit_chars: int = default_of("preference_max_edit_chars")
 
     @classmethod

@@ -13,6 +13,12 @@ after the newest one, since versions are immutable.
 Weights are held in host RAM (CPU tensors, as the store reads them and the step returns
 them) whatever `Settings.device` is, so many cached users cost no GPU memory: loading into
 the bank copies them to the model's device, and versions are written from the host.
+
+Bandit statistics belong to one context schema (loraloop/core/bandits/context_schema.py).
+A user's stored statistics over another schema than the learner's are not used and not
+dropped: they are kept in the learner state under `bandit_other_schemas`, keyed by their
+schema's fingerprint, and become the user's statistics again when that schema comes
+back (logged once per process, counted by `on_schema_mismatch`).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from loraloop.core.adapters.peft_format import read_peft_dir, to_peft_files
 from loraloop.core.adapters.protocol import VersionStore
 from loraloop.core.adapters.store import AdapterStoreError
 from loraloop.core.adapters.version import AdapterVersion
-from loraloop.core.bandits.features import DIM
+from loraloop.core.bandits.context_schema import BUILTIN, ContextSchema
 from loraloop.core.bandits.linear import BanditState
 from loraloop.core.multi_lora import LoRABank, LoRAWeights
 from loraloop.learner.algos.reinforce import AdamState
@@ -61,6 +67,8 @@ class UserModel:
     offsets: AppliedOffsets = field(default_factory=AppliedOffsets)  # interactions learnt from
     learnt_from: list[tuple[str, str]] = field(default_factory=list)  # this version's samples
     loaded_from: int = 0  # the version whose weights and state were read (0: initial)
+    # statistics over other context schemas (to_json dicts by fingerprint): kept, not used
+    other_bandits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def state(self) -> dict[str, Any]:
         """What is stored with each version, so a version restores the whole user.
@@ -69,7 +77,8 @@ class UserModel:
         and, for an event produced twice at different offsets, by request_id (the most
         recent MAX_APPLIED_IDS). `learnt_from` lists this version's own samples as
         (request_id, "topic:partition:offset"): an audit of what each version applied."""
-        return {
+        other = {"bandit_other_schemas": self.other_bandits} if self.other_bandits else {}
+        return other | {
             "baseline": self.baseline,
             "updates": self.updates,
             "rollbacks": self.rollbacks,
@@ -105,8 +114,13 @@ class UserModels:
         arms: list[str],
         capacity: int = 1024,
         on_unreadable: Callable[[str, int], None] | None = None,
+        schema: ContextSchema = BUILTIN,
+        on_schema_mismatch: Callable[[str, str], None] | None = None,
     ):
         self.arms = arms
+        self.schema = schema
+        self.on_schema_mismatch = on_schema_mismatch  # (user_id, the statistics' schema)
+        self._mismatch_logged = False
         self.store = store
         self.bank = bank
         self.seed = seed
@@ -141,11 +155,12 @@ class UserModels:
             except (ValueError, AdapterStoreError) as exc:
                 self._unreadable_version(user_id, v, exc)
                 continue
+            bandit, others = self._bandit(user_id, state)
             return UserModel(
                 user_id,
                 newest,
                 weights,
-                BanditState.from_json(state.get("bandit"), self.arms, DIM),
+                bandit,
                 baseline=float(state.get("baseline", 0.0)),
                 updates=int(state.get("updates", 0)),
                 rollbacks=int(state.get("rollbacks", 0)),
@@ -153,13 +168,49 @@ class UserModels:
                 guard=GuardState.from_json(state.get("guard")),
                 offsets=AppliedOffsets.from_json(state.get("applied_offsets")),
                 loaded_from=v,
+                other_bandits=others,
             )
         return UserModel(
             user_id,
             newest,
             initial_weights(self.bank, user_id, self.seed),
-            BanditState(self.arms, DIM),
+            BanditState(self.arms, self.schema.dim, self.schema.fingerprint),
         )
+
+    def _bandit(
+        self, user_id: str, state: dict[str, Any]
+    ) -> tuple[BanditState, dict[str, dict[str, Any]]]:
+        """The user's statistics over the learner's context schema, and those over other
+        schemas (kept as stored). Statistics over another schema are set aside under their
+        fingerprint, and the learner's schema's own, if set aside earlier, come back."""
+        fingerprint, dim = self.schema.fingerprint, self.schema.dim
+        stored = state.get("bandit_other_schemas")
+        others = dict(stored) if isinstance(stored, dict) else {}
+        data = state.get("bandit")
+        recorded = BanditState.json_schema(data)
+        if isinstance(data, dict) and recorded != fingerprint:
+            if int(data.get("_seq", 0)):  # it holds statistics: keep them
+                others[recorded] = data
+                self._schema_mismatch(user_id, recorded)
+            data = others.pop(fingerprint, None)
+        bandit = BanditState.from_json(data, self.arms, dim, fingerprint)
+        return bandit, others
+
+    def _schema_mismatch(self, user_id: str, recorded: str) -> None:
+        if not self._mismatch_logged:
+            self._mismatch_logged = True
+            log.warning(
+                "%s: bandit statistics over context schema %s, this learner uses %s (%s): "
+                "kept in the learner state under bandit_other_schemas and not used; the "
+                "learner's schema's own statistics are restored if it has any (this is "
+                "logged once, and counted for every user)",
+                user_id,
+                recorded[:80],
+                self.schema.fingerprint,
+                self.schema.describe(),
+            )
+        if self.on_schema_mismatch is not None:
+            self.on_schema_mismatch(user_id, recorded)
 
     def _unreadable_version(self, user_id: str, version: int, error: Exception) -> None:
         if (user_id, version) in self._unreadable:

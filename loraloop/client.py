@@ -19,7 +19,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -212,6 +212,7 @@ class LoraLoopClient:
         seed: int | None,
         arm: str | None = None,
         regenerates: str | None = None,
+        context: Mapping[str, float | int | str] | None = None,
     ) -> api_pb2.GenerateRequest:
         sampling: dict[str, Any] = {"max_tokens": max_tokens}
         for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
@@ -223,6 +224,16 @@ class LoraLoopClient:
             arm=arm or "",
             regenerates=regenerates or "",
         )
+        for feature, given in (context or {}).items():
+            if isinstance(given, str):
+                request.context.categorical[feature] = given
+            elif isinstance(given, int | float) and not isinstance(given, bool):
+                request.context.numeric[feature] = float(given)
+            else:
+                raise TypeError(
+                    f"context[{feature!r}] is a {type(given).__name__}: send a number (numeric "
+                    "feature) or a string (categorical feature)"
+                )
         if messages is not None:
             request.messages.messages.extend(
                 common_pb2.ChatMessage(role=r, content=c) for r, c in messages
@@ -243,13 +254,25 @@ class LoraLoopClient:
         seed: int | None = None,
         arm: str | None = None,
         regenerates: str | None = None,
+        context: Mapping[str, float | int | str] | None = None,
         timeout: float | None = None,
     ) -> Reply:
         """One response for `user_id`; `arm` pins a response strategy (else the bandit picks);
         `regenerates`: the request_id of the response this one replaces (the user asked
-        again; send the same input)."""
+        again; send the same input); `context`: the request's context features for the
+        bandit, as the server's context schema declares them, e.g. {"hour": 13, "device":
+        "mobile"} (numbers are numeric features, strings categorical ones)."""
         request = self._request(
-            user_id, prompt, messages, max_tokens, temperature, top_p, seed, arm, regenerates
+            user_id,
+            prompt,
+            messages,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            arm,
+            regenerates,
+            context,
         )
         response = self._stub.Generate(
             self._floor(request), timeout=timeout or self.timeout, metadata=self._metadata
@@ -268,11 +291,21 @@ class LoraLoopClient:
         seed: int | None = None,
         arm: str | None = None,
         regenerates: str | None = None,
+        context: Mapping[str, float | int | str] | None = None,
         timeout: float | None = None,
     ) -> Iterator[str | Reply]:
         """Yield text deltas as they arrive, then the final Reply (arguments as `generate`)."""
         request = self._request(
-            user_id, prompt, messages, max_tokens, temperature, top_p, seed, arm, regenerates
+            user_id,
+            prompt,
+            messages,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            arm,
+            regenerates,
+            context,
         )
         for msg in self._stub.GenerateStream(
             self._floor(request), timeout=timeout or self.timeout, metadata=self._metadata

@@ -131,7 +131,14 @@ class ServerMetrics:
         return _Call(self, service, method, request, context, protocol)
 
     def watch(
-        self, *, engine: Any, registry: Any, events: Any, adapter_slots: int, queue_size: int
+        self,
+        *,
+        engine: Any,
+        registry: Any,
+        events: Any,
+        adapter_slots: int,
+        queue_size: int,
+        strategy: Any = None,
     ) -> None:
         """Report the state of these objects at every scrape."""
         self._registry = registry
@@ -141,8 +148,14 @@ class ServerMetrics:
             registry.on_applied = self.adapter_applied
         self._state.engine, self._state.registry, self._state.events = engine, registry, events
         self._state.adapter_slots, self._state.queue_size = adapter_slots, queue_size
+        self._state.strategy = strategy
+        schema = getattr(strategy, "schema", None)
         self.info.info(
-            {"model": str(getattr(engine, "model_id", "")), "engine": type(engine).__name__}
+            {
+                "model": str(getattr(engine, "model_id", "")),
+                "engine": type(engine).__name__,
+                "context_schema": schema.fingerprint if schema is not None else "",
+            }
         )
 
     # --- engine hooks (called from the engine's thread) ------------------------------------
@@ -202,6 +215,7 @@ class _StateCollector(Collector):
         self.events: Any = None
         self.adapter_slots = 0
         self.queue_size = 0
+        self.strategy: Any = None
 
     def collect(self) -> Iterable[Metric]:
         slots = _started(self.engine, "slots")  # tier "engine": the engine's adapter slots
@@ -345,6 +359,27 @@ class _StateCollector(Collector):
             transient = getattr(reg, "transient_rejections", 0)
             family.add_metric(["integrity"], getattr(reg, "rejected", 0) - transient)
             family.add_metric(["transient"], transient)
+        yield family
+        strategy = self.strategy
+        family = CounterMetricFamily(
+            "loraloop_server_bandit_states_ignored",
+            "Bandit-state records (a user's or the population's arm statistics) not used "
+            "because they are over another context schema than this server's "
+            "(context_schema_file differs from the learner's, or changed): kept on the "
+            "topic and in the learner state, never mixed in.",
+            labels=["reason"],
+        )
+        if strategy is not None:
+            family.add_metric(["other_context_schema"], strategy.ignored_states)
+        yield family
+        family = CounterMetricFamily(
+            "loraloop_server_context_unknown_values",
+            "Categorical context values a request sent that the context schema does not "
+            "list (encoded as none of its values), by feature.",
+            labels=["feature"],
+        )
+        for feature, count in sorted(dict(getattr(strategy, "unknown_values", {})).items()):
+            family.add_metric([feature], count)
         yield family
         yield _gauge(
             "loraloop_server_adapter_view_caught_up",

@@ -23,7 +23,7 @@ from loraloop.core.adapters.opening import open_adapter_store
 from loraloop.core.adapters.protocol import VersionStore
 from loraloop.core.adapters.store import AdapterStoreError
 from loraloop.core.adapters.version import AdapterVersion
-from loraloop.core.bandits.features import context_features
+from loraloop.core.bandits.context_schema import load_context_schema
 from loraloop.core.gen.loraloop.v1 import api_pb2, api_pb2_grpc, common_pb2, events_pb2
 from loraloop.core.metrics_exporter import start_metrics_exporter
 from loraloop.core.settings import Settings
@@ -47,6 +47,7 @@ from loraloop.service.validation import (
     RequestError,
     check_adapter_floor,
     check_arm,
+    check_context,
     check_input,
     check_regenerates,
     check_sampling,
@@ -130,9 +131,11 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             request.regenerates, self.request_ids.ownership(request.regenerates, user_id)
         )
         decoding = check_sampling(request.sampling, self.settings)
+        numeric, categorical = check_context(request.context, self.strategy.schema)
         messages = given if given is not None else [("user", prompt or "")]
         token_ids = self.engine.encode(None, messages)
-        context = context_features(len(token_ids), conversation=len(messages) > 1)
+        conversation = len(messages) > 1
+        context = self.strategy.features(len(token_ids), conversation, numeric, categorical)
         sampling = request.sampling
         set_by_request = frozenset(
             lever
@@ -218,6 +221,7 @@ class LoraLoopService(api_pb2_grpc.LoraLoopServicer):
             model_id=self.engine.model_id,
             finish_reason=finish,
             context=prepared.context,
+            context_schema=self.strategy.schema.fingerprint,
             request_overrides=choice.overrides,
             regenerates=prepared.regenerates,
         )
@@ -516,6 +520,7 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
     )
     credentials = server_credentials(settings)
     http_sock = bind_http(settings) if settings.http_port >= 0 else None
+    load_context_schema(settings.context_schema_file)  # a bad schema file: before the model
     engine = engine or build_engine(settings)
     await engine.start()
     store = open_adapter_store(settings)
@@ -546,6 +551,7 @@ async def create_server(settings: Settings, engine: Engine | None = None) -> Run
         events=events,
         adapter_slots=settings.adapter_slots,
         queue_size=settings.event_queue_size,
+        strategy=strategy,
     )
     interceptors: list[grpc.aio.ServerInterceptor] = [metrics.interceptor]
     if auth is not None:

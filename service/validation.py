@@ -7,6 +7,12 @@ from dataclasses import dataclass
 
 import grpc
 
+from loraloop.core.bandits.context_schema import (
+    MAX_FEATURES,
+    MAX_NAME_CHARS,
+    MAX_VALUE_CHARS,
+    ContextSchema,
+)
 from loraloop.core.event_checks import signals_error
 from loraloop.core.gen.loraloop.v1 import api_pb2, common_pb2
 from loraloop.core.settings import Settings
@@ -187,3 +193,55 @@ def check_regenerates(request_id: str, owner: Ownership) -> str:
             "being replaced, or leave it empty"
         )
     return request_id
+
+
+def check_context(
+    context: common_pb2.ContextFeatures, schema: ContextSchema
+) -> tuple[dict[str, float], dict[str, str]]:
+    """GenerateRequest.context against the server's context schema: (numeric, categorical)
+    features, every name declared with its type, numbers finite, within size bounds."""
+    numeric, categorical = dict(context.numeric), dict(context.categorical)
+    if not numeric and not categorical:
+        return numeric, categorical
+    if not schema.declared:
+        raise invalid(
+            "context is set but this server has no context schema: declare the features "
+            "in a schema file and set LORALOOP_CONTEXT_SCHEMA_FILE (server and learner), or "
+            "send no context"
+        )
+    version = f"context schema version {schema.version}"
+    count = len(numeric) + len(categorical)
+    if count > MAX_FEATURES:
+        raise invalid(f"context has {count} features: at most {MAX_FEATURES} ({version})")
+    for kind, given in (("numeric", numeric), ("categorical", categorical)):
+        for name in given:
+            if len(name) > MAX_NAME_CHARS:
+                raise invalid(
+                    f"context.{kind} feature name {shown(name)} is {len(name)} characters: "
+                    f"at most {MAX_NAME_CHARS}"
+                )
+            feature = schema.by_name.get(name)
+            if feature is None:
+                declared = ", ".join(f.name for f in schema.features) or "none"
+                raise invalid(
+                    f"context.{kind} feature {shown(name)} is not in {version} (declared: "
+                    f"{declared}); declare it in the schema file (with a new version) or "
+                    "leave it out"
+                )
+            if feature.type != kind:
+                raise invalid(
+                    f"context feature {shown(name)} is {feature.type} in {version}: send it "
+                    f"in context.{feature.type}, not context.{kind}"
+                )
+    for name, value in numeric.items():
+        if not math.isfinite(value):
+            raise invalid(
+                f"context.numeric[{shown(name)}]={value} is not a finite number ({version})"
+            )
+    for name, text in categorical.items():
+        if len(text) > MAX_VALUE_CHARS:
+            raise invalid(
+                f"context.categorical[{shown(name)}] is {len(text)} characters: at most "
+                f"{MAX_VALUE_CHARS} ({version})"
+            )
+    return numeric, categorical

@@ -40,6 +40,7 @@ moments, an LRU of many users) stays in host RAM: the step copies it in and its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,10 @@ from loraloop.core.sampling import nucleus_log_softmax
 from loraloop.core.settings import Settings, default_of
 
 HOST = torch.device("cpu")  # where users' weights and Adam moments are kept between steps
+# More of each user's loss, from the same step (the DPO loss of learner/algos/dpo.py):
+# called under autograd once every user is loaded, with each user's bank slot; returns one
+# scalar per user, added to that user's loss before the one backward pass.
+ExtraLoss = Callable[[list[int]], list[torch.Tensor]]
 
 
 @dataclass
@@ -193,10 +198,11 @@ def _grad(param: torch.Tensor) -> torch.Tensor:
 
 
 def reinforce_step(
-    lm: LoadedModel, users: list[UserBatch], cfg: ReinforceConfig
+    lm: LoadedModel, users: list[UserBatch], cfg: ReinforceConfig, extra: ExtraLoss | None = None
 ) -> list[UserUpdate]:
     """One batched policy-gradient step for `users` (at most bank.slots - 1 of them), on the
-    model's device; the updates' weights are on the host."""
+    model's device; the updates' weights are on the host. `extra` adds more of each user's
+    loss; a user with no samples is then stepped on that alone."""
     bank = lm.bank
     device = bank.device
     if len(users) >= bank.slots:
@@ -222,13 +228,17 @@ def reinforce_step(
         param.grad = None
     pad = lm.tokenizer.pad_token_id or 0
     base: list[torch.Tensor] = []
-    if cfg.kl_coef:
+    if cfg.kl_coef and prompts:
         with torch.no_grad():
             base = response_distributions(lm.model, bank, prompts, responses, [0] * len(slots), pad)
     kls = [0.0] * len(users)
     try:
         with torch.enable_grad():
-            dists = response_distributions(lm.model, bank, prompts, responses, slots, pad)
+            dists = (
+                response_distributions(lm.model, bank, prompts, responses, slots, pad)
+                if prompts
+                else []
+            )
             token_logps = token_logprobs(dists, responses)
             per_user_loss = [torch.zeros((), device=device) for _ in users]
             for i, (logp, adv, k) in enumerate(zip(token_logps, advantages, owners, strict=True)):
@@ -241,6 +251,9 @@ def reinforce_step(
                     kl = (dists[i].exp() * (dists[i] - base[i])).sum(-1).mean()
                     per_user_loss[k] = per_user_loss[k] + cfg.kl_coef * kl / n
                     kls[k] += float(kl.detach()) / n
+            if extra is not None:
+                more = extra([k + 1 for k in range(len(users))])
+                per_user_loss = [a + b for a, b in zip(per_user_loss, more, strict=True)]
             torch.stack(per_user_loss).sum().backward()
     finally:
         for param in params:
@@ -270,17 +283,20 @@ def reinforce_step(
                 for name, (ga, gb) in grads.items():
                     new.a[name] = _adam(current.a[name], ga * clip, user.adam, f"{name}.A", cfg)
                     new.b[name] = _adam(current.b[name], gb * clip, user.adam, f"{name}.B", cfg)
-            mean_reward = sum(user.rewards) / len(user.rewards)
+            n = len(user.rewards)
+            mean_reward = sum(user.rewards) / n if n else 0.0
+            baseline = user.baseline
+            if n:
+                baseline = cfg.baseline_decay * baseline + (1 - cfg.baseline_decay) * mean_reward
+            advantage = sum(a for a, o in zip(advantages, owners, strict=True) if o == k)
             updates.append(
                 UserUpdate(
                     weights=_to_host(new),
-                    baseline=cfg.baseline_decay * user.baseline
-                    + (1 - cfg.baseline_decay) * mean_reward,
+                    baseline=baseline,
                     loss=float(per_user_loss[k]),
                     grad_norm=float(norm),
                     mean_reward=mean_reward,
-                    mean_advantage=sum(a for a, o in zip(advantages, owners, strict=True) if o == k)
-                    / len(user.rewards),
+                    mean_advantage=advantage / n if n else 0.0,
                     kl=kls[k],
                 )
             )

@@ -25,6 +25,7 @@ PUBLISHED_SECRETS = frozenset({DEV_SECRET, "change-me"})
 FeedbackAggregation = Literal["earliest", "sum"]
 PreferenceLearning = Literal["reward", "preference", "both"]
 PreferenceSource = Literal["regenerate", "edit"]
+PREFERENCE_SOURCES: tuple[PreferenceSource, ...] = ("regenerate", "edit")
 
 # LORALOOP_* variables that are not settings of the server or the learner: the Python
 # client's own (loraloop/client.py) and the fault-injection hooks of the crash tests.
@@ -362,6 +363,15 @@ class Settings(BaseSettings):
         description="TOML file of arms (system prompts, decoding settings); unset: one "
         "no-op arm, i.e. no bandit.",
     )
+    context_schema_file: Path | None = Field(
+        None,
+        description="TOML file declaring the bandit's context features (a version, the "
+        "built-in server features on or off, named numeric and categorical [[feature]]s) "
+        "that clients send in GenerateRequest.context (loraloop/core/bandits/"
+        "context_schema.py). Give the server and the learner the same file. Unset: the "
+        "built-in context only (bias, prompt length, conversation) and requests carrying "
+        "context are refused. Statistics of another schema are kept, not used.",
+    )
     bandit: Bandit = Field("thompson", description="Arm choice: 'thompson' or 'linucb'.")
     bandit_prior_strength: float = Field(
         5.0, ge=0, description="Observations the population prior is worth to a cold user."
@@ -490,7 +500,7 @@ class Settings(BaseSettings):
         "interaction's offset uncommitted for reward_wait_seconds, so a replay can pair it.",
     )
     preference_sources: list[PreferenceSource] = Field(
-        default_factory=lambda: ["regenerate", "edit"],
+        default_factory=lambda: list(PREFERENCE_SOURCES),
         description="Which signals make preference pairs when preference_learning is not "
         "'reward': 'regenerate' (GenerateRequest.regenerates: the new response over the "
         "replaced one), 'edit' (FeedbackSignals.edited_text over the response).",

@@ -51,3 +51,35 @@ def test_a_request_setting_the_temperature_an_arm_sets_gets_no_arm(tmp_path: Pat
     choice = strategy.choose("u", X, None, frozenset({"temperature", "system_prompt"}))
     assert choice.arm is NO_ARM and choice.overrides == ("temperature",)
     assert strategy.choose("u", X, None, frozenset({"system_prompt"})).applied
+
+
+def test_the_cached_posterior_follows_every_new_state(tmp_path: Path) -> None:
+    """The chooser keeps each user's posterior between requests and computes it again
+    when the user's or the population's statistics are replaced, or the user deleted."""
+    from loraloop.core.bandits.features import DIM, context_features
+    from loraloop.core.bandits.linear import BanditState
+
+    arms = tmp_path / "arms.toml"
+    arms.write_text('[[arm]]\nname = "a"\n[[arm]]\nname = "b"\n')
+    c = chooser(arms)
+    x = context_features(10, False)
+    before = c.choice_probabilities("u", x)
+    assert c.choice_probabilities("u", x) == before  # the same posterior: same figures
+    post = c._posteriors["u"][2]
+    state = BanditState(["a", "b"], DIM)
+    for _ in range(30):
+        state.update("a", x, 1.0)
+        state.update("b", x, 0.0)
+    c._apply("bandit-state", b"u", state.to_proto("u", 1).SerializeToString())
+    after = c.choice_probabilities("u", x)
+    assert after["a"] > 0.9 > before["a"] and c._posteriors["u"][2] is not post
+    population = BanditState(["a", "b"], DIM)
+    population.update("b", x, 1.0)
+    cached = c._posteriors["u"][2]
+    record = population.to_proto("*population*", 1).SerializeToString()
+    c._apply("bandit-state", b"*population*", record)
+    with c._lock:
+        assert c._posterior("u") is not cached  # a new population: computed again
+        assert c._posteriors["u"][1] is c._states["*population*"]
+    c.forget("u")
+    assert "u" not in c._posteriors

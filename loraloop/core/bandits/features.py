@@ -1,5 +1,7 @@
-"""Context features of a request, computed by the server and logged on the interaction,
-so the learner updates the bandit with exactly what the choice saw."""
+"""The server's built-in context features of a request, computed by the server and logged
+on the interaction, so the learner updates the bandit with exactly what the choice saw.
+A context schema (context_schema.py) puts them after the bias, or leaves them out, and
+adds the client's features; DIM is the built-in schema's length (no schema file)."""
 
 from __future__ import annotations
 

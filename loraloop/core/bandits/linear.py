@@ -23,6 +23,11 @@ deviations of each reward from its arm's mean reward before and after it (`m2`),
 `m2_n` updates (an arm's first reward has no mean to deviate from). State written
 before these existed has neither and starts them at 0: the spread prior rules until new
 rewards arrive. On the wire they are BanditState.reward_m2 and reward_m2_n.
+
+Every state belongs to one context schema (`schema`, its fingerprint: context_schema.py);
+state written before schemas existed belongs to the built-in one. Readers ask for the
+schema they use (`from_json`) or check `schema` (`from_proto`): statistics over another
+schema's vectors are never mixed with their own.
 """
 
 from __future__ import annotations
@@ -32,16 +37,25 @@ from typing import Any
 
 import numpy as np
 
+from loraloop.core.bandits.context_schema import BUILTIN, recorded_schema
 from loraloop.core.gen.loraloop.v1 import events_pb2
 
 POPULATION = "*population*"  # key of the pooled statistics (never a valid user id)
-RESERVED_ARM_NAMES = frozenset({"_seq", "_dim", "_m2", "_m2_n"})  # keys of to_json
+RESERVED_ARM_NAMES = frozenset({"_seq", "_dim", "_m2", "_m2_n", "_schema"})  # keys of to_json
 
 PRIOR_STRENGTH = 5.0  # observations the population is worth to a cold user
 RIDGE = 1.0  # prior precision of the bias coefficient, in observations
 SLOPE_RIDGE = 10.0  # prior precision of each context coefficient, in observations
 SCALE_PRIOR = 0.5  # reward standard deviation assumed before any reward is seen
 SCALE_PRIOR_WEIGHT = 5.0  # observations that assumption is worth
+
+
+def population_key(schema: str) -> str:
+    """The key of the pooled statistics over context schema `schema` (a fingerprint):
+    POPULATION for the built-in schema (as before schemas existed), else
+    "*population*@<fingerprint>", so every schema's pool survives a change of schema."""
+    schema = recorded_schema(schema)
+    return POPULATION if schema == BUILTIN.fingerprint else f"{POPULATION}@{schema}"
 
 
 @dataclass
@@ -77,9 +91,10 @@ class Posterior:
 class BanditState:
     """Statistics of every arm for one user (or the population)."""
 
-    def __init__(self, arms: list[str], dim: int) -> None:
+    def __init__(self, arms: list[str], dim: int, schema: str = "") -> None:
         self.arms = list(arms)
         self.dim = dim
+        self.schema = recorded_schema(schema)  # the context schema's fingerprint
         self.stats = {a: ArmStats(dim) for a in arms}
         self.seq = 0
         self.m2 = 0.0  # sum over updates of (r - arm mean before) * (r - arm mean after)
@@ -120,6 +135,7 @@ class BanditState:
             arms=arms,
             reward_m2=self.m2,
             reward_m2_n=self.m2_n,
+            context_schema=self.schema,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -131,13 +147,28 @@ class BanditState:
                 "reward_sum": s.reward_sum,
             }
             for a, s in self.stats.items()
-        } | {"_seq": self.seq, "_dim": self.dim, "_m2": self.m2, "_m2_n": self.m2_n}
+        } | {
+            "_seq": self.seq,
+            "_dim": self.dim,
+            "_m2": self.m2,
+            "_m2_n": self.m2_n,
+            "_schema": self.schema,
+        }
+
+    @staticmethod
+    def json_schema(data: dict[str, Any] | None) -> str:
+        """The context schema (fingerprint) of a to_json dict (older: the built-in one)."""
+        return recorded_schema(str((data or {}).get("_schema") or ""))
 
     @classmethod
-    def from_json(cls, data: dict[str, Any] | None, arms: list[str], dim: int) -> BanditState:
-        """Rebuild from to_json's dict; state without "_m2" (older) starts its spread at 0."""
-        state = cls(arms, dim)
-        if not data or data.get("_dim") != dim:
+    def from_json(
+        cls, data: dict[str, Any] | None, arms: list[str], dim: int, schema: str = ""
+    ) -> BanditState:
+        """Rebuild from to_json's dict, when it is over context schema `schema` with `dim`
+        values (else an empty state of that schema: the caller keeps the dict, see
+        learner/user_models.py); state without "_m2" (older) starts its spread at 0."""
+        state = cls(arms, dim, schema)
+        if not data or data.get("_dim") != dim or cls.json_schema(data) != state.schema:
             return state
         state.seq = int(data.get("_seq", 0))
         state.m2, state.m2_n = float(data.get("_m2", 0.0)), int(data.get("_m2_n", 0))
@@ -151,8 +182,9 @@ class BanditState:
     @classmethod
     def from_proto(cls, msg: events_pb2.BanditState, arms: list[str]) -> BanditState:
         """Rebuild from an event; arms the event lacks start empty, unknown ones are dropped,
-        and an event without a spread (older) starts it at 0."""
-        state = cls(arms, msg.dim)
+        and an event without a spread (older) starts it at 0. `schema` is the event's context
+        schema: the caller checks it is its own."""
+        state = cls(arms, msg.dim, msg.context_schema)
         state.seq = msg.seq
         state.m2, state.m2_n = msg.reward_m2, msg.reward_m2_n
         for a in msg.arms:

@@ -12,6 +12,12 @@ import numpy as np
 from loraloop.core.bandits.linear import Posterior
 
 
+def scores(post: Posterior, x: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Every arm's upper confidence bound at context `x`."""
+    width = np.sqrt(np.einsum("i,aij,j->a", x, post.precision_inv, x))
+    return np.asarray(post.mean @ x + alpha * post.scale * width)
+
+
 def choose(
     post: Posterior,
     x: np.ndarray,
@@ -21,9 +27,7 @@ def choose(
 ) -> tuple[int, float]:
     """(chosen arm index, its probability under this policy)."""
     arms = post.mean.shape[0]
-    width = np.sqrt(np.einsum("i,aij,j->a", x, post.precision_inv, x))
-    ucb = post.mean @ x + alpha * post.scale * width
-    best = int(ucb.argmax())
+    best = int(scores(post, x, alpha).argmax())
     chosen = int(rng.integers(arms)) if rng.random() < epsilon else best
     propensity = epsilon / arms + (1 - epsilon if chosen == best else 0.0)
     return chosen, propensity

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from loraloop.core.gen.loraloop.v1 import common_pb2 as loraloop_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15loraloop/v1/api.proto\x12\x0bloraloop.v1\x1a\x18loraloop/v1/common.proto\"\xda\x01\n\x0fGenerateRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12-\n\x08messages\x18\x03 \x01(\x0b\x32\x19.loraloop.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.loraloop.v1.SamplingParams\x12\x0b\n\x03\x61rm\x18\x05 \x01(\t\x12\x1b\n\x13min_adapter_version\x18\x06 \x01(\x03\x12\x13\n\x0bregenerates\x18\x07 \x01(\tB\x07\n\x05input\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraloop.v1.ChatMessage\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x94\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\x03\x12\x0b\n\x03\x61rm\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraloop.v1.Usage\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\"d\n\x16GenerateStreamResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x31\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1d.loraloop.v1.GenerateResponseH\x00\x88\x01\x01\x42\x08\n\x06_final\"e\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12-\n\x07signals\x18\x03 \x01(\x0b\x32\x1c.loraloop.v1.FeedbackSignals\"4\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"&\n\x13GetUserStateRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\x9a\x01\n\tUserState\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x02 \x01(\x03\x12\x0f\n\x07updates\x18\x03 \x01(\x03\x12\x15\n\rrecent_reward\x18\x04 \x01(\x01\x12#\n\x04\x61rms\x18\x05 \x03(\x0b\x32\x15.loraloop.v1.ArmStats\x12\x16\n\x0erecent_samples\x18\x06 \x01(\x05\";\n\x08\x41rmStats\x12\x0b\n\x03\x61rm\x18\x01 \x01(\t\x12\r\n\x05pulls\x18\x02 \x01(\x03\x12\x13\n\x0bmean_reward\x18\x03 \x01(\x01\"$\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"%\n\x12\x44\x65leteUserResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\x8c\x03\n\x08LoraLoop\x12G\n\x08Generate\x12\x1c.loraloop.v1.GenerateRequest\x1a\x1d.loraloop.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraloop.v1.GenerateRequest\x1a#.loraloop.v1.GenerateStreamResponse0\x01\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.loraloop.v1.FeedbackRequest\x1a\x1d.loraloop.v1.FeedbackResponse\x12H\n\x0cGetUserState\x12 .loraloop.v1.GetUserStateRequest\x1a\x16.loraloop.v1.UserState\x12M\n\nDeleteUser\x12\x1e.loraloop.v1.DeleteUserRequest\x1a\x1f.loraloop.v1.DeleteUserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15loraloop/v1/api.proto\x12\x0bloraloop.v1\x1a\x18loraloop/v1/common.proto\"\x89\x02\n\x0fGenerateRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12-\n\x08messages\x18\x03 \x01(\x0b\x32\x19.loraloop.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.loraloop.v1.SamplingParams\x12\x0b\n\x03\x61rm\x18\x05 \x01(\t\x12\x1b\n\x13min_adapter_version\x18\x06 \x01(\x03\x12\x13\n\x0bregenerates\x18\x07 \x01(\t\x12-\n\x07\x63ontext\x18\x08 \x01(\x0b\x32\x1c.loraloop.v1.ContextFeaturesB\x07\n\x05input\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraloop.v1.ChatMessage\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x94\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\x03\x12\x0b\n\x03\x61rm\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraloop.v1.Usage\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\"d\n\x16GenerateStreamResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x31\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1d.loraloop.v1.GenerateResponseH\x00\x88\x01\x01\x42\x08\n\x06_final\"e\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12-\n\x07signals\x18\x03 \x01(\x0b\x32\x1c.loraloop.v1.FeedbackSignals\"4\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"&\n\x13GetUserStateRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\x9a\x01\n\tUserState\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x02 \x01(\x03\x12\x0f\n\x07updates\x18\x03 \x01(\x03\x12\x15\n\rrecent_reward\x18\x04 \x01(\x01\x12#\n\x04\x61rms\x18\x05 \x03(\x0b\x32\x15.loraloop.v1.ArmStats\x12\x16\n\x0erecent_samples\x18\x06 \x01(\x05\";\n\x08\x41rmStats\x12\x0b\n\x03\x61rm\x18\x01 \x01(\t\x12\r\n\x05pulls\x18\x02 \x01(\x03\x12\x13\n\x0bmean_reward\x18\x03 \x01(\x01\"$\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"%\n\x12\x44\x65leteUserResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\x8c\x03\n\x08LoraLoop\x12G\n\x08Generate\x12\x1c.loraloop.v1.GenerateRequest\x1a\x1d.loraloop.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraloop.v1.GenerateRequest\x1a#.loraloop.v1.GenerateStreamResponse0\x01\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.loraloop.v1.FeedbackRequest\x1a\x1d.loraloop.v1.FeedbackResponse\x12H\n\x0cGetUserState\x12 .loraloop.v1.GetUserStateRequest\x1a\x16.loraloop.v1.UserState\x12M\n\nDeleteUser\x12\x1e.loraloop.v1.DeleteUserRequest\x1a\x1f.loraloop.v1.DeleteUserResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,29 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraloop.v1.api_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=65
-  _globals['_GENERATEREQUEST']._serialized_end=283
-  _globals['_CHATMESSAGES']._serialized_start=285
-  _globals['_CHATMESSAGES']._serialized_end=343
-  _globals['_USAGE']._serialized_start=345
-  _globals['_USAGE']._serialized_end=402
-  _globals['_GENERATERESPONSE']._serialized_start=405
-  _globals['_GENERATERESPONSE']._serialized_end=553
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=555
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=655
-  _globals['_FEEDBACKREQUEST']._serialized_start=657
-  _globals['_FEEDBACKREQUEST']._serialized_end=758
-  _globals['_FEEDBACKRESPONSE']._serialized_start=760
-  _globals['_FEEDBACKRESPONSE']._serialized_end=812
-  _globals['_GETUSERSTATEREQUEST']._serialized_start=814
-  _globals['_GETUSERSTATEREQUEST']._serialized_end=852
-  _globals['_USERSTATE']._serialized_start=855
-  _globals['_USERSTATE']._serialized_end=1009
-  _globals['_ARMSTATS']._serialized_start=1011
-  _globals['_ARMSTATS']._serialized_end=1070
-  _globals['_DELETEUSERREQUEST']._serialized_start=1072
-  _globals['_DELETEUSERREQUEST']._serialized_end=1108
-  _globals['_DELETEUSERRESPONSE']._serialized_start=1110
-  _globals['_DELETEUSERRESPONSE']._serialized_end=1147
-  _globals['_LORALOOP']._serialized_start=1150
-  _globals['_LORALOOP']._serialized_end=1546
+  _globals['_GENERATEREQUEST']._serialized_end=330
+  _globals['_CHATMESSAGES']._serialized_start=332
+  _globals['_CHATMESSAGES']._serialized_end=390
+  _globals['_USAGE']._serialized_start=392
+  _globals['_USAGE']._serialized_end=449
+  _globals['_GENERATERESPONSE']._serialized_start=452
+  _globals['_GENERATERESPONSE']._serialized_end=600
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=602
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=702
+  _globals['_FEEDBACKREQUEST']._serialized_start=704
+  _globals['_FEEDBACKREQUEST']._serialized_end=805
+  _globals['_FEEDBACKRESPONSE']._serialized_start=807
+  _globals['_FEEDBACKRESPONSE']._serialized_end=859
+  _globals['_GETUSERSTATEREQUEST']._serialized_start=861
+  _globals['_GETUSERSTATEREQUEST']._serialized_end=899
+  _globals['_USERSTATE']._serialized_start=902
+  _globals['_USERSTATE']._serialized_end=1056
+  _globals['_ARMSTATS']._serialized_start=1058
+  _globals['_ARMSTATS']._serialized_end=1117
+  _globals['_DELETEUSERREQUEST']._serialized_start=1119
+  _globals['_DELETEUSERREQUEST']._serialized_end=1155
+  _globals['_DELETEUSERRESPONSE']._serialized_start=1157
+  _globals['_DELETEUSERRESPONSE']._serialized_end=1194
+  _globals['_LORALOOP']._serialized_start=1197
+  _globals['_LORALOOP']._serialized_end=1593
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("user_id", "prompt", "messages", "sampling", "arm", "min_adapter_version", "regenerates")
+    __slots__ = ("user_id", "prompt", "messages", "sampling", "arm", "min_adapter_version", "regenerates", "context")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class GenerateRequest(_message.Message):
     ARM_FIELD_NUMBER: _ClassVar[int]
     MIN_ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     REGENERATES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     prompt: str
     messages: ChatMessages
@@ -23,7 +24,8 @@ class GenerateRequest(_message.Message):
     arm: str
     min_adapter_version: int
     regenerates: str
-    def __init__(self, user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., arm: _Optional[str] = ..., min_adapter_version: _Optional[int] = ..., regenerates: _Optional[str] = ...) -> None: ...
+    context: _common_pb2.ContextFeatures
+    def __init__(self, user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., arm: _Optional[str] = ..., min_adapter_version: _Optional[int] = ..., regenerates: _Optional[str] = ..., context: _Optional[_Union[_common_pb2.ContextFeatures, _Mapping]] = ...) -> None: ...
 
 class ChatMessages(_message.Message):
     __slots__ = ("messages",)

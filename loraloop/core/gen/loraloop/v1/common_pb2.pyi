@@ -1,5 +1,7 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -45,3 +47,25 @@ class FeedbackSignals(_message.Message):
     dwell_ms: int
     edited_text: str
     def __init__(self, thumbs: _Optional[int] = ..., rating: _Optional[float] = ..., accepted: _Optional[bool] = ..., copied: _Optional[bool] = ..., regenerated: _Optional[bool] = ..., edited: _Optional[bool] = ..., follow_up: _Optional[bool] = ..., dwell_ms: _Optional[int] = ..., edited_text: _Optional[str] = ...) -> None: ...
+
+class ContextFeatures(_message.Message):
+    __slots__ = ("numeric", "categorical")
+    class NumericEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class CategoricalEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NUMERIC_FIELD_NUMBER: _ClassVar[int]
+    CATEGORICAL_FIELD_NUMBER: _ClassVar[int]
+    numeric: _containers.ScalarMap[str, float]
+    categorical: _containers.ScalarMap[str, str]
+    def __init__(self, numeric: _Optional[_Mapping[str, float]] = ..., categorical: _Optional[_Mapping[str, str]] = ...) -> None: ...

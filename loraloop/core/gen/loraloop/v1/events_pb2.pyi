@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Interaction(_message.Message):
-    __slots__ = ("request_id", "user_id", "timestamp_ms", "prompt", "prompt_token_ids", "response_token_ids", "behaviour_logprobs", "response_text", "adapter_version", "arm", "arm_propensity", "sampling", "model_id", "finish_reason", "context", "request_overrides", "regenerates")
+    __slots__ = ("request_id", "user_id", "timestamp_ms", "prompt", "prompt_token_ids", "response_token_ids", "behaviour_logprobs", "response_text", "adapter_version", "arm", "arm_propensity", "sampling", "model_id", "finish_reason", "context", "request_overrides", "regenerates", "context_schema")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class Interaction(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     REGENERATES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     timestamp_ms: int
@@ -43,7 +44,8 @@ class Interaction(_message.Message):
     context: _containers.RepeatedScalarFieldContainer[float]
     request_overrides: _containers.RepeatedScalarFieldContainer[str]
     regenerates: str
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., response_text: _Optional[str] = ..., adapter_version: _Optional[int] = ..., arm: _Optional[str] = ..., arm_propensity: _Optional[float] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., model_id: _Optional[str] = ..., finish_reason: _Optional[str] = ..., context: _Optional[_Iterable[float]] = ..., request_overrides: _Optional[_Iterable[str]] = ..., regenerates: _Optional[str] = ...) -> None: ...
+    context_schema: str
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., response_text: _Optional[str] = ..., adapter_version: _Optional[int] = ..., arm: _Optional[str] = ..., arm_propensity: _Optional[float] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., model_id: _Optional[str] = ..., finish_reason: _Optional[str] = ..., context: _Optional[_Iterable[float]] = ..., request_overrides: _Optional[_Iterable[str]] = ..., regenerates: _Optional[str] = ..., context_schema: _Optional[str] = ...) -> None: ...
 
 class FeedbackEvent(_message.Message):
     __slots__ = ("request_id", "user_id", "timestamp_ms", "signals", "feedback_id")
@@ -102,7 +104,7 @@ class UpdateMetrics(_message.Message):
     def __init__(self, samples: _Optional[int] = ..., mean_reward: _Optional[float] = ..., mean_advantage: _Optional[float] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., baseline: _Optional[float] = ..., kl: _Optional[float] = ..., rolled_back: _Optional[str] = ..., pairs: _Optional[int] = ..., preference_loss: _Optional[float] = ...) -> None: ...
 
 class BanditState(_message.Message):
-    __slots__ = ("key", "seq", "dim", "arms", "timestamp_ms", "reward_m2", "reward_m2_n")
+    __slots__ = ("key", "seq", "dim", "arms", "timestamp_ms", "reward_m2", "reward_m2_n", "context_schema")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +112,7 @@ class BanditState(_message.Message):
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     REWARD_M2_FIELD_NUMBER: _ClassVar[int]
     REWARD_M2_N_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     key: str
     seq: int
     dim: int
@@ -117,7 +120,8 @@ class BanditState(_message.Message):
     timestamp_ms: int
     reward_m2: float
     reward_m2_n: int
-    def __init__(self, key: _Optional[str] = ..., seq: _Optional[int] = ..., dim: _Optional[int] = ..., arms: _Optional[_Iterable[_Union[ArmStatistics, _Mapping]]] = ..., timestamp_ms: _Optional[int] = ..., reward_m2: _Optional[float] = ..., reward_m2_n: _Optional[int] = ...) -> None: ...
+    context_schema: str
+    def __init__(self, key: _Optional[str] = ..., seq: _Optional[int] = ..., dim: _Optional[int] = ..., arms: _Optional[_Iterable[_Union[ArmStatistics, _Mapping]]] = ..., timestamp_ms: _Optional[int] = ..., reward_m2: _Optional[float] = ..., reward_m2_n: _Optional[int] = ..., context_schema: _Optional[str] = ...) -> None: ...
 
 class ArmStatistics(_message.Message):
     __slots__ = ("arm", "xtx", "xtr", "pulls", "reward_sum")
