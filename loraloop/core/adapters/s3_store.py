@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from loraloop.core.adapters.store import AdapterStoreError
+from loraloop.core.adapters.store import AdapterStoreError, parse_learner_state
 from loraloop.core.adapters.version import (
     ADAPTER_WEIGHTS,
     LEARNER_STATE,
@@ -285,15 +285,7 @@ class S3AdapterStore:
                 raw = self._get(self._file_key(user_id, version, LEARNER_STATE))
         except FileNotFoundError:
             return {}
-        try:
-            state = json.loads(raw)
-        except ValueError as exc:
-            raise AdapterStoreError(
-                f"{user_id} v{version}: unreadable {LEARNER_STATE}: {exc}"
-            ) from exc
-        if not isinstance(state, dict):
-            raise AdapterStoreError(f"{user_id} v{version}: {LEARNER_STATE} is not an object")
-        return state
+        return parse_learner_state(raw, user_id, version)
 
     # --- writing ---------------------------------------------------------------------------
     def write(

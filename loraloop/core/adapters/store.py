@@ -45,6 +45,17 @@ class AdapterStoreError(RuntimeError):
     """A version is missing, incomplete or fails its checksum."""
 
 
+def parse_learner_state(raw: bytes, user_id: str, version: int) -> dict[str, Any]:
+    """A version's learner_state.json; AdapterStoreError unless it is a JSON object."""
+    try:
+        state = json.loads(raw)
+    except ValueError as exc:
+        raise AdapterStoreError(f"{user_id} v{version}: unreadable {LEARNER_STATE}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise AdapterStoreError(f"{user_id} v{version}: {LEARNER_STATE} is not an object")
+    return state
+
+
 class AdapterStore:
     """Immutable versioned adapter directories under one root (a `VersionStore`)."""
 
@@ -170,14 +181,12 @@ class AdapterStore:
         if not path.is_file():
             return {}
         try:
-            state = json.loads(path.read_bytes())
-        except (OSError, ValueError) as exc:
+            raw = path.read_bytes()
+        except OSError as exc:
             raise AdapterStoreError(
                 f"{user_id} v{version}: unreadable {LEARNER_STATE}: {exc}"
             ) from exc
-        if not isinstance(state, dict):
-            raise AdapterStoreError(f"{user_id} v{version}: {LEARNER_STATE} is not an object")
-        return state
+        return parse_learner_state(raw, user_id, version)
 
     def retire(self, user_id: str, versions: Iterable[int]) -> list[int]:
         """Delete these versions of a user (those not there are skipped): each one leaves

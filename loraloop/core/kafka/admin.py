@@ -151,6 +151,18 @@ def _config_value(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _described(admin: KafkaAdminClient, names: list[str], wait: float = 10.0) -> list[Any]:
+    """describe_topics of existing topics, asked again (for up to `wait` s) while the broker
+    asked lists one with no partitions yet: a topic just created elsewhere, whose metadata
+    has not reached that broker (its replicas would go unchecked)."""
+    deadline = time.monotonic() + wait
+    while True:
+        described = _ask(lambda: admin.describe_topics(names)) if names else []
+        if all(t.get("partitions") for t in described) or time.monotonic() > deadline:
+            return list(described)
+        time.sleep(0.2)
+
+
 def _check_replication(
     admin: KafkaAdminClient,
     bootstrap: str,
@@ -175,7 +187,7 @@ def _check_replication(
             "factor (and LORALOOP_KAFKA_MIN_INSYNC_REPLICAS) to what the cluster has"
         )
     under = {}
-    described = _ask(lambda: admin.describe_topics(sorted(existing))) if existing else []
+    described = _described(admin, sorted(existing))
     for topic in described:
         replicas = [len(part.get("replica_nodes", ())) for part in topic.get("partitions", ())]
         if replicas and min(replicas) < replication_factor:
@@ -197,8 +209,8 @@ def _check_replication(
         )
     if min_insync_replicas is not None and existing:
         resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in sorted(existing)]
-        described = _ask(lambda: admin.describe_configs(resources, config_filter="all"))
-        configs = described.get("topic", {})
+        answer = _ask(lambda: admin.describe_configs(resources, config_filter="all"))
+        configs = answer.get("topic", {})
         for topic, entries in sorted(configs.items()):
             value = entries.get("min.insync.replicas", {}).get("value")
             if value is not None and int(value) < min_insync_replicas:
