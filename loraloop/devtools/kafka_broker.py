@@ -158,7 +158,7 @@ def ensure_kafka_jars() -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port(exclude: Sequence[int] = ()) -> int:
+def free_port(exclude: Sequence[int] = ()) -> int:
     """A TCP port on the loopback interface that nothing listens on right now."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -389,11 +389,11 @@ class KafkaBroker:
 
     def _pick_ports(self) -> None:
         if self._port == 0:
-            self._port = _free_port()
+            self._port = free_port()
         elif not _port_bindable(self._port):
             raise RuntimeError(f"Kafka port {HOST}:{self._port} is already in use")
         if self._controller_port == 0 or not _port_bindable(self._controller_port):
-            self._controller_port = _free_port(exclude=(self._port,))
+            self._controller_port = free_port(exclude=(self._port,))
 
     def _properties(self) -> dict[str, object]:
         """The broker's server.properties, as a dict."""
@@ -716,8 +716,8 @@ class KafkaCluster:
         if not members[0].port:  # first start: distinct ports for every listener
             taken: list[int] = []
             for node in members:
-                node._port = _free_port(exclude=taken)
-                node._controller_port = _free_port(exclude=[*taken, node._port])
+                node._port = free_port(exclude=taken)
+                node._controller_port = free_port(exclude=[*taken, node._port])
                 taken += [node._port, node._controller_port]
         try:
             offsets = {}

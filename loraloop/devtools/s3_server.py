@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from typing import IO, Any
 from filelock import FileLock
 
 from loraloop.core.settings import cache_dir
+from loraloop.devtools.kafka_broker import free_port
 
 __all__ = ["SEAWEEDFS_MODULE", "SEAWEEDFS_VERSION", "SeaweedS3", "ensure_weed"]
 
@@ -113,20 +113,6 @@ def ensure_weed(progress: bool = True) -> Path:
     return target
 
 
-def _free_ports(n: int) -> list[int]:
-    """`n` distinct free loopback ports (held open together while choosing)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 class SeaweedS3:
     """A `weed server -s3` child process on loopback (see the module). Use as a context
     manager, or `start()` / `stop()`."""
@@ -166,7 +152,10 @@ class SeaweedS3:
 
     def start(self) -> SeaweedS3:
         weed = ensure_weed()
-        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+        ports: list[int] = []
+        for _ in range(8):
+            ports.append(free_port(exclude=ports))
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
         self.port = s3
         (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
         self._log = (self.data_dir / "weed.log").open("ab")

@@ -52,6 +52,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 _MANIFEST = re.compile(r"v(\d+)" + re.escape(MANIFEST_SUFFIX))
 _FILE = re.compile(r"v(\d+)/(.+)")
 _TEMP_DIR = re.compile(r"\.v(\d+)\..+")
+_COPY_DIR = re.compile(r"v\d+")
 MANIFEST_FORMAT = 1
 
 
@@ -219,15 +220,24 @@ class S3AdapterStore:
             raise AdapterStoreError(f"{user_id} v{version}: manifest lists no {ADAPTER_WEIGHTS}")
         return manifest
 
+    def _objects(self, user_id: str) -> tuple[set[int], list[tuple[int, str]]]:
+        """One listing of a user: the committed versions (those with a manifest), and
+        (version, key) of every version file."""
+        prefix = self._user_prefix(user_id)
+        committed: set[int] = set()
+        files: list[tuple[int, str]] = []
+        for o in self._list(prefix):
+            name = o["Key"][len(prefix) :]
+            if m := _MANIFEST.fullmatch(name):
+                committed.add(int(m.group(1)))
+            elif m := _FILE.fullmatch(name):
+                files.append((int(m.group(1)), o["Key"]))
+        return committed, files
+
     def partial_writes(self, user_id: str) -> list[str]:
         """Object keys of versions without a manifest (writes or retirements cut short)."""
-        prefix = self._user_prefix(user_id)
-        committed = set(self.versions(user_id))
-        return sorted(
-            o["Key"]
-            for o in self._list(prefix)
-            if (m := _FILE.fullmatch(o["Key"][len(prefix) :])) and int(m.group(1)) not in committed
-        )
+        committed, files = self._objects(user_id)
+        return sorted(key for v, key in files if v not in committed)
 
     # --- reading ---------------------------------------------------------------------------
     def fetch(self, ref: AdapterVersion) -> AdapterVersion:
@@ -344,15 +354,8 @@ class S3AdapterStore:
     def _sweep_partial(self, user_id: str, written: int) -> None:
         """Delete objects of uncommitted versions up to `written`: whoever wrote (or was
         retiring) them is gone, since a version is written once and `written` is in."""
-        prefix = self._user_prefix(user_id)
-        committed = set(self.versions(user_id))
-        stale = [
-            o["Key"]
-            for o in self._list(prefix)
-            if (m := _FILE.fullmatch(o["Key"][len(prefix) :]))
-            and int(m.group(1)) <= written
-            and int(m.group(1)) not in committed
-        ]
+        committed, files = self._objects(user_id)
+        stale = [key for v, key in files if v <= written and v not in committed]
         if stale:
             self._delete(stale)
 
@@ -363,7 +366,7 @@ class S3AdapterStore:
             entries = list(udir.iterdir())
         except FileNotFoundError:
             return
-        copies = sorted((int(p.name[1:]), p) for p in entries if re.fullmatch(r"v\d+", p.name))
+        copies = sorted((int(p.name[1:]), p) for p in entries if _COPY_DIR.fullmatch(p.name))
         for _, path in copies[: -self.keep_copies]:
             shutil.rmtree(path, ignore_errors=True)
         newest = copies[-1][0] if copies else 0
@@ -375,20 +378,13 @@ class S3AdapterStore:
     def retire(self, user_id: str, versions: Iterable[int]) -> list[int]:
         """Delete these versions (those not there are skipped): each manifest goes first,
         so the version leaves the listing whole, then its files and this host's copy."""
-        committed = set(self.versions(user_id))
-        removed = [v for v in sorted(set(versions)) if v in committed]
+        committed, files = self._objects(user_id)
+        removed = sorted(set(versions) & committed)
         if not removed:
             return []
         self._delete([self._manifest_key(user_id, v) for v in removed])
-        prefix = self._user_prefix(user_id)
         gone = set(removed)
-        self._delete(
-            [
-                o["Key"]
-                for o in self._list(prefix)
-                if (m := _FILE.fullmatch(o["Key"][len(prefix) :])) and int(m.group(1)) in gone
-            ]
-        )
+        self._delete([key for v, key in files if v in gone])
         for v in removed:
             shutil.rmtree(self.version_dir(user_id, v), ignore_errors=True)
         return removed
